@@ -1,0 +1,22 @@
+"""Pure NumPy SpargeAttn: dense float64 attention (the truth) and a blocked mirror of every kernel.
+
+All functions of the mirror take HND arrays and per-head threshold arrays; the public API in
+``sparge_cupy`` validates user input and converts layouts before calling here.
+"""
+from .attention import PV_MODES, QK_MODES, block_sparse_attention, quantized_operands
+from .dense import block_attention_mass, dense_attention
+from .layout import expand_block_map, from_hnd, num_blocks, to_hnd, token_mask, valid_blocks
+from .predict import (block_self_similarity, pool_blocks, predict_block_map, select_topcdf,
+                      select_topk)
+from .quant import (channel_scales, dequantize_int8_per_block, quantize_int8_per_block,
+                    quantize_v_fp8, round_e4m3, round_fp16, smooth_k)
+from .stats import cosine_similarity, error_metrics, relative_l1, rmse, sparsity_stats
+
+__all__ = [
+    "PV_MODES", "QK_MODES", "block_attention_mass", "block_self_similarity",
+    "block_sparse_attention", "channel_scales", "cosine_similarity", "dense_attention",
+    "dequantize_int8_per_block", "error_metrics", "expand_block_map", "from_hnd", "num_blocks",
+    "pool_blocks", "predict_block_map", "quantize_int8_per_block", "quantize_v_fp8",
+    "quantized_operands", "relative_l1", "rmse", "round_e4m3", "round_fp16", "select_topcdf",
+    "select_topk", "smooth_k", "sparsity_stats", "to_hnd", "token_mask", "valid_blocks",
+]

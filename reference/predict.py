@@ -1,0 +1,125 @@
+"""Stage 1: block pooling, self-similarity, the compressed map and block selection (SPEC.md section 1).
+
+Mirror of ``cuda/block_stats.cu`` (pooling, similarity) and ``cuda/select.cu`` (compressed map,
+TopCdf/TopK, fix blocks, causal, sink). Inputs are HND; thresholds are per query head arrays.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import CONFIG
+from .layout import num_blocks, valid_blocks
+from .quant import F32, _blocked, expand_kv_heads, smooth_k
+
+
+def _valid_rows(L, block):
+    """Bool ``[nb, block]``: which rows of each block are real tokens."""
+    return (np.arange(num_blocks(L, block) * block) < L).reshape(-1, block)
+
+
+def pool_blocks(x, block):
+    """Mean of the valid rows of each block, float32 ``[B, H, nb, D]`` (a partial last block
+    averages its real rows only)."""
+    L = x.shape[2]
+    xb = _blocked(np.asarray(x, dtype=np.float64), block)
+    counts = _valid_rows(L, block).sum(axis=1)
+    return (xb.sum(axis=3) / counts[None, None, :, None]).astype(F32)
+
+
+def block_self_similarity(x, block, cfg=CONFIG):
+    """``sim = || mean_r x_r / max(||x_r||, eps) ||^2`` over the valid rows of each block.
+
+    The mean of the block's cosine-similarity matrix, in [0, 1]; float32 ``[B, H, nb]``.
+    """
+    L = x.shape[2]
+    xb = _blocked(np.asarray(x, dtype=np.float64), block)
+    norms = np.sqrt((xb * xb).sum(axis=-1, keepdims=True))
+    unit = xb / np.maximum(norms, cfg.sim_eps)
+    counts = _valid_rows(L, block).sum(axis=1)
+    mean = unit.sum(axis=3) / counts[None, None, :, None]
+    return (mean * mean).sum(axis=-1).astype(F32)
+
+
+def select_topcdf(p_hat, finite, tau):
+    """TopCdf per row: sort P^ descending (ties: lower j first), keep the longest prefix whose
+    cumulative sum is <= tau times the last element of that same cumulative sum, at least one.
+
+    ``p_hat`` float32 ``[..., nq, nk]``, ``finite`` bool (columns that may be selected), ``tau``
+    float32 broadcastable to ``[..., nq, 1]``. Only finite columns are selected; a row without
+    any selects nothing.
+    """
+    order = np.argsort(-p_hat, axis=-1, kind="stable")
+    sorted_p = np.take_along_axis(p_hat, order, axis=-1)
+    csum = np.cumsum(sorted_p, axis=-1, dtype=F32)
+    bound = (tau * csum[..., -1:]).astype(F32)
+    n_keep = np.maximum((csum <= bound).sum(axis=-1), 1)
+    n_keep = np.minimum(n_keep, finite.sum(axis=-1))
+    keep_sorted = np.arange(p_hat.shape[-1]) < n_keep[..., None]
+    keep = np.zeros_like(finite)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return keep
+
+
+def select_topk(p_hat, finite, n_valid, topk):
+    """TopK per row: ``max(1, floor(topk * n_valid))`` blocks of largest P^ (ties: lower j first),
+    computed in float32 as the kernel does; never more than the finite columns."""
+    order = np.argsort(-p_hat, axis=-1, kind="stable")
+    n_keep = np.floor((topk * n_valid.astype(F32)).astype(F32)).astype(np.int64)
+    n_keep = np.where(n_valid > 0, np.maximum(n_keep, 1), 0)
+    n_keep = np.minimum(n_keep, finite.sum(axis=-1))
+    keep_sorted = np.arange(p_hat.shape[-1]) < n_keep[..., None]
+    keep = np.zeros_like(finite)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return keep
+
+
+def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, topk=None,
+                      attention_sink=True, return_details=False, cfg=CONFIG):
+    """The Stage 1 block map, bool ``[B, Hq, nq, nk]``.
+
+    ``q``, ``k``: HND arrays. ``simthreshd1``, ``cdfthreshd``, ``topk``: float32 ``[Hq]`` (exactly
+    one of the last two given). With ``return_details`` also a dict of the intermediate arrays
+    (similarities, self-similar flags, compressed map, selection) for tests and figures.
+    """
+    q = np.asarray(q, dtype=F32)
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    bq, bk = cfg.block_q, cfg.block_k
+    head = (slice(None), None, None)                     # per-head value -> [Hq, 1, 1]
+    theta = np.asarray(simthreshd1, dtype=F32)[head]
+    _, ks = smooth_k(k)
+
+    q_sim = block_self_similarity(q, bq, cfg)                          # [B, Hq, nq]
+    k_sim = expand_kv_heads(block_self_similarity(ks, bk, cfg)[:, :, None], Hq)[:, :, 0]
+    q_ok = q_sim[..., :, None] > theta                                 # [B, Hq, nq, 1]
+    k_ok = k_sim[..., None, :] > theta                                 # [B, Hq, 1, nk]
+
+    qbar = pool_blocks(q, bq)
+    kbar = expand_kv_heads(pool_blocks(ks, bk), Hq)
+    valid = valid_blocks(Lq, Lk, bq, bk, is_causal)                    # [nq, nk]
+    s_hat = (F32(scale) * np.matmul(qbar, kbar.swapaxes(-1, -2))).astype(F32)
+    finite = valid & k_ok
+    s_hat = np.where(finite, s_hat, -np.inf).astype(F32)
+    row_max = s_hat.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, F32(0))
+    e = np.exp(s_hat - row_max).astype(F32)
+    total = e.sum(axis=-1, keepdims=True)
+    p_hat = np.where(total > 0, e / np.where(total > 0, total, 1), 0).astype(F32)
+
+    if (cdfthreshd is None) == (topk is None):
+        raise ValueError("exactly one of cdfthreshd and topk must be given")
+    if cdfthreshd is not None:
+        selected = select_topcdf(p_hat, finite, np.asarray(cdfthreshd, dtype=F32)[head])
+    else:
+        n_valid = np.broadcast_to(valid.sum(axis=-1), (B, Hq, valid.shape[0]))
+        selected = select_topk(p_hat, finite, n_valid, np.asarray(topk, dtype=F32)[head])
+
+    block_map = (selected | ~q_ok | ~k_ok) & valid
+    if attention_sink:
+        block_map[..., 0] |= valid[:, 0]
+    if not return_details:
+        return block_map
+    return block_map, {
+        "q_sim": q_sim, "k_sim": k_sim, "q_fix": ~q_ok[..., 0], "k_fix": ~k_ok[..., 0, :],
+        "p_hat": p_hat, "selected": selected & valid, "valid": valid,
+    }

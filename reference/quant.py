@@ -1,0 +1,104 @@
+"""Smoothing, channel rebalancing and the quantizers, bit-exact with the kernels (SPEC.md section 3).
+
+Every function takes float32 HND arrays and returns float32 (or int8) arrays. The rounding rules
+are the kernels': IEEE float32 division and square root, round half to even (``np.rint`` here,
+``__float2int_rn`` there), so that given the same float32 inputs both sides produce identical int8
+tensors and scales.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from ..config import CONFIG
+from .layout import num_blocks
+
+F32 = np.float32
+E4M3 = ml_dtypes.float8_e4m3fn
+
+
+def smooth_k(k):
+    """``km = mean_t K`` per (b, kv head) and the smoothed ``K - km``.
+
+    The mean is taken in float64 and rounded once to float32 (the kernels sum in float32 in
+    another order, so km agrees to rounding, not bit for bit). Softmax is unchanged by smoothing:
+    every logit of a row shifts by ``q . km``.
+    """
+    km = np.asarray(k, dtype=np.float64).mean(axis=2, keepdims=True).astype(F32)
+    return km, (np.asarray(k, dtype=F32) - km)
+
+
+def channel_scales(q, ks):
+    """Per-channel rebalancing scales ``s_c = sqrt(amax_t|K_c| / amax_t|Q_c|)``, ``[B, Hkv, 1, D]``.
+
+    ``q``: float32 ``[B, Hq, Lq, D]``; ``ks``: smoothed K, float32 ``[B, Hkv, Lk, D]``. The Q
+    maximum runs over every query head that shares the kv head. ``q . k = sum_c (q_c s_c)(k_c / s_c)``
+    exactly, and after scaling both operands have the same per-channel maximum
+    ``sqrt(amaxQ_c amaxK_c)``, so one INT8 scale per block no longer rounds small channels away.
+    A zero channel on either side keeps ``s_c = 1``.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv = ks.shape[1]
+    amax_q = np.abs(q).reshape(B, Hkv, (Hq // Hkv) * Lq, D).max(axis=2, keepdims=True)
+    amax_k = np.abs(ks).max(axis=2, keepdims=True)
+    ok = (amax_q > 0) & (amax_k > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.sqrt(amax_k / np.where(ok, amax_q, F32(1)))
+    return np.where(ok, s, F32(1)).astype(F32)
+
+
+def expand_kv_heads(x, Hq):
+    """Index the kv-head axis (1) by query head: result[:, h] = x[:, h // (Hq / Hkv)]."""
+    return np.repeat(x, Hq // x.shape[1], axis=1)
+
+
+def _blocked(x, block):
+    """Zero-pad the token axis to a multiple of ``block`` and split it: ``[B, H, nb, block, D]``."""
+    B, H, L, D = x.shape
+    nb = num_blocks(L, block)
+    pad = nb * block - L
+    if pad:
+        x = np.concatenate([x, np.zeros((B, H, pad, D), dtype=x.dtype)], axis=2)
+    return x.reshape(B, H, nb, block, D)
+
+
+def quantize_int8_per_block(x, block, cfg=CONFIG):
+    """Symmetric INT8 per block of ``block`` tokens, per (b, head).
+
+    ``delta = amax|X_block| / 127`` (1 for an all-zero block), ``X_int8 = rint(X / delta)`` clipped
+    to [-127, 127]. Returns ``(x_int8 [B, H, L, D], delta float32 [B, H, nb])``. Zero padding of a
+    partial block changes neither its maximum nor its values.
+    """
+    x = np.asarray(x, dtype=F32)
+    L = x.shape[2]
+    xb = _blocked(x, block)
+    amax = np.abs(xb).max(axis=(3, 4))
+    delta = np.where(amax > 0, amax / F32(cfg.int8_max), F32(1)).astype(F32)
+    xi = np.clip(np.rint(xb / delta[..., None, None]), -cfg.int8_max, cfg.int8_max).astype(np.int8)
+    return xi.reshape(x.shape[:2] + (-1, x.shape[3]))[:, :, :L], delta
+
+
+def dequantize_int8_per_block(xi, delta, block):
+    L = xi.shape[2]
+    xb = _blocked(xi.astype(F32), block) * delta[..., None, None]
+    return xb.reshape(xi.shape[:2] + (-1, xi.shape[3]))[:, :, :L]
+
+
+def round_e4m3(x):
+    """Round float32 to FP8 e4m3 (nearest even, saturating at +-448), returned as float32."""
+    return np.clip(np.asarray(x, dtype=F32), -448.0, 448.0).astype(E4M3).astype(F32)
+
+
+def quantize_v_fp8(v, cfg=CONFIG):
+    """V per channel to e4m3: ``dv_d = amax_t|V[:, d]| / 448`` (1 for a zero channel).
+
+    Returns ``(v_e4m3 as float32 [B, Hkv, L, D], dv float32 [B, Hkv, 1, D])``.
+    """
+    v = np.asarray(v, dtype=F32)
+    amax = np.abs(v).max(axis=2, keepdims=True)
+    dv = np.where(amax > 0, amax / F32(cfg.fp8_max), F32(1)).astype(F32)
+    return round_e4m3(v / dv), dv
+
+
+def round_fp16(x):
+    return np.asarray(x, dtype=F32).astype(np.float16).astype(F32)

@@ -1,0 +1,74 @@
+"""Sparsity and error, counted as SPEC.md section 4 says.
+
+Shared by the reference and the GPU launcher: both count per (b, h, query block) how many
+(group, block) P V products the Stage 2 filter saw and skipped, and this module turns the counts
+into the published numbers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import CONFIG
+
+
+def sparsity_stats(visit, valid, visited_groups, skipped_groups, Lq, pv_group_rows, cfg=CONFIG):
+    """Stage 1, Stage 2 and total sparsity.
+
+    Args:
+      visit: bool ``[B, Hq, nq, nk]``, the blocks computed (block map AND causal validity).
+      valid: bool ``[nq, nk]``, blocks holding at least one unmasked (query, key) pair.
+      visited_groups, skipped_groups: int ``[B, Hq, nq]``, Stage 2 (group, block) counts.
+    Returns a dict: per (b, h) counts ``valid_blocks``, ``kept_blocks``, ``pv_groups``,
+    ``pv_skipped``, ``pv_blocks_computed`` (P V block products done, fractional when groups were
+    skipped), and the overall floats ``stage1_sparsity`` (1 - kept / valid), ``stage2_sparsity``
+    (skipped / visited groups) and ``total_sparsity`` (1 - computed QK^T and P V block products /
+    twice the valid blocks).
+    """
+    visit = np.asarray(visit, dtype=bool)
+    B, Hq, nq, _ = visit.shape
+    valid_n = np.broadcast_to(valid.sum(), (B, Hq)).astype(np.int64)
+    kept_n = visit.sum(axis=(2, 3)).astype(np.int64)
+    # groups of rows holding at least one real query, per query block
+    real_rows = np.minimum(cfg.block_q, Lq - np.arange(nq) * cfg.block_q)
+    groups_per_block = -(-real_rows // pv_group_rows)
+    visited_groups = np.asarray(visited_groups, dtype=np.int64)
+    skipped_groups = np.asarray(skipped_groups, dtype=np.int64)
+    pv_done = ((visited_groups - skipped_groups) / groups_per_block).sum(axis=-1)
+    total_valid = int(valid_n.sum())
+    pv_groups = visited_groups.sum(axis=-1)
+    pv_skipped = skipped_groups.sum(axis=-1)
+    return {
+        "valid_blocks": valid_n,
+        "kept_blocks": kept_n,
+        "pv_groups": pv_groups,
+        "pv_skipped": pv_skipped,
+        "pv_blocks_computed": pv_done,
+        "stage1_sparsity": float(1.0 - kept_n.sum() / total_valid) if total_valid else 0.0,
+        "stage2_sparsity": float(pv_skipped.sum() / pv_groups.sum()) if pv_groups.sum() else 0.0,
+        "total_sparsity": (float(1.0 - (kept_n.sum() + pv_done.sum()) / (2 * total_valid))
+                           if total_valid else 0.0),
+    }
+
+
+def relative_l1(out, ref):
+    """``sum|O - O_ref| / sum|O_ref|`` (the paper's tuning metric), in float64."""
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    denom = np.abs(ref).sum()
+    return float(np.abs(out - ref).sum() / denom) if denom else float(np.abs(out).sum())
+
+
+def cosine_similarity(out, ref):
+    out, ref = (np.asarray(x, dtype=np.float64).ravel() for x in (out, ref))
+    denom = np.linalg.norm(out) * np.linalg.norm(ref)
+    return float(out @ ref / denom) if denom else float(np.array_equal(out, ref))
+
+
+def rmse(out, ref):
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.sqrt(np.mean((out - ref) ** 2)))
+
+
+def error_metrics(out, ref):
+    """The three error numbers of SPEC.md section 4 as a dict."""
+    return {"rel_l1": relative_l1(out, ref), "cosine": cosine_similarity(out, ref),
+            "rmse": rmse(out, ref)}

@@ -1,0 +1,174 @@
+"""Input checks shared by the NumPy and the CuPy paths (and the torch adapter).
+
+Every check raises ``TypeError`` or ``ValueError`` naming the argument, what was expected and what
+was given; nothing here uses ``assert``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import CONFIG
+
+LAYOUTS = ("HND", "NHD")
+QK_MODES = ("int8", "fp16")
+PV_MODES = ("fp8", "fp16")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    nq: int
+    nk: int
+    dtype: str
+
+
+def dtype_name(x):
+    """'float16', 'bfloat16', 'float32', ... for NumPy (ml_dtypes), CuPy and torch arrays."""
+    return str(x.dtype).replace("torch.", "")
+
+
+def _shape_str(shape):
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def check_qkv(q, k, v, layout):
+    """Shapes of a (q, k, v) triple in ``layout``; raises on any inconsistency."""
+    layout = check_choice("layout", layout, LAYOUTS)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name}: expected an array (NumPy, CuPy or torch), got {type(x).__name__}")
+        if len(x.shape) != 4:
+            raise ValueError(f"{name}: expected 4 dimensions ({'[B, H, L, D]' if layout == 'HND' else '[B, L, H, D]'}"
+                             f" for layout {layout!r}), got shape {_shape_str(x.shape)}")
+        if dtype_name(x) not in DTYPES:
+            raise TypeError(f"{name}: expected dtype one of {DTYPES}, got {dtype_name(x)}")
+        if 0 in tuple(x.shape):
+            raise ValueError(f"{name}: every dimension must be >= 1, got shape {_shape_str(x.shape)}")
+    if not (dtype_name(q) == dtype_name(k) == dtype_name(v)):
+        raise TypeError(f"q, k, v: expected one dtype, got {dtype_name(q)}, {dtype_name(k)}, {dtype_name(v)}")
+    hnd = (lambda s: s) if layout == "HND" else (lambda s: (s[0], s[2], s[1], s[3]))
+    (B, Hq, Lq, D), (Bk, Hkv, Lk, Dk), (Bv, Hv, Lv, Dv) = (hnd(tuple(int(s) for s in x.shape)) for x in (q, k, v))
+    if not (B == Bk == Bv):
+        raise ValueError(f"q, k, v: expected one batch size, got {B}, {Bk}, {Bv}")
+    if (Hkv, Lk) != (Hv, Lv):
+        raise ValueError(f"v: expected the heads and length of k ({Hkv} heads, {Lk} tokens), "
+                         f"got {Hv} heads, {Lv} tokens")
+    if Dk != D or Dv != D:
+        raise ValueError(f"k, v: expected head dim {D} (that of q), got {Dk} and {Dv}")
+    if D > CONFIG.max_head_dim:
+        raise ValueError(f"q: head dim must be <= {CONFIG.max_head_dim}, got {D}")
+    if Hq % Hkv:
+        raise ValueError(f"q, k: query heads must be a multiple of key/value heads, got Hq={Hq}, Hkv={Hkv}")
+    return Shapes(B, Hq, Hkv, Lq, Lk, D, -(-Lq // CONFIG.block_q), -(-Lk // CONFIG.block_k), dtype_name(q))
+
+
+def check_scale(scale, D):
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)) or float(scale) <= 0:
+        raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
+def per_head(name, value, Hq, lo, hi, *, lo_open=False, allow_inf=False):
+    """A per-head threshold as float32 ``[Hq]``: a scalar or one value per query head, within
+    [lo, hi] (``(lo, hi]`` with ``lo_open``)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a number or a sequence of {Hq} numbers, got a bool")
+    try:
+        arr = np.asarray(value.get() if hasattr(value, "get") else value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number or a sequence of {Hq} numbers, "
+                        f"got {type(value).__name__}") from None
+    if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != Hq):
+        raise ValueError(f"{name}: expected a scalar or {Hq} values (one per query head), "
+                         f"got shape {_shape_str(arr.shape)}")
+    bad = np.isnan(arr) | (np.isinf(arr) & (not allow_inf)) | (arr > hi) | ((arr <= lo) if lo_open else (arr < lo))
+    if bad.any():
+        first = arr.ravel()[np.flatnonzero(bad.ravel())[0]]
+        bracket = "(" if lo_open else "["
+        raise ValueError(f"{name}: expected values in {bracket}{lo}, {hi}], got {first!r}"
+                         + (f" ({int(bad.sum())} of {arr.size} out of range)" if arr.ndim else ""))
+    return np.broadcast_to(arr.astype(np.float32), (Hq,)).copy()
+
+
+def check_thresholds(shapes, *, simthreshd1, cdfthreshd, topk):
+    """Normalise (theta, tau, topk) to per-head float32 arrays; exactly one of tau/topk."""
+    if (cdfthreshd is None) == (topk is None):
+        raise ValueError("cdfthreshd, topk: expected exactly one of them, got "
+                         + ("both" if cdfthreshd is not None else "neither"))
+    theta = per_head("simthreshd1", simthreshd1, shapes.Hq, -1.0, 1.0)
+    tau = None if cdfthreshd is None else per_head("cdfthreshd", cdfthreshd, shapes.Hq, 0.0, 1.0, lo_open=True)
+    kk = None if topk is None else per_head("topk", topk, shapes.Hq, 0.0, 1.0, lo_open=True)
+    return theta, tau, kk
+
+
+def check_pvthreshd(pvthreshd, Hq):
+    """lambda in log2 units, > 0 (``inf`` allowed); ``None`` turns the filter off (all ``inf``)."""
+    if pvthreshd is None:
+        return np.full((Hq,), np.inf, dtype=np.float32)
+    return per_head("pvthreshd", pvthreshd, Hq, 0.0, np.inf, lo_open=True, allow_inf=True)
+
+
+def check_block_map(block_map, shapes, xp_name):
+    expected = (shapes.B, shapes.Hq, shapes.nq, shapes.nk)
+    if not hasattr(block_map, "shape") or not hasattr(block_map, "dtype"):
+        raise TypeError(f"block_map: expected a bool array of shape {_shape_str(expected)}, "
+                        f"got {type(block_map).__name__}")
+    if array_module_name(block_map) != xp_name:
+        raise TypeError(f"block_map: expected a {xp_name} array like q, got {array_module_name(block_map)}")
+    if dtype_name(block_map) != "bool":
+        raise TypeError(f"block_map: expected dtype bool, got {dtype_name(block_map)} (use .astype(bool))")
+    if tuple(int(s) for s in block_map.shape) != expected:
+        raise ValueError(f"block_map: expected shape [B, Hq, nq, nk] = {_shape_str(expected)} "
+                         f"(blocks of {CONFIG.block_q} x {CONFIG.block_k}), got {_shape_str(block_map.shape)}")
+
+
+def array_module_name(x):
+    mod = type(x).__module__.split(".")[0]
+    return {"numpy": "numpy", "cupy": "cupy", "torch": "torch"}.get(mod, mod)
+
+
+def check_same_module(q, k, v):
+    names = [array_module_name(x) for x in (q, k, v)]
+    if len(set(names)) != 1:
+        raise TypeError(f"q, k, v: expected arrays of one library, got {', '.join(names)}")
+    name = names[0]
+    if name == "torch":
+        raise TypeError("q: torch tensors go through sparge_cupy.torch (same functions, zero-copy)")
+    if name not in ("numpy", "cupy"):
+        raise TypeError(f"q: expected a NumPy or CuPy array, got {type(q).__module__}.{type(q).__name__}")
+    return name
+
+
+def check_finite(xp, **arrays):
+    """Non-finite inputs are refused: NaN or Inf would poison a whole block's INT8 scale (and the
+    K mean, hence every score of the head), so the output would be wrong far beyond that token."""
+    for name, x in arrays.items():
+        bad = int(xp.count_nonzero(~xp.isfinite(x.astype(xp.float32) if dtype_name(x) == "bfloat16" else x)))
+        if bad:
+            raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf of {x.size}")
