@@ -62,7 +62,9 @@ def select_topcdf(p_hat, finite, tau):
 
 def select_topk(p_hat, finite, n_valid, topk):
     """TopK per row: ``max(1, floor(topk * n_valid))`` blocks of largest P^ (ties: lower j first),
-    computed in float32 as the kernel does; never more than the finite columns."""
+    computed in float32 as the kernel does; never more than the finite columns.
+
+    ``n_valid`` int ``[..., nq]`` (valid blocks per row), ``topk`` float32 broadcastable to it."""
     order = np.argsort(-p_hat, axis=-1, kind="stable")
     n_keep = np.floor((topk * n_valid.astype(F32)).astype(F32)).astype(np.int64)
     n_keep = np.where(n_valid > 0, np.maximum(n_keep, 1), 0)
@@ -112,7 +114,7 @@ def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, t
         selected = select_topcdf(p_hat, finite, np.asarray(cdfthreshd, dtype=F32)[head])
     else:
         n_valid = np.broadcast_to(valid.sum(axis=-1), (B, Hq, valid.shape[0]))
-        selected = select_topk(p_hat, finite, n_valid, np.asarray(topk, dtype=F32)[head])
+        selected = select_topk(p_hat, finite, n_valid, np.asarray(topk, dtype=F32)[:, None])
 
     block_map = (selected | ~q_ok | ~k_ok) & valid
     if attention_sink:

@@ -1,0 +1,169 @@
+"""The public API on NumPy arrays: results equal the reference, layouts and dtypes, and every bad
+input raises TypeError/ValueError naming the argument."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import assert_close, assert_equal, heads, make_qkv
+
+import sparge_cupy as sc
+from sparge_cupy import reference as R
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    return make_qkv(1, 4, 2, 300, 260, 64, seed=1)
+
+
+def test_sparge_attn_is_prediction_then_block_sparse(qkv):
+    q, k, v = qkv
+    kw = dict(is_causal=True, scale=0.1)
+    bm = sc.predict_block_map(q, k, cdfthreshd=0.8, simthreshd1=0.2, **kw)
+    assert bm.dtype == bool and bm.shape == (1, 4, 3, 5)
+    a, lse_a, st_a = sc.sparge_attn(q, k, v, cdfthreshd=0.8, simthreshd1=0.2, pvthreshd=4.0,
+                                    return_lse=True, return_stats=True, **kw)
+    b, lse_b, st_b = sc.block_sparse_attn(q, k, v, bm, pvthreshd=4.0, return_lse=True,
+                                          return_stats=True, **kw)
+    assert_equal(a, b)
+    assert_equal(lse_a, lse_b)
+    assert st_a["total_sparsity"] == st_b["total_sparsity"]
+    assert a.dtype == np.float32 and lse_a.dtype == np.float32 and lse_a.shape == (1, 4, 300)
+
+
+def test_defaults_and_topk(qkv):
+    q, k, v = qkv
+    default = sc.predict_block_map(q, k)
+    explicit = sc.predict_block_map(q, k, cdfthreshd=sc.CONFIG.cdfthreshd, simthreshd1=sc.CONFIG.simthreshd1)
+    assert_equal(default, explicit)
+    topk = sc.predict_block_map(q, k, topk=0.5, simthreshd1=-1.0, attention_sink=False)
+    assert (topk.sum(-1) == 2).all()                             # floor(0.5 * 5 valid blocks)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_dtypes_and_layouts(qkv, dtype):
+    q, k, v = (x.astype(dtype) for x in qkv)
+    out_h = sc.sparge_attn(q, k, v, is_causal=True)
+    assert out_h.dtype == dtype and out_h.shape == q.shape
+    qn, kn, vn = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (q, k, v))
+    out_n = sc.sparge_attn(qn, kn, vn, is_causal=True, layout="NHD")
+    assert out_n.dtype == dtype and out_n.shape == qn.shape
+    assert_equal(out_n.transpose(0, 2, 1, 3), out_h, what="NHD vs HND")
+    ref = R.dense_attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), is_causal=True)
+    assert R.relative_l1(out_h.astype(np.float32), ref) < 0.1
+
+
+def test_quantization_modes_all_run_and_order_by_precision(qkv):
+    q, k, v = qkv
+    bm = np.ones((1, 4, 3, 5), bool)
+    ref = R.dense_attention(q, k, v)
+    err = {(qk, pv): R.relative_l1(sc.block_sparse_attn(q, k, v, bm, qk=qk, pv=pv), ref)
+           for qk in ("int8", "fp16") for pv in ("fp8", "fp16")}
+    assert err["fp16", "fp16"] < err["int8", "fp16"] < err["int8", "fp8"]
+    assert err["fp16", "fp16"] < 1e-3
+
+
+def test_per_head_thresholds_accepted(qkv):
+    q, k, v = qkv
+    out, st = sc.sparge_attn(q, k, v, simthreshd1=[0.1, 0.2, 0.3, 0.4], cdfthreshd=np.array([0.5, 0.9, 0.99, 1.0]),
+                             pvthreshd=[1.0, 2.0, np.inf, 8.0], return_stats=True)
+    assert np.isfinite(out).all() and 0 <= st["total_sparsity"] < 1
+
+
+# ------------------------------------------------------------------ bad input
+
+def _call(fn, q, k, v, **kw):
+    if fn is sc.predict_block_map:
+        return fn(q, k, **kw)
+    if fn is sc.block_sparse_attn:
+        bm = kw.pop("block_map", np.ones((1, 4, 3, 5), bool))
+        return fn(q, k, v, bm, **kw)
+    return fn(q, k, v, **kw)
+
+
+BAD = [
+    # (description, mutate(q, k, v) -> (q, k, v, kwargs), exception, message fragment)
+    ("q 3-d", lambda q, k, v: (q[0], k, v, {}), ValueError, "q: expected 4 dimensions"),
+    ("int dtype", lambda q, k, v: (q.astype(np.int32), k, v, {}), TypeError, "q: expected dtype"),
+    ("float64", lambda q, k, v: (q.astype(np.float64), k, v, {}), TypeError, "got float64"),
+    ("mixed dtypes", lambda q, k, v: (q, k.astype(np.float16), v, {}), TypeError, "one dtype"),
+    ("batch mismatch", lambda q, k, v: (q, np.concatenate([k, k]), v, {}), ValueError, "batch"),
+    ("head dim mismatch", lambda q, k, v: (q, k[..., :32], v, {}), ValueError, "head dim 64"),
+    ("D too large", lambda q, k, v: (np.zeros((1, 4, 300, 320), np.float32),) * 3 + ({},), ValueError, "<= 256"),
+    ("Hq not multiple", lambda q, k, v: (q[:, :3], k, v, {}), ValueError, "multiple"),
+    ("empty length", lambda q, k, v: (q[:, :, :0], k, v, {}), ValueError, ">= 1"),
+    ("layout", lambda q, k, v: (q, k, v, {"layout": "BHSD"}), ValueError, "layout"),
+    ("scale nan", lambda q, k, v: (q, k, v, {"scale": float("nan")}), ValueError, "scale"),
+    ("scale str", lambda q, k, v: (q, k, v, {"scale": "0.1"}), TypeError, "scale"),
+    ("causal not bool", lambda q, k, v: (q, k, v, {"is_causal": 1}), TypeError, "is_causal"),
+    ("nan in q", lambda q, k, v: (np.where(np.arange(64) == 3, np.nan, q).astype(np.float32), k, v, {}), ValueError, "q: expected finite"),
+    ("inf in k", lambda q, k, v: (q, np.where(np.arange(64) == 3, np.inf, k).astype(np.float32), v, {}), ValueError, "k: expected finite"),
+    ("not an array", lambda q, k, v: (q.tolist(), k, v, {}), TypeError, "q"),
+]
+BAD_PRED = [
+    ("theta range", {"simthreshd1": 1.5}, ValueError, "simthreshd1: expected values in [-1.0, 1.0]"),
+    ("tau zero", {"cdfthreshd": 0.0}, ValueError, "cdfthreshd: expected values in (0.0, 1.0]"),
+    ("tau nan", {"cdfthreshd": float("nan")}, ValueError, "cdfthreshd"),
+    ("tau per head wrong length", {"cdfthreshd": [0.5, 0.9]}, ValueError, "4 values (one per query head), got shape (2)"),
+    ("topk > 1", {"topk": 1.5}, ValueError, "topk"),
+    ("both", {"cdfthreshd": 0.9, "topk": 0.5}, ValueError, "exactly one of them, got both"),
+    ("neither", {"cdfthreshd": None}, ValueError, "got neither"),
+    ("theta bool", {"simthreshd1": True}, TypeError, "simthreshd1"),
+]
+BAD_ATTN = [
+    ("pv mode", {"pv": "fp4"}, ValueError, "pv: expected one of"),
+    ("qk mode", {"qk": "int4"}, ValueError, "qk: expected one of"),
+    ("lambda negative", {"pvthreshd": -1.0}, ValueError, "pvthreshd"),
+    ("lambda per head length", {"pvthreshd": [1.0, 2.0, 3.0]}, ValueError, "pvthreshd"),
+    ("rebalance not bool", {"rebalance": "yes"}, TypeError, "rebalance"),
+    ("return_lse not bool", {"return_lse": None}, TypeError, "return_lse"),
+]
+BAD_MAP = [
+    ("map shape", np.ones((1, 4, 3, 4), bool), ValueError, "block_map: expected shape [B, Hq, nq, nk] = (1, 4, 3, 5)"),
+    ("map dtype", np.ones((1, 4, 3, 5), np.int8), TypeError, "block_map: expected dtype bool"),
+    ("map list", [[True]], TypeError, "block_map"),
+]
+
+
+@pytest.mark.parametrize("fn", [sc.sparge_attn, sc.predict_block_map, sc.block_sparse_attn],
+                         ids=["sparge_attn", "predict_block_map", "block_sparse_attn"])
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_inputs(qkv, fn, case):
+    _, mutate, exc, msg = case
+    q, k, v, kw = mutate(*qkv)
+    with pytest.raises(exc, match=_re(msg)):
+        _call(fn, q, k, v, **kw)
+
+
+@pytest.mark.parametrize("fn", [sc.sparge_attn, sc.predict_block_map], ids=["sparge_attn", "predict_block_map"])
+@pytest.mark.parametrize("case", BAD_PRED, ids=[c[0] for c in BAD_PRED])
+def test_bad_thresholds(qkv, fn, case):
+    _, kw, exc, msg = case
+    with pytest.raises(exc, match=_re(msg)):
+        _call(fn, *qkv, **kw)
+
+
+@pytest.mark.parametrize("fn", [sc.sparge_attn, sc.block_sparse_attn], ids=["sparge_attn", "block_sparse_attn"])
+@pytest.mark.parametrize("case", BAD_ATTN, ids=[c[0] for c in BAD_ATTN])
+def test_bad_attention_options(qkv, fn, case):
+    _, kw, exc, msg = case
+    with pytest.raises(exc, match=_re(msg)):
+        _call(fn, *qkv, **kw)
+
+
+@pytest.mark.parametrize("case", BAD_MAP, ids=[c[0] for c in BAD_MAP])
+def test_bad_block_map(qkv, case):
+    _, bm, exc, msg = case
+    with pytest.raises(exc, match=_re(msg)):
+        sc.block_sparse_attn(*qkv, bm)
+
+
+def test_v_shape_mismatch(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="v: expected the heads and length of k"):
+        sc.sparge_attn(q, k, v[:, :, :100])
+
+
+def _re(msg):
+    import re
+    return re.escape(msg)
