@@ -111,7 +111,7 @@ def per_head(name, value, Hq, lo, hi, *, lo_open=False, allow_inf=False):
     if bad.any():
         first = arr.ravel()[np.flatnonzero(bad.ravel())[0]]
         bracket = "(" if lo_open else "["
-        raise ValueError(f"{name}: expected values in {bracket}{lo}, {hi}], got {first!r}"
+        raise ValueError(f"{name}: expected values in {bracket}{lo}, {hi}], got {float(first)}"
                          + (f" ({int(bad.sum())} of {arr.size} out of range)" if arr.ndim else ""))
     return np.broadcast_to(arr.astype(np.float32), (Hq,)).copy()
 

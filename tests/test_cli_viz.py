@@ -1,0 +1,229 @@
+"""The ``sparge-cupy`` command and the figures: they run on a CPU-only machine, print finite numbers
+in range, and write non-empty PNGs.
+
+``demo`` runs twice: in-process through ``sparge_cupy.cli.main`` and as ``python -m sparge_cupy demo``
+in a subprocess (the way a newcomer runs it); each ``viz/`` script runs standalone as a file.
+"""
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sparge_cupy
+import sparge_cupy.viz
+from sparge_cupy import CONFIG
+from sparge_cupy.cli import main
+from sparge_cupy.viz.block_maps import (DROPPED, INVALID, SELECTED, block_map_summary,
+                                        plot_block_maps)
+from sparge_cupy.viz.error_sparsity import error_sparsity_sweep, plot_error_sparsity
+
+from conftest import make_qkv
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|nan|inf)"
+
+
+def repo_env():
+    """Environment for subprocesses: the package importable even if not installed."""
+    import os
+    env = dict(os.environ)
+    root = str(Path(sparge_cupy.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["MPLBACKEND"] = "Agg"
+    return env
+
+
+def assert_png(path):
+    path = Path(path)
+    assert path.is_file(), f"figure not written: {path}"
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path}: not a PNG (starts {data[:8]!r})"
+    assert len(data) > 10_000, f"{path}: only {len(data)} bytes, expected a drawn figure"
+
+
+def parse_demo(text):
+    """The numbers of the demo's report, by name; fails naming the line that is missing."""
+    def grab(pattern, name):
+        m = re.search(pattern, text, flags=re.MULTILINE)
+        assert m, f"demo output has no {name} line (pattern {pattern!r}):\n{text}"
+        return m
+
+    out = {}
+    for stage in ("stage 1", "stage 2", "total"):
+        out[stage] = float(grab(rf"{stage}\s+{NUM}%", stage).group(1)) / 100
+    out["fix"] = float(grab(rf"^fix\s+{NUM}%", "fix").group(1)) / 100
+    out["recall"] = float(grab(rf"^recall\s+{NUM}%", "recall").group(1)) / 100
+    for label in ("quantization only", "sparsity only", "both"):
+        m = grab(rf"\) {label}\s+{NUM}\s+{NUM}\s+{NUM}", label)
+        out[label] = {"rel_l1": float(m.group(1)), "cosine": float(m.group(2)),
+                      "rmse": float(m.group(3))}
+    out["runtime_ms"] = float(grab(rf"^runtime\s+{NUM} ms", "runtime").group(1))
+    m = grab(r"^figures\s+(\S+)\n\s+(\S+)", "figures")
+    out["figures"] = [m.group(1), m.group(2)]
+    out["backend"] = grab(r"^backend\s+(.+)$", "backend").group(1)
+    return out
+
+
+def check_demo_numbers(nums):
+    for key in ("stage 1", "stage 2", "total", "fix", "recall"):
+        assert 0.0 <= nums[key] <= 1.0, f"{key}: {nums[key]} outside [0, 1]"
+    for label in ("quantization only", "sparsity only", "both"):
+        e = nums[label]
+        assert all(math.isfinite(x) for x in e.values()), f"{label}: non-finite error {e}"
+        assert 0.0 <= e["rel_l1"] < 0.5, f"{label}: relative L1 {e['rel_l1']} out of range"
+        assert 0.9 < e["cosine"] <= 1.0 + 1e-9, f"{label}: cosine {e['cosine']} out of range"
+        assert e["rmse"] >= 0.0
+    # INT8 QK^T with channel rebalancing and FP8 P V: SPEC.md section 3 expects ~0.015
+    assert nums["quantization only"]["rel_l1"] < 0.05
+    if nums["stage 1"] == 0.0 and nums["stage 2"] == 0.0:
+        # every block kept, no rounding: the fp32 mirror is dense attention up to float32 rounding
+        assert nums["sparsity only"]["rel_l1"] < 1e-5
+        assert nums["recall"] == pytest.approx(1.0)
+    assert math.isfinite(nums["runtime_ms"]) and nums["runtime_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def demo_in_process(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("demo") / "figs"
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["demo", "--out", str(out_dir)])
+    return rc, buf.getvalue(), out_dir
+
+
+def test_demo_in_process(demo_in_process):
+    rc, text, out_dir = demo_in_process
+    assert rc == 0
+    nums = parse_demo(text)
+    check_demo_numbers(nums)
+    assert [Path(p).name for p in nums["figures"]] == ["block_maps.png", "error_sparsity.png"]
+    for p in nums["figures"]:
+        assert Path(p).parent == out_dir
+        assert_png(p)
+
+
+def test_demo_subprocess_default_out_dir(tmp_path):
+    """``python -m sparge_cupy demo`` from a fresh directory writes ./sparge_demo_out/."""
+    proc = subprocess.run([sys.executable, "-m", "sparge_cupy", "demo"], cwd=tmp_path,
+                          env=repo_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    nums = parse_demo(proc.stdout)
+    check_demo_numbers(nums)
+    for p in nums["figures"]:
+        assert Path(p).parts[0] == "sparge_demo_out"
+        assert_png(tmp_path / p)
+
+
+def test_demo_agrees_with_run_demo_on_cpu(tmp_path):
+    """--cpu takes the reference, and the printed numbers are those of run_demo."""
+    from sparge_cupy.cli import format_demo, run_demo
+    res = run_demo(tmp_path, cpu=True, simthreshd1=0.3, cdfthreshd=0.9, figures=False)
+    assert res["backend"].startswith("NumPy reference")
+    assert res["figures"] == []
+    nums = parse_demo(format_demo(res) + "\nfigures   a\n          b")
+    check_demo_numbers(nums)
+    # theta 0.3 and tau 0.9 leave blocks out on the default input: Stage 1 is sparse, and
+    # dropping blocks is what (b) measures, so it is no longer at float32 rounding
+    assert res["stage1_sparsity"] > 0.1
+    assert res["errors"]["sparsity"]["rel_l1"] > 1e-3
+    assert res["kept_blocks"] == round((1 - res["stage1_sparsity"]) * res["valid_blocks"])
+    assert res["recall"] < 1.0
+
+
+def test_demo_rejects_bad_thresholds(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--cpu", "--cdfthreshd", "1.5"])
+    assert exc.value.code == 2
+    assert "cdfthreshd" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"sparge-cupy {sparge_cupy.__version__}" in text
+    assert f"block_q          {CONFIG.block_q}" in text
+    assert re.search(r"^GPU\s+(found|none)", text, flags=re.MULTILINE)
+
+
+def test_no_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("script, name", [("block_maps.py", "block_maps"),
+                                          ("error_sparsity.py", "error_sparsity")])
+def test_viz_script_runs_standalone(tmp_path, script, name):
+    """STYLE.md: every viz/ script runs standalone on CPU, writes one PNG, prints its path."""
+    path = Path(sparge_cupy.viz.__file__).parent / script
+    out = tmp_path / f"{name}.png"
+    proc = subprocess.run([sys.executable, str(path), "--out", str(out)], cwd=tmp_path,
+                          env=repo_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    assert_png(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]   # one PNG, nothing else
+
+
+def test_block_map_summary_properties():
+    """Categories partition the map; tau = 1 keeps every valid block (sparsity 0, recall 1)."""
+    q, k, _ = make_qkv(Hq=4, Hkv=2, Lq=300, Lk=333, D=64, seed=3)
+    s = block_map_summary(q, k, is_causal=True, simthreshd1=0.5, cdfthreshd=0.8)
+    cat, bm, valid = s["category"], s["block_map"], s["valid"]
+    assert np.array_equal(cat != DROPPED, bm | ~valid)          # kept or masked, never both
+    assert np.all(cat[..., ~valid] == INVALID) and not bm[..., ~valid].any()
+    assert np.all(bm[cat == SELECTED])
+    assert np.all((s["recall"] >= 0) & (s["recall"] <= 1 + 1e-12))
+    full = block_map_summary(q, k, is_causal=True, simthreshd1=0.5, cdfthreshd=1.0)
+    assert full["overall_sparsity"] == 0.0
+    assert full["overall_recall"] == pytest.approx(1.0)
+
+
+def test_plot_block_maps_ragged_causal_gqa(tmp_path):
+    q, k, _ = make_qkv(Hq=4, Hkv=2, Lq=200, Lk=333, D=64, layout="NHD", seed=4)
+    path = plot_block_maps(q, k, is_causal=True, layout="NHD", simthreshd1=[0.2, 0.4, 0.6, 0.8],
+                           topk=0.5, heads=[0, 3], path=tmp_path / "sub" / "maps.png")
+    assert path == tmp_path / "sub" / "maps.png"
+    assert_png(path)
+    with pytest.raises(ValueError, match="heads"):
+        plot_block_maps(q, k, layout="NHD", heads=[4], path=tmp_path / "x.png")
+
+
+def test_error_sparsity_sweep_properties(tmp_path):
+    q, k, v = make_qkv(Hq=2, Lq=300, D=64, seed=5)
+    sweep = error_sparsity_sweep(q, k, v, is_causal=True, thetas=(0.0, 0.5), taus=(0.5, 0.9, 0.99),
+                                 topks=(0.3,))
+    pts = sweep["points"]
+    assert len(pts) == 2 * 3 + 1
+    for p in pts:
+        assert 0.0 <= p["sparsity"] <= 1.0 and 0.0 <= p["recall"] <= 1.0 + 1e-12
+        assert math.isfinite(p["rel_l1"]) and math.isfinite(p["rel_l1_fp32"])
+    assert sweep["floor_fp32"] < 1e-5        # all blocks, no rounding: dense up to float32
+    assert 0.0 < sweep["floor"] < 0.05       # quantization alone
+    for theta in (0.0, 0.5):                 # raising tau never drops blocks (SPEC.md section 1)
+        s = [p["sparsity"] for p in pts if p["curve"] == f"theta={theta:g}"]
+        assert s == sorted(s, reverse=True), f"theta={theta}: sparsity not monotone in tau: {s}"
+    with pytest.raises(ValueError, match="taus"):
+        error_sparsity_sweep(q, k, v, taus=(0.5, 1.0))
+    assert_png(plot_error_sparsity(q, k, v, is_causal=True, taus=(0.5, 0.9), topks=(),
+                                   path=tmp_path / "es.png"))
+
+
+@pytest.mark.gpu
+def test_demo_on_gpu_or_clear_fallback(tmp_path, capsys):
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no CUDA GPU")
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    nums = parse_demo(text)
+    check_demo_numbers(nums)
+    assert nums["backend"] == "GPU (CuPy)" or "fell back to the NumPy reference" in text
