@@ -99,14 +99,17 @@ def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, t
     qbar = pool_blocks(q, bq)
     kbar = expand_kv_heads(pool_blocks(ks, bk), Hq)
     valid = valid_blocks(Lq, Lk, bq, bk, is_causal)                    # [nq, nk]
-    s_hat = (F32(scale) * np.matmul(qbar, kbar.swapaxes(-1, -2))).astype(F32)
+    # The compressed map's dot products, exponentials and softmax sum are taken in float64 and
+    # rounded once to float32 (select.cu does the same), so that P^ is defined to the last bit
+    # up to float64 summation order, and the sort and cumulative sum below are exact mirrors.
+    dots = np.matmul(qbar.astype(np.float64), kbar.astype(np.float64).swapaxes(-1, -2)).astype(F32)
     finite = valid & k_ok
-    s_hat = np.where(finite, s_hat, -np.inf).astype(F32)
+    s_hat = np.where(finite, F32(scale) * dots, -np.inf).astype(F32)
     row_max = s_hat.max(axis=-1, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, F32(0))
-    e = np.exp(s_hat - row_max).astype(F32)
-    total = e.sum(axis=-1, keepdims=True)
-    p_hat = np.where(total > 0, e / np.where(total > 0, total, 1), 0).astype(F32)
+    e = np.exp((s_hat - row_max).astype(np.float64)).astype(F32)
+    total = e.astype(np.float64).sum(axis=-1, keepdims=True).astype(F32)
+    p_hat = np.where(total > 0, e / np.where(total > 0, total, F32(1)), F32(0)).astype(F32)
 
     if (cdfthreshd is None) == (topk is None):
         raise ValueError("exactly one of cdfthreshd and topk must be given")

@@ -165,10 +165,15 @@ def check_same_module(q, k, v):
     return name
 
 
-def check_finite(xp, **arrays):
+def count_nonfinite_numpy(x):
+    return int(np.count_nonzero(~np.isfinite(x.astype(np.float32) if dtype_name(x) == "bfloat16" else x)))
+
+
+def check_finite(count_nonfinite, **arrays):
     """Non-finite inputs are refused: NaN or Inf would poison a whole block's INT8 scale (and the
-    K mean, hence every score of the head), so the output would be wrong far beyond that token."""
+    K mean, hence every score of the head), so the output would be wrong far beyond that token.
+    ``count_nonfinite(x)`` counts on the array's own device."""
     for name, x in arrays.items():
-        bad = int(xp.count_nonzero(~xp.isfinite(x.astype(xp.float32) if dtype_name(x) == "bfloat16" else x)))
+        bad = count_nonfinite(x)
         if bad:
             raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf of {x.size}")

@@ -35,10 +35,10 @@ def _common(q, k, v, layout, is_causal, scale):
     ck.check_flag("is_causal", is_causal)
     scale = ck.check_scale(scale, shapes.D)
     if xp_name == "numpy":
-        ck.check_finite(np, **({"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}))
+        count = ck.count_nonfinite_numpy
     else:
-        import cupy
-        ck.check_finite(cupy, **({"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}))
+        from ._gpu import count_nonfinite as count
+    ck.check_finite(count, **({"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}))
     return xp_name, shapes, scale
 
 

@@ -1,0 +1,289 @@
+"""Benchmark SpargeAttn against the attention a user has on the same GPU.
+
+Rows: this package through ``sparge_cupy.torch`` (defaults: INT8 QK^T with channel rebalancing,
+FP8 P V; also ``qk="fp16"``) on fixed block maps of a given density and end-to-end with predicted
+maps, against PyTorch ``scaled_dot_product_attention`` (flash and cuDNN backends),
+``flex_attention`` (compiled) given the same block map as a ``BlockMask``, and ``sageattention``
+1.0.6 (Triton INT8), all measured in this one process on this one card.
+
+Every row is gated on correctness first: its output on sampled query rows is compared with exact
+float64 attention (the same block map for block-sparse rows); a row over its gate prints FAIL and
+is not timed. Times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed
+before each run). Throughput is dense-equivalent, SPEC.md section 4: ``4 B H sum_t(visible keys) D
+/ t`` (causal counts only unmasked pairs), so a sparse row gets credit for the work it skipped.
+
+    python bench/run_bench.py --L 8192 16384 --D 64 128 --density 1 0.5 0.25 0.1 --out bench/results
+
+needs a CUDA GPU, torch and cupy; sageattention is optional (``pip install sageattention==1.0.6``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BQ, BK = 128, 64
+GATE = {"ours": 0.08, "sage": 0.05, "fp16": 0.01}   # relative L1 on sampled rows, random inputs
+
+
+def visible_pairs(Lq, Lk, causal):
+    if not causal:
+        return Lq * Lk
+    t = np.arange(Lq, dtype=np.int64)
+    return int(np.clip(t + (Lk - Lq) + 1, 0, Lk).sum())
+
+
+def valid_blocks(Lq, Lk, causal):
+    nq, nk = -(-Lq // BQ), -(-Lk // BK)
+    if not causal:
+        return np.ones((nq, nk), bool)
+    last = np.minimum((np.arange(nq) + 1) * BQ, Lq) - 1
+    return (np.arange(nk) * BK)[None, :] <= last[:, None] + (Lk - Lq)
+
+
+def fixed_density_map(B, H, Lq, Lk, density, causal, seed=0):
+    """Per query block, round(density * valid) random valid key blocks (at least one)."""
+    rng = np.random.default_rng(seed)
+    valid = valid_blocks(Lq, Lk, causal)
+    nq, nk = valid.shape
+    score = np.where(valid, rng.random((B, H, nq, nk)), -1.0)
+    n_keep = np.maximum(1, np.round(density * valid.sum(-1))).astype(int)          # [nq]
+    rank = np.argsort(np.argsort(-score, axis=-1), axis=-1)
+    return (rank < n_keep[:, None]) & valid
+
+
+def exact_rows(q, k, v, rows, heads, *, causal, scale, block_map=None):
+    """float64 attention of the sampled (head, row) pairs, on the GPU: [len(heads), len(rows), D]."""
+    import torch
+    Hq, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    g = Hq // k.shape[1]
+    out = []
+    for h in heads:
+        qr = q[0, h, rows].double()
+        s = (qr @ k[0, h // g].double().T) * scale
+        keys = torch.arange(Lk, device=q.device)
+        mask = torch.ones_like(s, dtype=torch.bool)
+        if causal:
+            mask &= keys[None, :] <= rows[:, None] + (Lk - Lq)
+        if block_map is not None:
+            mask &= block_map[0, h][rows // BQ][:, keys // BK]
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        out.append(p @ v[0, h // g].double())
+    return torch.stack(out)
+
+
+def rel_l1(out, ref):
+    return float((out.double() - ref).abs().sum() / ref.abs().sum())
+
+
+def card_name():
+    import torch
+    return torch.cuda.get_device_name()
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def methods(q, k, v, bm_t, *, causal, scale, density):
+    """name -> (callable, gate class, is block-sparse). Missing libraries just leave rows out."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import sparge_cupy.torch as st
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                      enable_gqa=q.shape[1] != k.shape[1])
+        return run
+
+    m = {}
+    if density == 1.0:
+        m["sdpa_flash"] = (sdpa(SDPBackend.FLASH_ATTENTION), "fp16", False)
+        m["sdpa_cudnn"] = (sdpa(SDPBackend.CUDNN_ATTENTION), "fp16", False)
+        try:
+            import sageattention
+            m["sageattn_1.0.6"] = (lambda: sageattention.sageattn(q, k, v, tensor_layout="HND", is_causal=causal,
+                                                                   sm_scale=scale), "sage", False)
+        except ImportError:
+            pass
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        Lq, Lk = q.shape[2], k.shape[2]
+        off = Lk - Lq
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = bm_t[b, h, q_idx // BQ, kv_idx // BK]
+            return (keep & (kv_idx <= q_idx + off)) if causal else keep
+
+        bmask = create_block_mask(mask_mod, q.shape[0], q.shape[1], Lq, Lk, device=q.device,
+                                  BLOCK_SIZE=(BQ, BK))
+        flex = torch.compile(flex_attention, dynamic=False)
+        m["flex_attention"] = (lambda: flex(q, k, v, block_mask=bmask, scale=scale), "fp16", True)
+    except Exception as e:  # report, keep the other rows
+        print(f"  flex_attention unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+    m["sparge_int8_fp8"] = (lambda: st.block_sparse_attn(q, k, v, bm_t, is_causal=causal, scale=scale),
+                            "ours", True)
+    m["sparge_fp16_fp8"] = (lambda: st.block_sparse_attn(q, k, v, bm_t, is_causal=causal, scale=scale,
+                                                         qk="fp16"), "ours", True)
+    return m
+
+
+def peak_extra_bytes(fn):
+    """Peak device memory a call adds: torch's allocator peak plus what CuPy's pool holds."""
+    import cupy
+    import torch
+    pool = cupy.get_default_memory_pool()
+    torch.cuda.synchronize()
+    pool.free_all_blocks()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base + pool.total_bytes()
+
+
+def bench_case(B, H, Hkv, L, D, causal, density, *, dtype, reps_ms, rows_sampled=256):
+    import torch
+    import triton.testing
+
+    import sparge_cupy.torch as st
+    torch.manual_seed(0)
+    q = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype)
+    scale = D ** -0.5
+    bm = fixed_density_map(B, H, L, L, density, causal)
+    bm_t = torch.from_numpy(bm).cuda()
+    kept = bm.sum() / (B * H * valid_blocks(L, L, causal).sum())
+    flops = 4 * B * H * visible_pairs(L, L, causal) * D
+    rows = torch.randint(0, L, (rows_sampled,), device="cuda")
+    heads = [0, H - 1]
+    ref_dense = exact_rows(q, k, v, rows, heads, causal=causal, scale=scale)
+    ref_sparse = exact_rows(q, k, v, rows, heads, causal=causal, scale=scale, block_map=bm_t)
+    results = []
+    for name, (fn, gate, sparse) in methods(q, k, v, bm_t, causal=causal, scale=scale, density=density).items():
+        row = dict(card=card_name(), method=name, B=B, H=H, Hkv=Hkv, L=L, D=D, causal=causal,
+                   density=round(float(kept), 4), dtype=str(dtype).replace("torch.", ""))
+        try:
+            out = fn()
+            torch.cuda.synchronize()
+            err = rel_l1(out[0][heads][:, rows], ref_sparse if sparse else ref_dense)
+        except Exception as e:
+            row.update(status=f"ERROR {type(e).__name__}: {str(e)[:80]}")
+            results.append(row)
+            continue
+        row["rel_l1"] = err
+        if not math.isfinite(err) or err > GATE[gate]:
+            row["status"] = "FAIL"
+            results.append(row)
+            continue
+        ms = triton.testing.do_bench(fn, warmup=max(25, reps_ms // 4), rep=reps_ms, return_mode="median")
+        row.update(status="ok", ms=ms, tops=flops / (ms * 1e-3) / 1e12,
+                   extra_mb=peak_extra_bytes(fn) / 2 ** 20)
+        results.append(row)
+    # end-to-end with a predicted map (prediction included) and prediction alone
+    for name, kw in (("sparge_e2e_tau0.9", dict(cdfthreshd=0.9, simthreshd1=0.3)),):
+        if density != 1.0:
+            break
+        e2e = lambda: st.sparge_attn(q, k, v, is_causal=causal, scale=scale, **kw)  # noqa: E731
+        pred = lambda: st.predict_block_map(q, k, is_causal=causal, scale=scale, **kw)  # noqa: E731
+        pm = pred()
+        kept_p = float(pm.float().mean() / (valid_blocks(L, L, causal).mean()))
+        err = rel_l1(e2e()[0][heads][:, rows], exact_rows(q, k, v, rows, heads, causal=causal, scale=scale,
+                                                         block_map=pm))
+        ms = triton.testing.do_bench(e2e, warmup=25, rep=reps_ms, return_mode="median")
+        ms_pred = triton.testing.do_bench(pred, warmup=25, rep=reps_ms, return_mode="median")
+        results.append(dict(card=card_name(), method=name, B=B, H=H, Hkv=Hkv, L=L, D=D, causal=causal,
+                            density=round(kept_p, 4), dtype=str(dtype).replace("torch.", ""),
+                            rel_l1=err, status="ok" if err <= GATE["ours"] else "FAIL", ms=ms,
+                            tops=flops / (ms * 1e-3) / 1e12, predict_ms=ms_pred))
+    del q, k, v
+    torch.cuda.empty_cache()
+    return results
+
+
+FIELDS = ["card", "method", "B", "H", "Hkv", "L", "D", "causal", "density", "dtype", "status", "rel_l1",
+          "ms", "tops", "predict_ms", "extra_mb"]
+
+
+def table(rows):
+    lines = ["| method | L | D | causal | density | rel L1 | ms | TOPS | x flash | x cuDNN | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in rows:
+        if r["method"] in ("sdpa_flash", "sdpa_cudnn") and "ms" in r:
+            base[(r["method"], r["L"], r["D"], r["causal"])] = r["ms"]
+    for r in rows:
+        key = (r["L"], r["D"], r["causal"])
+        f, c = base.get(("sdpa_flash",) + key), base.get(("sdpa_cudnn",) + key)
+        ms = r.get("ms")
+        lines.append("| {} | {} | {} | {} | {:.2f} | {} | {} | {} | {} | {} | {} |".format(
+            r["method"], r["L"], r["D"], "yes" if r["causal"] else "no", r["density"],
+            f"{r['rel_l1']:.4f}" if "rel_l1" in r else "-", f"{ms:.3f}" if ms else "-",
+            f"{r['tops']:.0f}" if ms else "-", f"{f / ms:.2f}" if ms and f else "-",
+            f"{c / ms:.2f}" if ms and c else "-", r["status"]))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--H", type=int, default=32)
+    ap.add_argument("--Hkv", type=int, default=None)
+    ap.add_argument("--L", type=int, nargs="+", default=[8192, 16384])
+    ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    ap.add_argument("--density", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25, 0.1])
+    ap.add_argument("--reps-ms", type=int, default=200, help="do_bench's rep (ms of timed runs)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--tag", default="bench")
+    args = ap.parse_args(argv)
+
+    import torch
+    rows = []
+    causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    for D in args.D:
+        for L in args.L:
+            for causal in causals:
+                for d in args.density:
+                    print(f"L={L} D={D} causal={causal} density={d}", file=sys.stderr, flush=True)
+                    rows += bench_case(args.B, args.H, args.Hkv or args.H, L, D, causal, d,
+                                       dtype=torch.float16, reps_ms=args.reps_ms)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    card = card_name().replace(" ", "_")
+    csv_path = out / f"{args.tag}_{stamp}_{card}.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    md = (f"# Benchmark, {card_name()}, {stamp}, commit {git_commit()}\n\n"
+          f"torch {torch.__version__}, python {platform.python_version()}, B={args.B}, H={args.H}, fp16, "
+          f"random inputs; dense-equivalent TOPS (SPEC.md section 4); median of do_bench "
+          f"(L2 flushed); command: `python bench/run_bench.py {' '.join(argv or sys.argv[1:])}`\n\n"
+          + table(rows) + "\n")
+    (out / f"{args.tag}_{stamp}_{card}.md").write_text(md)
+    print(table(rows))
+    print(f"wrote {csv_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+// common.cuh: helpers shared by the SpargeAttn kernels (block_stats.cu, select.cu, quant_v.cu,
+// sparse_attn.cu). The launcher (sparge_cupy/_compile.py) pastes this file in place of the
+// `#include "common.cuh"` line, so that CuPy's on-disk cache key (the source text) covers it.
+//
+// Conventions of every kernel:
+//   * element types of user tensors: __half (fp16), float (fp32), __nv_bfloat16 (bf16, which CuPy
+//     sees as uint16 storage); all arithmetic in float32 (exact conversions from all three).
+//   * a user tensor is addressed as base + b * stride_b + h * stride_h + t * stride_t + d, with
+//     the channel axis contiguous: that covers HND [B, H, L, D] and NHD [B, L, H, D] without copies.
+//   * internal buffers (int8 / fp16 Q and K, transposed V, block statistics) are dense, with the
+//     token axis padded to whole blocks, so the attention kernel never bounds-checks its loads.
+//   * IEEE float32 division and square root (no fast math): the quantizers must reproduce the NumPy
+//     reference bit for bit. CuPy compiles with -ftz=true, which only matters for subnormal inputs.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>  // CUDART_INF_F
+
+// e4m3 conversion and the e4m3 mma exist from sm_89 (Ada, Hopper) on; sm_80 builds leave FP8 out.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define SPARGE_HAS_FP8 1
+#else
+#define SPARGE_HAS_FP8 0
+#endif
+
+namespace sparge {
+
+inline constexpr float LOG2E = 1.4426950408889634f;   // log2(e): scores live in the log2 domain
+inline constexpr float LN2 = 0.6931471805599453f;     // ln(2): back to natural log for the LSE
+inline constexpr float FP8_MAX = 448.0f;              // largest finite e4m3 value
+inline constexpr float INT8_MAX_F = 127.0f;           // symmetric INT8 range [-127, 127]
+inline constexpr int BQ = 128;                        // query rows per block (CONFIG.block_q)
+inline constexpr int BK = 64;                         // key rows per block (CONFIG.block_k)
+inline constexpr int PV_GROUP_ROWS = 16;              // Stage 2 granularity: one warp's mma row tile
+
+// A user tensor: pointer plus element strides of batch, head and token (channels contiguous).
+struct TensorView {
+    const void* ptr;
+    long long stride_b, stride_h, stride_t;
+};
+static_assert(sizeof(TensorView) == 32, "mirrored by TENSOR_VIEW in sparge_cupy/_gpu.py");
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// Row t of head h of batch b of a user tensor.
+template <typename T>
+__device__ __forceinline__ const T* row_ptr(const TensorView& v, int b, int h, long long t) {
+    return static_cast<const T*>(v.ptr) + b * v.stride_b + h * v.stride_h + t * v.stride_t;
+}
+
+// Non-negative floats order like their bit patterns, so atomicMax on the bits is a max of the
+// values: order-independent, hence deterministic. The target must start at +0.0 (all zero bits).
+__device__ __forceinline__ void atomic_max_nonneg(float* addr, float value) {
+    atomicMax(reinterpret_cast<unsigned int*>(addr), __float_as_uint(value));
+}
+
+// Channel rebalancing scale s_c = sqrt(amaxK_c / amaxQ_c), 1 where either maximum is zero
+// (reference.quant.channel_scales). Correctly rounded division and square root.
+__device__ __forceinline__ float rebalance_scale(float amax_q, float amax_k) {
+    return (amax_q > 0.f && amax_k > 0.f) ? __fsqrt_rn(__fdiv_rn(amax_k, amax_q)) : 1.f;
+}
+
+// float -> e4m3, round to nearest even, saturating to +-448 (inputs are finite: no NaN).
+__device__ __forceinline__ unsigned char to_e4m3(float x) {
+#if SPARGE_HAS_FP8
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.f), "f"(x));
+    return (unsigned char)(r & 0xff);                    // the second source lands in the low byte
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+// Two floats -> two e4m3 in one 16-bit word, lo in the low byte.
+__device__ __forceinline__ unsigned short to_e4m3x2(float lo, float hi) {
+#if SPARGE_HAS_FP8
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+}  // namespace sparge

@@ -1,0 +1,386 @@
+// sparse_attn.cu: quantized block-sparse attention with the Stage 2 online filter.
+//
+// Must match reference.attention.block_sparse_attention (the blocked NumPy mirror; SPEC.md
+// section 2): for one query block i of head h, walk the kept key blocks j (block map AND causal
+// validity) in increasing j; s = (Q_i K_j^T) * dq_i * dk_j * scale * log2(e); online softmax in the
+// log2 domain; the Stage 2 filter per group of 16 rows; P V in fp16 or FP8 e4m3.
+//
+// Inputs (prepared by block_stats.cu and quant_v.cu, token axes padded to whole blocks):
+//   Q  [B, Hq, nq*128, D]  int8 (qk="int8") or fp16 (qk="fp16"), dq [B, Hq, nq]
+//   K  [B, Hkv, nk*64, D]  int8 or fp16 (smoothed, rebalanced),  dk [B, Hkv, nk]
+//   Vt [B, Hkv, D, nk*64]  e4m3 (keys permuted within each 32, see quant_v.cu) or fp16; dv [B, Hkv, D]
+//   block map [B, Hq, nq, nk] bool (one byte each)
+// Output in the user's layout and dtype (strides), the first d_out channels (zero-padded D).
+//
+// Grid: (nq, Hq, B); program x = (query block nq-1-x: the longest causal rows start first,
+// head, batch). 8 warps; warp w owns query rows 16w..16w+15 of the block, which is also its
+// Stage 2 group (PV_GROUP_ROWS = 16, one mma row tile). Tensor cores through mma.sync:
+//   QK^T int8:  mma.m16n8k32.s32.s8.s8.s32   (int32 accumulation is exact: |sum| <= 127^2 D < 2^24)
+//   QK^T fp16:  mma.m16n8k16.f32.f16.f16.f32
+//   P V  fp16:  mma.m16n8k16.f32.f16.f16.f32
+//   P V  fp8:   mma.m16n8k32.f32.e4m3.e4m3.f32 (sm_89+)
+// Shared memory: Q tile, one K tile, one V tile (rows padded by 16 bytes: ldmatrix without bank
+// conflicts). K_{j'} streams in (cp.async) while P V_j runs, V_j while Q K_j^T runs.
+#include "common.cuh"
+
+namespace sparge {
+
+constexpr int ATTN_WARPS = BQ / 16;
+constexpr int ATTN_THREADS = ATTN_WARPS * 32;
+static_assert(PV_GROUP_ROWS == 16, "a Stage 2 group is one warp's 16-row mma tile");
+
+struct AttnParams {
+    const void* q;                   // [B, Hq, nq*BQ, D] quantized operands
+    const void* k;                   // [B, Hkv, nk*BK, D]
+    const void* vt;                  // [B, Hkv, D, nk*BK]
+    const float* dq;                 // [B, Hq, nq]
+    const float* dk;                 // [B, Hkv, nk]
+    const float* dv;                 // [B, Hkv, D] (FP8 P V only)
+    const unsigned char* block_map;  // [B, Hq, nq, nk]
+    const float* pvthreshd;          // [Hq] lambda in log2 units; inf turns the filter off
+    const float* q_dot_km;           // [B, Hq, Lq] q_t . km (LSE smoothing correction), or nullptr
+    void* out;                       // OutT, user layout
+    float* lse;                      // [B, Hq, Lq] natural log, or nullptr
+    int* group_counts;               // [B, Hq, nq, 2]: visited, skipped (group, block), or nullptr
+    long long out_stride_b, out_stride_h, out_stride_t;
+    int Hq, Hkv, Lq, Lk, nq, nk, d_out, causal;
+    float scale;
+};
+static_assert(sizeof(AttnParams) == 160, "mirrored by ATTN_PARAMS in sparge_cupy/_gpu.py");
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* src) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(src)));
+}
+
+// D[16x8] += A[16xK] B[Kx8]; 32 bytes of K per step for every operand type.
+__device__ __forceinline__ void mma_qk(int (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_qk(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    mma_f16(c, a, b0, b1);
+}
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if SPARGE_HAS_FP8
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&v);
+}
+
+// Two adjacent output channels; one 2-element store where the row allows it.
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* dst, float v0, float v1, bool second, bool paired) {
+    if (paired) {
+        if constexpr (sizeof(OutT) == 4) {
+            *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+        } else {
+            OutT two[2] = {from_float<OutT>(v0), from_float<OutT>(v1)};
+            *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(two);
+        }
+        return;
+    }
+    dst[0] = from_float<OutT>(v0);
+    if (second) dst[1] = from_float<OutT>(v1);
+}
+
+template <bool C, typename A, typename B> struct Select { using type = A; };
+template <typename A, typename B> struct Select<false, A, B> { using type = B; };
+
+template <int D, bool QK_INT8, bool PV_FP8, typename OutT>
+__global__ void __launch_bounds__(ATTN_THREADS, D <= 128 ? 2 : 1) sparse_attn(const AttnParams p) {
+    static_assert(D == 64 || D == 128 || D == 256, "native head dims; the launcher pads others");
+    static_assert(!PV_FP8 || SPARGE_HAS_FP8, "FP8 P V needs compute capability 8.9 or newer");
+    using AccT = typename Select<QK_INT8, int, float>::type;
+    constexpr int QE = QK_INT8 ? 1 : 2;              // bytes per Q / K element
+    constexpr int VE = PV_FP8 ? 1 : 2;               // bytes per V element
+    constexpr int QK_PITCH = D * QE + 16;            // shared row pitch of Q and K tiles (bytes)
+    constexpr int V_PITCH = BK * VE + 16;            // shared row pitch of the V^T tile
+    constexpr int QK_STEPS = D * QE / 32;            // 32-byte k steps of Q K^T
+    constexpr int PV_STEPS = BK * VE / 32;           // 32-byte k steps of P V (16 or 32 keys)
+    constexpr int S_TILES = BK / 8;                  // n tiles of the 16 x 64 score tile
+    constexpr int O_TILES = D / 8;                   // n tiles of the 16 x D output tile
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char* sQ = smem;                        // [BQ][QK_PITCH]
+    unsigned char* sK = sQ + BQ * QK_PITCH;          // [BK][QK_PITCH]
+    unsigned char* sV = sK + BK * QK_PITCH;          // [D][V_PITCH]
+
+    const int i = p.nq - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;          // mma fragment coordinates
+    const int kvh = h / (p.Hq / p.Hkv);
+    const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
+    const unsigned char* gQ = static_cast<const unsigned char*>(p.q) + qblk * BQ * D * QE;
+    const unsigned char* gK = static_cast<const unsigned char*>(p.k) +
+                              ((size_t)b * p.Hkv + kvh) * (size_t)p.nk * BK * D * QE;
+    const size_t v_row = (size_t)p.nk * BK * VE;     // bytes between channels of V^T
+    const unsigned char* gV = static_cast<const unsigned char*>(p.vt) + ((size_t)b * p.Hkv + kvh) * D * v_row;
+    const unsigned char* map_row = p.block_map + qblk * p.nk;
+
+    // Key blocks past j_last hold no visible pair (causal): never visited, whatever the map says.
+    const long long last_row = min((long long)(i + 1) * BQ, (long long)p.Lq) - 1;
+    int j_last = p.nk - 1;
+    if (p.causal) {
+        const long long lim = last_row + p.Lk - p.Lq;
+        j_last = lim < 0 ? -1 : (int)min((long long)p.nk - 1, lim / BK);
+    }
+    auto next_block = [&](int j) {                   // the next kept block after j, or j_last + 1
+        for (++j; j <= j_last; ++j)
+            if (map_row[j]) break;
+        return j;
+    };
+    auto load_rows = [&](unsigned char* dst, const unsigned char* src, int rows) {
+        constexpr int CHUNKS = D * QE / 16;
+        for (int c = tid; c < rows * CHUNKS; c += ATTN_THREADS)
+            cp_async16(dst + (c / CHUNKS) * QK_PITCH + (c % CHUNKS) * 16, src + (size_t)c * 16);
+    };
+    auto load_v = [&](int j) {
+        constexpr int CHUNKS = BK * VE / 16;
+        const unsigned char* src = gV + (size_t)j * BK * VE;
+        for (int c = tid; c < D * CHUNKS; c += ATTN_THREADS)
+            cp_async16(sV + (c / CHUNKS) * V_PITCH + (c % CHUNKS) * 16,
+                       src + (size_t)(c / CHUNKS) * v_row + (c % CHUNKS) * 16);
+    };
+
+    // Running state of rows g and g + 8 of this warp's tile: max m and (this thread's share of)
+    // the row sum l in the log2 domain, accumulator o (columns 8n + 2 t4 + {0, 1}).
+    float o[O_TILES][4];
+#pragma unroll
+    for (int n = 0; n < O_TILES; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
+    const int row0 = i * BQ + warp * 16;
+    const int t_row[2] = {row0 + g, row0 + g + 8};
+    const bool row_real[2] = {t_row[0] < p.Lq, t_row[1] < p.Lq};
+    const bool group_real = row0 < p.Lq;             // the group holds a real query row
+    const float lambda = p.pvthreshd[h];
+    const bool filter_on = lambda < CUDART_INF_F;
+    int visited = 0, skipped = 0;
+
+    int j = next_block(-1);
+    if (j <= j_last) {
+        load_rows(sQ, gQ, BQ);
+        load_rows(sK, gK + (size_t)j * BK * D * QE, BK);
+    }
+    cp_async_commit();
+
+    while (j <= j_last) {
+        cp_async_wait_all();
+        __syncthreads();                             // K_j visible; every warp is done with V_prev
+        load_v(j);
+        cp_async_commit();
+
+        // S = Q_i K_j^T for this warp's 16 rows.
+        AccT acc[S_TILES][4];
+#pragma unroll
+        for (int n = 0; n < S_TILES; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0;
+#pragma unroll
+        for (int ks = 0; ks < QK_STEPS; ++ks) {
+            unsigned a[4];
+            ldmatrix_x4(a, sQ + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * QK_PITCH + ks * 32 +
+                               (lane >> 4) * 16);
+#pragma unroll
+            for (int np = 0; np < S_TILES / 2; ++np) {
+                unsigned bk[4];
+                ldmatrix_x4(bk, sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * QK_PITCH + ks * 32 +
+                                    ((lane >> 3) & 1) * 16);
+                mma_qk(acc[2 * np], a, bk[0], bk[1]);
+                mma_qk(acc[2 * np + 1], a, bk[2], bk[3]);
+            }
+        }
+
+        // Logits in the log2 domain (explicit roundings: the reference's float32 products), the
+        // token-exact causal mask u <= t + (Lk - Lq) and the key tail mask.
+        const float c = __fmul_rn(__fmul_rn(__fmul_rn(p.dq[qblk], p.dk[((size_t)b * p.Hkv + kvh) * p.nk + j]),
+                                            p.scale), LOG2E);
+        const bool need_mask = (j == p.nk - 1 && p.Lk % BK != 0) ||
+                               (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
+        float s[S_TILES][4];
+        float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+        for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float v = __fmul_rn((float)acc[n][e], c);
+                if (need_mask) {
+                    const long long u = (long long)j * BK + n * 8 + 2 * t4 + (e & 1);
+                    const int t = t_row[e >> 1];
+                    if (u >= p.Lk || (p.causal && u > (long long)t + p.Lk - p.Lq)) v = -CUDART_INF_F;
+                }
+                s[n][e] = v;
+                row_max[e >> 1] = fmaxf(row_max[e >> 1], v);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
+            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+        }
+
+        // Stage 2: delta_g = max over the group's real rows of (rowmax - m_prev); a row that has
+        // seen no key yet (m_prev = -inf) never lets its group skip. Skip exp2, l and P V when
+        // delta_g <= -lambda: m, l and o stay as they are.
+        float delta = -CUDART_INF_F;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (row_real[r]) delta = fmaxf(delta, m[r] == -CUDART_INF_F ? CUDART_INF_F : row_max[r] - m[r]);
+        delta = warp_max(delta);
+        const bool skip = filter_on && group_real && delta <= -lambda;
+        visited += group_real;
+        skipped += skip;
+
+        // Online softmax: m_new = max(m, rowmax) (0 while still -inf, so that -inf - -inf never
+        // happens), alpha = exp2(m - m_new), p = exp2(s - m_new).
+        unsigned pa[PV_STEPS][4];                    // P as the A operand of P V
+        if (!skip) {
+            float m_use[2], alpha[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float m_new = fmaxf(m[r], row_max[r]);
+                m_use[r] = m_new == -CUDART_INF_F ? 0.f : m_new;
+                alpha[r] = exp2f(m[r] - m_use[r]);
+                m[r] = m_new;
+            }
+            float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[n][e] = exp2f(s[n][e] - m_use[e >> 1]);
+                    row_sum[e >> 1] += s[n][e];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + row_sum[r];
+#pragma unroll
+            for (int n = 0; n < O_TILES; ++n) {
+                o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
+                o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+            }
+            if constexpr (PV_FP8) {
+                // P * 448 in e4m3 (l keeps the unrounded p). Register e of step ks holds logical keys
+                // {2 t4, 2 t4 + 1, 8 + 2 t4, 9 + 2 t4} (+16 for a2, a3) of the step's 32, matching
+                // the permuted V layout of quant_v.cu.
+#pragma unroll
+                for (int ks = 0; ks < PV_STEPS; ++ks) {
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int n0 = 4 * ks + 2 * half;
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const unsigned lo = to_e4m3x2(__fmul_rn(s[n0][2 * r], FP8_MAX),
+                                                          __fmul_rn(s[n0][2 * r + 1], FP8_MAX));
+                            const unsigned hi = to_e4m3x2(__fmul_rn(s[n0 + 1][2 * r], FP8_MAX),
+                                                          __fmul_rn(s[n0 + 1][2 * r + 1], FP8_MAX));
+                            pa[ks][2 * half + r] = lo | (hi << 16);
+                        }
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int ks = 0; ks < PV_STEPS; ++ks) {
+                    pa[ks][0] = pack_half2(s[2 * ks][0], s[2 * ks][1]);
+                    pa[ks][1] = pack_half2(s[2 * ks][2], s[2 * ks][3]);
+                    pa[ks][2] = pack_half2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+                    pa[ks][3] = pack_half2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+                }
+            }
+        }
+
+        const int j_next = next_block(j);
+        cp_async_wait_all();
+        __syncthreads();                             // V_j visible; every warp is done with K_j
+        if (j_next <= j_last) load_rows(sK, gK + (size_t)j_next * BK * D * QE, BK);
+        cp_async_commit();
+
+        if (!skip) {                                 // O += P V_j
+#pragma unroll
+            for (int ks = 0; ks < PV_STEPS; ++ks) {
+#pragma unroll
+                for (int np = 0; np < O_TILES / 2; ++np) {
+                    unsigned bv[4];
+                    ldmatrix_x4(bv, sV + (np * 16 + (lane & 7) + (lane >> 4) * 8) * V_PITCH + ks * 32 +
+                                        ((lane >> 3) & 1) * 16);
+                    if constexpr (PV_FP8) {
+                        mma_e4m3(o[2 * np], pa[ks], bv[0], bv[1]);
+                        mma_e4m3(o[2 * np + 1], pa[ks], bv[2], bv[3]);
+                    } else {
+                        mma_f16(o[2 * np], pa[ks], bv[0], bv[1]);
+                        mma_f16(o[2 * np + 1], pa[ks], bv[2], bv[3]);
+                    }
+                }
+            }
+        }
+        j = j_next;
+    }
+    cp_async_wait_all();
+
+    if (p.group_counts && lane == 0) {
+        atomicAdd(p.group_counts + qblk * 2, visited);
+        atomicAdd(p.group_counts + qblk * 2 + 1, skipped);
+    }
+
+    // Epilogue: O = acc / l (FP8: times dv / 448); a row that saw no key (l = 0: no kept block, or
+    // every key masked) writes zeros and LSE -inf. Every channel < d_out of every real row is written.
+    const float* dv = PV_FP8 ? p.dv + ((size_t)b * p.Hkv + kvh) * D : nullptr;
+    const bool paired = (p.d_out % 2) == 0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (!row_real[r]) continue;
+        const bool empty = l[r] == 0.f;
+        OutT* out = static_cast<OutT*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
+                    (long long)t_row[r] * p.out_stride_t;
+#pragma unroll
+        for (int n = 0; n < O_TILES; ++n) {
+            const int d = n * 8 + 2 * t4;
+            if (d >= p.d_out) continue;
+            float v0 = 0.f, v1 = 0.f;
+            if (!empty) {
+                v0 = __fdiv_rn(o[n][2 * r], l[r]);
+                v1 = __fdiv_rn(o[n][2 * r + 1], l[r]);
+                if constexpr (PV_FP8) {
+                    v0 = __fmul_rn(v0, __fdiv_rn(dv[d], FP8_MAX));
+                    v1 = __fmul_rn(v1, __fdiv_rn(dv[d + 1], FP8_MAX));
+                }
+            }
+            store_pair<OutT>(out + d, v0, v1, d + 1 < p.d_out, paired);
+        }
+        if (p.lse && t4 == 0) {
+            const size_t at = ((size_t)b * p.Hq + h) * p.Lq + t_row[r];
+            p.lse[at] = empty ? -CUDART_INF_F
+                              : __fadd_rn(__fmul_rn(m[r] + log2f(l[r]), LN2), __fmul_rn(p.scale, p.q_dot_km[at]));
+        }
+    }
+}
+
+}  // namespace sparge

@@ -1,0 +1,162 @@
+"""The one compile path of the package: CUDA sources in ``cuda/``, compiled at run time.
+
+On a GPU, :func:`get_kernel` builds a ``cupy.RawModule`` for one template instantiation the first
+time it is asked for and keeps it per (device, source, name), the options following from the
+device; CuPy also caches the binary on disk, so later processes skip NVRTC. Without a GPU,
+:func:`compile_for_arch` compiles
+every instantiation with NVRTC directly (the ``nvidia-cuda-nvrtc`` wheel, headers from the
+``nvidia-cuda-runtime`` wheel), which is what the CPU tests use to catch a kernel that no longer
+builds.
+
+The shared header ``common.cuh`` is pasted into each source instead of being included, so that
+CuPy's cache key (the source text) changes whenever the header does.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from pathlib import Path
+
+from ._resources import cuda_dir
+from .config import CONFIG
+
+SOURCES = ("block_stats.cu", "select.cu", "quant_v.cu", "sparse_attn.cu")
+ELEMENT_TYPES = {"float16": "__half", "float32": "float", "bfloat16": "__nv_bfloat16"}
+HEAD_DIMS = tuple(CONFIG.native_head_dims)
+FP8_MIN_CC = 89                     # e4m3 conversion and mma: Ada / Hopper and newer
+
+_modules: dict = {}
+
+
+def source_text(name):
+    """The source of ``cuda/<name>`` with ``common.cuh`` pasted in place of its include line."""
+    folder = cuda_dir()
+    text = (folder / name).read_text()
+    header = (folder / "common.cuh").read_text()
+    return text.replace('#include "common.cuh"', header.replace("#pragma once", ""), 1)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_include_dirs():
+    """Folders holding cuda_fp16.h and friends, those matching the NVRTC in use first: CuPy's
+    CUDA root (where it loads libnvrtc from), then the ``nvidia-cuda-runtime`` wheel, then
+    CUDA_PATH."""
+    roots = []
+    try:
+        import cupy
+        roots.append(cupy.cuda.get_cuda_path())
+    except Exception:                   # CuPy absent or without a CUDA root: try the others
+        pass
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        roots += [str(Path(base) / sub) for sub in ("cu13", "cu12", "cuda_runtime")]
+    roots.append(os.environ.get("CUDA_PATH"))
+    dirs = []
+    for root in roots:
+        inc = Path(root) / "include" if root else None
+        if inc and (inc / "cuda_fp16.h").is_file() and str(inc) not in dirs:
+            dirs.append(str(inc))
+    return tuple(dirs)
+
+
+def arch_flag(cc):
+    """``-arch=sm_90a`` for Hopper (its wgmma / setmaxnreg need the ``a`` target), else sm_XY."""
+    cc = int(cc)
+    return f"-arch=sm_{cc}a" if cc == 90 else f"-arch=sm_{cc}"
+
+
+def base_options():
+    return ("-std=c++17",) + tuple(f"-I{d}" for d in cuda_include_dirs())
+
+
+# ---------------------------------------------------------------------------------------------
+# Name expressions: every template instantiation the launcher may ask for.
+
+def attn_name(D, qk, pv, out_dtype):
+    return (f"sparge::sparse_attn<{D}, {'true' if qk == 'int8' else 'false'}, "
+            f"{'true' if pv == 'fp8' else 'false'}, {ELEMENT_TYPES[out_dtype]}>")
+
+
+def kernel_names(cc):
+    """Every (source, name expression) pair that a device of compute capability ``cc`` can run."""
+    fp8 = int(cc) >= FP8_MIN_CC
+    names = []
+    for dt, T in ELEMENT_TYPES.items():
+        names += [("block_stats.cu", f"sparge::block_stats<{T}>"),
+                  ("block_stats.cu", f"sparge::k_block_sums<{T}>"),
+                  ("block_stats.cu", f"sparge::quantize<{T}, signed char>"),
+                  ("block_stats.cu", f"sparge::quantize<{T}, __half>"),
+                  ("quant_v.cu", f"sparge::v_channel_amax<{T}>"),
+                  ("quant_v.cu", f"sparge::quantize_v<{T}, false>")]
+        if fp8:
+            names.append(("quant_v.cu", f"sparge::quantize_v<{T}, true>"))
+        for D in HEAD_DIMS:
+            for qk in ("int8", "fp16"):
+                for pv in (("fp8", "fp16") if fp8 else ("fp16",)):
+                    names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt)))
+    names += [("block_stats.cu", "sparge::k_mean"), ("quant_v.cu", "sparge::v_scales"),
+              ("select.cu", "sparge::select_blocks")]
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU path (CuPy).
+
+def get_kernel(source, name):
+    """The ``cupy.RawKernel`` of template instantiation ``name`` in ``cuda/<source>``, compiled on
+    first use for the current device and kept (the options follow from the device)."""
+    import cupy
+
+    dev_id = cupy.cuda.runtime.getDevice()
+    key = (dev_id, source, name)
+    hit = _modules.get(key)
+    if hit is None:
+        cc = int(cupy.cuda.Device(dev_id).compute_capability)
+        options = base_options() + (arch_flag(cc),)
+        mod = cupy.RawModule(code=source_text(source), options=options, name_expressions=[name])
+        hit = _modules[key] = (mod, mod.get_function(name))
+    return hit[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU path (NVRTC only, no driver).
+
+@functools.lru_cache(maxsize=None)
+def _nvrtc():
+    from cupy.cuda import nvrtc
+    return nvrtc
+
+
+def compile_for_arch(source, names, cc, *, verbose_ptxas=False):
+    """Compile ``names`` of ``cuda/<source>`` for ``sm_<cc>`` with NVRTC alone (no GPU needed).
+
+    Returns ``(cubin bytes, log)``; raises ``RuntimeError`` with NVRTC's log on failure. The
+    options are those CuPy uses on a device (``-ftz=true`` included), plus ``-Xptxas=-v`` for the
+    register / spill report when ``verbose_ptxas``.
+    """
+    nvrtc = _nvrtc()
+    options = list(base_options()) + [arch_flag(cc), "-ftz=true"]
+    if verbose_ptxas:
+        options.append("-Xptxas=-v")
+    prog = nvrtc.createProgram(source_text(source), source, [], [])
+    try:
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"NVRTC failed on {source} for sm_{cc}: {exc}\n"
+                               f"{nvrtc.getProgramLog(prog)}") from None
+        return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def compile_all(cc, *, verbose_ptxas=False):
+    """Compile every instantiation for ``sm_<cc>``; returns ``{source: log}``."""
+    by_source: dict = {}
+    for src, name in kernel_names(cc):
+        by_source.setdefault(src, []).append(name)
+    return {src: compile_for_arch(src, names, cc, verbose_ptxas=verbose_ptxas)[1]
+            for src, names in by_source.items()}

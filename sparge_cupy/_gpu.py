@@ -1,0 +1,432 @@
+"""Launch code for CuPy arrays: the GPU half of :mod:`sparge_cupy.api`.
+
+``api.py`` validates every input and then calls :func:`predict_block_map`,
+:func:`block_sparse_attn` or :func:`sparge_attn` here, with thresholds already per-head float32
+NumPy arrays and ``scale`` a Python float. The torch adapter calls the same functions through
+:func:`operand` (which also knows bf16, CuPy-side uint16 storage).
+
+The pipeline (one launch per line; kernels in ``cuda/``):
+
+    k_block_sums, k_mean          K mean per (b, kv head)                      block_stats.cu
+    block_stats(Q), (K - km)      pooled rows, similarity, channel maxima      block_stats.cu
+    select_blocks                 compressed map -> bool block map             select.cu
+    quantize(Q), quantize(K)      rebalanced INT8 (or fp16) operands, scales   block_stats.cu
+    v_channel_amax, quantize_v    V^T in e4m3 (or fp16), dv                    quant_v.cu
+    sparse_attn                   the attention loop and Stage 2               sparse_attn.cu
+
+Head dims other than 64, 128, 256 are zero-padded here to the next of them (exact: zero channels
+add nothing to any dot product, maximum or similarity); the kernels use the caller's scale and
+write only the true channels.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._compile import ELEMENT_TYPES, HEAD_DIMS, attn_name, get_kernel
+from .config import CONFIG
+
+BQ, BK = CONFIG.block_q, CONFIG.block_k
+THREADS = 256
+
+# NumPy mirrors of the kernels' parameter structs (align=True lays fields out as C does; the
+# CPU tests compile offsetof checks generated from these).
+_PTR, _I64, _I32, _F32, _F64 = np.uint64, np.int64, np.int32, np.float32, np.float64
+
+
+def _struct(fields):
+    return np.dtype(fields, align=True)
+
+
+TENSOR_VIEW = _struct([("ptr", _PTR), ("stride_b", _I64), ("stride_h", _I64), ("stride_t", _I64)])
+BLOCK_STATS_PARAMS = _struct([
+    ("x", TENSOR_VIEW), ("km", _PTR), ("pooled", _PTR), ("sim", _PTR), ("block_amax", _PTR),
+    ("head_amax", _PTR), ("H", _I32), ("L", _I32), ("D", _I32), ("block", _I32),
+    ("heads_per_kv", _I32), ("sim_eps", _F64)])
+QUANTIZE_PARAMS = _struct([
+    ("x", TENSOR_VIEW), ("km", _PTR), ("amax_q", _PTR), ("amax_k", _PTR), ("block_amax", _PTR),
+    ("out", _PTR), ("delta", _PTR), ("q_dot_km", _PTR), ("H", _I32), ("L", _I32), ("D", _I32),
+    ("block", _I32), ("heads_per_kv", _I32), ("is_key", _I32)])
+SELECT_PARAMS = _struct([
+    ("qbar", _PTR), ("q_sim", _PTR), ("kbar", _PTR), ("k_sim", _PTR), ("theta", _PTR),
+    ("tau", _PTR), ("topk", _PTR), ("block_map", _PTR), ("Hq", _I32), ("Hkv", _I32), ("nq", _I32),
+    ("nk", _I32), ("D", _I32), ("Lq", _I32), ("Lk", _I32), ("causal", _I32), ("sink", _I32),
+    ("nk_pow2", _I32), ("scale", _F32)])
+ATTN_PARAMS = _struct([
+    ("q", _PTR), ("k", _PTR), ("vt", _PTR), ("dq", _PTR), ("dk", _PTR), ("dv", _PTR),
+    ("block_map", _PTR), ("pvthreshd", _PTR), ("q_dot_km", _PTR), ("out", _PTR), ("lse", _PTR),
+    ("group_counts", _PTR), ("out_stride_b", _I64), ("out_stride_h", _I64), ("out_stride_t", _I64),
+    ("Hq", _I32), ("Hkv", _I32), ("Lq", _I32), ("Lk", _I32), ("nq", _I32), ("nk", _I32),
+    ("d_out", _I32), ("causal", _I32), ("scale", _F32)])
+STRUCTS = {"TensorView": TENSOR_VIEW, "BlockStatsParams": BLOCK_STATS_PARAMS,
+           "QuantizeParams": QUANTIZE_PARAMS, "SelectParams": SELECT_PARAMS,
+           "AttnParams": ATTN_PARAMS}
+
+
+def _params(dtype, **fields):
+    """A one-element struct array (CuPy passes it by value); arrays become device pointers."""
+    rec = np.zeros(1, dtype=dtype)
+    for name, value in fields.items():
+        rec[name] = _ptr(value) if dtype[name] == _PTR else value
+    return rec
+
+
+def _ptr(x):
+    return 0 if x is None else int(x.data.ptr)
+
+
+def _cupy():
+    import cupy
+    return cupy
+
+
+def padded_head_dim(D):
+    """The native head dim (64, 128, 256) that ``D`` is zero-padded to."""
+    for n in HEAD_DIMS:
+        if D <= n:
+            return n
+    raise ValueError(f"head dim must be <= {HEAD_DIMS[-1]}, got {D}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Operands: a user tensor as the kernels see it.
+
+@dataclass(frozen=True)
+class Operand:
+    """A user tensor (HND or NHD) with its channels contiguous and padded to a native head dim."""
+    array: object            # cupy array, [B, H, L, Dp] (HND) or [B, L, H, Dp] (NHD)
+    dtype: str               # "float16" | "float32" | "bfloat16" (bf16 stored as uint16)
+    layout: str
+    D: int                   # the caller's head dim (<= Dp)
+
+    @property
+    def shape(self):
+        """(B, H, L, Dp)."""
+        s = self.array.shape
+        return (s[0], s[1], s[2], s[3]) if self.layout == "HND" else (s[0], s[2], s[1], s[3])
+
+    def view(self):
+        """The TensorView struct: pointer and element strides of batch, head, token."""
+        st = [s // self.array.itemsize for s in self.array.strides]
+        sb, sh, stt = (st[0], st[1], st[2]) if self.layout == "HND" else (st[0], st[2], st[1])
+        rec = np.zeros(1, dtype=TENSOR_VIEW)
+        rec["ptr"], rec["stride_b"], rec["stride_h"], rec["stride_t"] = _ptr(self.array), sb, sh, stt
+        return rec
+
+
+def operand(x, layout, dtype=None):
+    """Wrap a CuPy array (bf16: a uint16 view of the storage, with ``dtype="bfloat16"``)."""
+    cp = _cupy()
+    dtype = dtype or str(x.dtype)
+    if dtype not in ELEMENT_TYPES:
+        raise TypeError(f"expected float16, float32 or bfloat16 storage, got {dtype}")
+    D = int(x.shape[3])
+    Dp = padded_head_dim(D)
+    # RawKernel ignores strides: the kernels need contiguous channels and element-multiple strides.
+    if x.strides[3] != x.itemsize or any(s % x.itemsize for s in x.strides):
+        x = cp.ascontiguousarray(x)
+    if Dp != D:
+        padded = cp.zeros(x.shape[:3] + (Dp,), dtype=x.dtype)
+        padded[..., :D] = x
+        x = padded
+    return Operand(x, dtype, layout, D)
+
+
+@functools.lru_cache(maxsize=None)
+def _nonfinite_kernel():
+    return _cupy().ReductionKernel("T x", "int64 n", "isfinite((float)x) ? 0 : 1", "a + b", "n = a",
+                                   "0", "sparge_count_nonfinite")
+
+
+def count_nonfinite(x):
+    """NaN and Inf in a CuPy float array: one pass, one scalar back to the host."""
+    return int(_nonfinite_kernel()(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1 statistics and quantization.
+
+@dataclass
+class Stats:
+    """Per-block statistics of Q and smoothed K (block_stats.cu), on the device."""
+    km: object               # [B, Hkv, Dp] K mean
+    q_amax: object           # [B, Hkv, Dp] channel max |Q| over the heads sharing a kv head
+    k_amax: object           # [B, Hkv, Dp] channel max |K - km|
+    q_block_amax: object     # [B, Hq, nq, Dp]
+    k_block_amax: object     # [B, Hkv, nk, Dp]
+    qbar: object = None      # [B, Hq, nq, Dp] pooled Q (prediction only)
+    q_sim: object = None     # [B, Hq, nq]
+    kbar: object = None      # [B, Hkv, nk, Dp] pooled smoothed K
+    k_sim: object = None     # [B, Hkv, nk]
+
+
+def _grid(nb, H, B):
+    return (int(nb), int(H), int(B))
+
+
+def block_statistics(q, k, *, pooled):
+    """K mean, channel maxima and (with ``pooled``) pooled blocks and similarities of Q and K."""
+    cp = _cupy()
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
+    nq, nk = -(-Lq // BQ), -(-Lk // BK)
+    f32 = cp.float32
+    T = ELEMENT_TYPES[q.dtype]
+
+    sums = cp.empty((B, Hkv, nk, D), dtype=cp.float64)
+    get_kernel("block_stats.cu", f"sparge::k_block_sums<{T}>")(
+        _grid(nk, Hkv, B), (THREADS,), (k.view(), sums, _I32(Hkv), _I32(Lk), _I32(D)))
+    km = cp.empty((B, Hkv, D), dtype=f32)
+    get_kernel("block_stats.cu", "sparge::k_mean")(
+        (Hkv, B), (D,), (sums, km, _I32(Hkv), _I32(Lk), _I32(D)))
+
+    st = Stats(km=km, q_amax=cp.zeros((B, Hkv, D), f32), k_amax=cp.zeros((B, Hkv, D), f32),
+               q_block_amax=cp.empty((B, Hq, nq, D), f32), k_block_amax=cp.empty((B, Hkv, nk, D), f32))
+    if pooled:
+        st.qbar, st.q_sim = cp.empty((B, Hq, nq, D), f32), cp.empty((B, Hq, nq), f32)
+        st.kbar, st.k_sim = cp.empty((B, Hkv, nk, D), f32), cp.empty((B, Hkv, nk), f32)
+    kern = get_kernel("block_stats.cu", f"sparge::block_stats<{T}>")
+    for x, km_, bar, sim, bamax, amax, H, L, block, hpk, nb in (
+            (q, None, st.qbar, st.q_sim, st.q_block_amax, st.q_amax, Hq, Lq, BQ, Hq // Hkv, nq),
+            (k, km, st.kbar, st.k_sim, st.k_block_amax, st.k_amax, Hkv, Lk, BK, 1, nk)):
+        kern(_grid(nb, H, B), (THREADS,), (_params(
+            BLOCK_STATS_PARAMS, x=x.view(), km=km_, pooled=bar, sim=sim, block_amax=bamax,
+            head_amax=amax, H=H, L=L, D=D, block=block, heads_per_kv=hpk,
+            sim_eps=CONFIG.sim_eps),))
+    return st
+
+
+def quantize_qk(q, k, st, *, qk, rebalance, with_q_dot_km):
+    """INT8 (or fp16) rebalanced Q and smoothed K with their per-block scales.
+
+    Returns ``(q_op [B,Hq,nq*BQ,Dp], dq [B,Hq,nq], k_op [B,Hkv,nk*BK,Dp], dk [B,Hkv,nk],
+    q_dot_km [B,Hq,Lq] or None)``.
+    """
+    cp = _cupy()
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
+    nq, nk = -(-Lq // BQ), -(-Lk // BK)
+    out_t, out_dtype = ("signed char", cp.int8) if qk == "int8" else ("__half", cp.float16)
+    kern = get_kernel("block_stats.cu", f"sparge::quantize<{ELEMENT_TYPES[q.dtype]}, {out_t}>")
+    q_op, dq = cp.empty((B, Hq, nq * BQ, D), out_dtype), cp.empty((B, Hq, nq), cp.float32)
+    k_op, dk = cp.empty((B, Hkv, nk * BK, D), out_dtype), cp.empty((B, Hkv, nk), cp.float32)
+    q_dot_km = cp.empty((B, Hq, Lq), cp.float32) if with_q_dot_km else None
+    amax_q, amax_k = (st.q_amax, st.k_amax) if rebalance else (None, None)
+    kern(_grid(nq, Hq, B), (THREADS,), (_params(
+        QUANTIZE_PARAMS, x=q.view(), km=st.km if with_q_dot_km else None, amax_q=amax_q,
+        amax_k=amax_k, block_amax=st.q_block_amax, out=q_op, delta=dq, q_dot_km=q_dot_km,
+        H=Hq, L=Lq, D=D, block=BQ, heads_per_kv=Hq // Hkv, is_key=0),))
+    kern(_grid(nk, Hkv, B), (THREADS,), (_params(
+        QUANTIZE_PARAMS, x=k.view(), km=st.km, amax_q=amax_q, amax_k=amax_k,
+        block_amax=st.k_block_amax, out=k_op, delta=dk, q_dot_km=None,
+        H=Hkv, L=Lk, D=D, block=BK, heads_per_kv=1, is_key=1),))
+    return q_op, dq, k_op, dk, q_dot_km
+
+
+def quantize_v(v, *, pv):
+    """V^T ``[B, Hkv, Dp, nk*BK]`` in e4m3 (keys permuted within each 32) or fp16, and ``dv``
+    ``[B, Hkv, Dp]`` (FP8 only, else None)."""
+    cp = _cupy()
+    B, Hkv, Lk, D = v.shape
+    nk = -(-Lk // BK)
+    T = ELEMENT_TYPES[v.dtype]
+    fp8 = pv == "fp8"
+    amax = cp.zeros((B, Hkv, D), cp.float32)
+    dv = None
+    if fp8:
+        get_kernel("quant_v.cu", f"sparge::v_channel_amax<{T}>")(
+            _grid(nk, Hkv, B), (THREADS,), (v.view(), amax, _I32(Hkv), _I32(Lk), _I32(D)))
+        dv = cp.empty_like(amax)
+        get_kernel("quant_v.cu", "sparge::v_scales")(
+            (-(-amax.size // THREADS),), (THREADS,), (amax, dv, _I32(amax.size)))
+    vt = cp.empty((B, Hkv, D, nk * BK), cp.uint8 if fp8 else cp.float16)
+    elem = 1 if fp8 else 2
+    smem = D * (BK + 16 // elem) * elem
+    kern = get_kernel("quant_v.cu", f"sparge::quantize_v<{T}, {'true' if fp8 else 'false'}>")
+    kern(_grid(nk, Hkv, B), (THREADS,), (v.view(), amax, vt, _I32(Hkv), _I32(Lk), _I32(D)),
+         shared_mem=smem)
+    return vt, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1 selection.
+
+def select_smem_bytes(nk):
+    pow2 = 1 << max(0, int(nk - 1).bit_length())
+    return pow2 * 8 + nk * 4 * 2 + nk, pow2
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(device_id):
+    """(compute capability as an int, shared memory per block after opt-in) of a device."""
+    cp = _cupy()
+    dev = cp.cuda.Device(device_id)
+    return int(dev.compute_capability), cp.cuda.runtime.deviceGetAttribute(
+        cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id)
+
+
+def _compute_capability():
+    return _device_limits(_cupy().cuda.Device().id)[0]
+
+
+def _set_smem(kern, nbytes, what):
+    limit = _device_limits(_cupy().cuda.Device().id)[1]
+    if nbytes > limit:
+        raise ValueError(f"{what}: needs {nbytes} bytes of shared memory per block, "
+                         f"the device allows {limit}")
+    if nbytes > 48 * 1024 and kern.max_dynamic_shared_size_bytes < nbytes:
+        kern.max_dynamic_shared_size_bytes = nbytes
+
+
+def select(st, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, topk, attention_sink):
+    """The bool block map ``[B, Hq, nq, nk]`` from the pooled statistics."""
+    cp = _cupy()
+    B, Hq, nq, D = st.qbar.shape
+    Hkv, nk = st.kbar.shape[1], st.kbar.shape[2]
+    theta = cp.asarray(simthreshd1, dtype=cp.float32)
+    tau = None if cdfthreshd is None else cp.asarray(cdfthreshd, dtype=cp.float32)
+    kk = None if topk is None else cp.asarray(topk, dtype=cp.float32)
+    block_map = cp.empty((B, Hq, nq, nk), dtype=cp.bool_)
+    smem, pow2 = select_smem_bytes(nk)
+    kern = get_kernel("select.cu", "sparge::select_blocks")
+    _set_smem(kern, smem, f"k: {Lk} tokens ({nk} key blocks) in prediction")
+    kern(_grid(nq, Hq, B), (THREADS,), (_params(
+        SELECT_PARAMS, qbar=st.qbar, q_sim=st.q_sim, kbar=st.kbar, k_sim=st.k_sim, theta=theta,
+        tau=tau, topk=kk, block_map=block_map, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk, D=D, Lq=Lq, Lk=Lk,
+        causal=int(is_causal), sink=int(attention_sink), nk_pow2=pow2, scale=scale),),
+        shared_mem=smem)
+    return block_map
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention kernel.
+
+def attn_smem_bytes(D, qk, pv):
+    qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
+    return (BQ + BK) * (D * qe + 16) + D * (BK * ve + 16)
+
+
+def _output(q, out):
+    """The output array (user layout, input dtype, true head dim), allocated if not given."""
+    cp = _cupy()
+    shape = q.array.shape[:3] + (q.D,)
+    storage = cp.uint16 if q.dtype == "bfloat16" else cp.dtype(q.dtype)
+    if out is None:
+        return cp.empty(shape, dtype=storage)
+    if tuple(out.shape) != shape or out.dtype != storage or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous {storage} array of shape {shape}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+@dataclass
+class Quantized:
+    """The operands of the attention kernel (quantize_qk, quantize_v)."""
+    q_op: object
+    dq: object
+    k_op: object
+    dk: object
+    q_dot_km: object         # None unless the LSE is asked for
+    vt: object
+    dv: object               # None for pv="fp16"
+
+
+def quantize_operands(q, k, v, st, *, qk, rebalance, pv, with_q_dot_km):
+    if pv == "fp8" and _compute_capability() < 89:
+        raise ValueError("pv: 'fp8' needs compute capability 8.9 or newer (e4m3 tensor cores); "
+                         "use pv='fp16' on this GPU")
+    q_op, dq, k_op, dk, q_dot_km = quantize_qk(q, k, st, qk=qk, rebalance=rebalance,
+                                               with_q_dot_km=with_q_dot_km)
+    vt, dv = quantize_v(v, pv=pv)
+    return Quantized(q_op, dq, k_op, dk, q_dot_km, vt, dv)
+
+
+def run_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, return_lse,
+                  return_stats, out=None):
+    """The attention kernel alone, on prepared operands; ``q``, ``k`` give the shapes."""
+    cp = _cupy()
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
+    nq, nk = -(-Lq // BQ), -(-Lk // BK)
+    out = _output(q, out)
+    lse = cp.empty((B, Hq, Lq), cp.float32) if return_lse else None
+    counts = cp.zeros((B, Hq, nq, 2), cp.int32) if return_stats else None
+    block_map = cp.ascontiguousarray(block_map)
+    lam = cp.asarray(pvthreshd, dtype=cp.float32)
+    ost = [s // out.itemsize for s in out.strides]
+    sb, sh, stt = (ost[0], ost[1], ost[2]) if q.layout == "HND" else (ost[0], ost[2], ost[1])
+
+    kern = get_kernel("sparse_attn.cu", attn_name(D, qk, pv, q.dtype))
+    smem = attn_smem_bytes(D, qk, pv)
+    _set_smem(kern, smem, f"q: head dim {q.D} with qk={qk!r}, pv={pv!r}")
+    kern(_grid(nq, Hq, B), (THREADS,), (_params(
+        ATTN_PARAMS, q=qz.q_op, k=qz.k_op, vt=qz.vt, dq=qz.dq, dk=qz.dk, dv=qz.dv,
+        block_map=block_map, pvthreshd=lam, q_dot_km=qz.q_dot_km, out=out, lse=lse,
+        group_counts=counts, out_stride_b=sb, out_stride_h=sh, out_stride_t=stt, Hq=Hq, Hkv=Hkv,
+        Lq=Lq, Lk=Lk, nq=nq, nk=nk, d_out=q.D, causal=int(is_causal), scale=scale),),
+        shared_mem=smem)
+
+    results = [out]
+    if return_lse:
+        results.append(lse)
+    if return_stats:
+        results.append(_stats(block_map, counts, Lq=Lq, Lk=Lk, is_causal=is_causal))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def attention(q, k, v, block_map, *, st, is_causal, scale, pvthreshd, qk, rebalance, pv,
+              return_lse, return_stats, out=None):
+    qz = quantize_operands(q, k, v, st, qk=qk, rebalance=rebalance, pv=pv,
+                           with_q_dot_km=return_lse)
+    return run_attention(q, k, qz, block_map, is_causal=is_causal, scale=scale,
+                         pvthreshd=pvthreshd, qk=qk, pv=pv, return_lse=return_lse,
+                         return_stats=return_stats, out=out)
+
+
+def _stats(block_map, counts, *, Lq, Lk, is_causal):
+    """The reference's stats dict (reference.stats.sparsity_stats) from the kernel's counts."""
+    from .reference import sparsity_stats, valid_blocks
+    valid = valid_blocks(Lq, Lk, BQ, BK, is_causal)
+    visit = block_map.get() & valid
+    c = counts.get()
+    return sparsity_stats(visit, valid, c[..., 0], c[..., 1], Lq, CONFIG.pv_group_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry points called by api.py (and, through operand(), by the torch adapter).
+
+def _as_operands(layout, *arrays):
+    return [a if isinstance(a, Operand) else operand(a, layout) for a in arrays]
+
+
+def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
+                      attention_sink):
+    q, k = _as_operands(layout, q, k)
+    st = block_statistics(q, k, pooled=True)
+    return select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
+                  simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+                  attention_sink=attention_sink)
+
+
+def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd, qk, rebalance,
+                      pv, return_lse, return_stats, out=None):
+    q, k, v = _as_operands(layout, q, k, v)
+    st = block_statistics(q, k, pooled=False)
+    return attention(q, k, v, block_map, st=st, is_causal=is_causal, scale=scale,
+                     pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
+                     return_lse=return_lse, return_stats=return_stats, out=out)
+
+
+def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
+                attention_sink, pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None):
+    """Prediction and attention sharing one statistics pass over Q and K."""
+    q, k, v = _as_operands(layout, q, k, v)
+    st = block_statistics(q, k, pooled=True)
+    block_map = select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
+                       simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+                       attention_sink=attention_sink)
+    return attention(q, k, v, block_map, st=st, is_causal=is_causal, scale=scale,
+                     pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
+                     return_lse=return_lse, return_stats=return_stats, out=out)

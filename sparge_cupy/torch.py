@@ -1,0 +1,147 @@
+"""The PyTorch adapter: :func:`predict_block_map`, :func:`block_sparse_attn` and
+:func:`sparge_attn` on torch CUDA tensors.
+
+Zero-copy both ways through DLPack, on torch's current stream, output a torch tensor of the
+input dtype and layout. bf16 works although CuPy has no bfloat16: the storage travels as 16-bit
+integers and the kernels are instantiated for ``__nv_bfloat16``. Arguments and defaults are those
+of :mod:`sparge_cupy.api`; the checks are the same functions. torch is imported on first call only.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from . import _checks as ck
+from .api import DEFAULT_CDF, _attn_options, _resolve_cdf
+from .config import CONFIG
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def _to_cupy(t, name):
+    """A CuPy view of tensor ``t`` (bf16 as uint16 storage) and its dtype name."""
+    import cupy
+    torch = _torch()
+    if not t.is_cuda:
+        raise TypeError(f"{name}: expected a CUDA tensor, got one on {t.device}")
+    if t.dtype == torch.bfloat16:
+        return cupy.from_dlpack(t.view(torch.int16)).view(cupy.uint16), "bfloat16"
+    if t.dtype == torch.bool:
+        return cupy.from_dlpack(t.view(torch.uint8)).view(cupy.bool_), "bool"
+    return cupy.from_dlpack(t), str(t.dtype).replace("torch.", "")
+
+
+def _to_torch(x):
+    torch = _torch()
+    if x.dtype == bool:
+        return torch.from_dlpack(x.view("uint8")).view(torch.bool)
+    return torch.from_dlpack(x)
+
+
+@contextlib.contextmanager
+def _on_current_stream(t):
+    """CuPy launches on the device of ``t`` and torch's current stream there."""
+    import cupy
+    torch = _torch()
+    with cupy.cuda.Device(t.device.index):
+        stream = torch.cuda.current_stream(t.device)
+        with cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index):
+            yield
+
+
+def _check(q, k, v, layout, is_causal, scale):
+    torch = _torch()
+    arrays = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    for name, t in arrays.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
+    shapes = ck.check_qkv(q, k, k if v is None else v, layout)
+    devices = {str(t.device) for t in arrays.values()}
+    if len(devices) != 1:
+        raise ValueError(f"q, k, v: expected one device, got {', '.join(sorted(devices))}")
+    ck.check_flag("is_causal", is_causal)
+    scale = ck.check_scale(scale, shapes.D)
+    for name, t in arrays.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf of {t.numel()}")
+    return shapes, scale
+
+
+def _operands(layout, *tensors):
+    from . import _gpu
+    ops = []
+    for name, t in zip("qkv", tensors):
+        x, dtype = _to_cupy(t, name)
+        ops.append(_gpu.operand(x, layout, dtype))
+    return ops
+
+
+def _run_attention(fn, q, *args, **kw):
+    """Allocate the output in torch, let ``fn`` fill its CuPy view, convert the extras."""
+    torch = _torch()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    res = fn(*args, out=_to_cupy(out, "out")[0], **kw)
+    if not isinstance(res, tuple):
+        return out
+    extras = [_to_torch(r) if not isinstance(r, dict) else r for r in res[1:]]
+    return (out, *extras)
+
+
+def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
+                      simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
+                      attention_sink=True):
+    """:func:`sparge_cupy.predict_block_map` for torch tensors; a torch bool tensor."""
+    from . import _gpu
+    shapes, scale = _check(q, k, None, layout, is_causal, scale)
+    theta, tau, kk = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
+                                         cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
+    ck.check_flag("attention_sink", attention_sink)
+    with _on_current_stream(q):
+        qo, ko = _operands(layout, q, k)
+        bmap = _gpu.predict_block_map(qo, ko, is_causal=is_causal, scale=scale, layout=layout,
+                                      simthreshd1=theta, cdfthreshd=tau, topk=kk,
+                                      attention_sink=attention_sink)
+        return _to_torch(bmap)
+
+
+def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout="HND",
+                      pvthreshd=None, qk="int8", rebalance=True, pv="fp8", return_lse=False,
+                      return_stats=False):
+    """:func:`sparge_cupy.block_sparse_attn` for torch tensors."""
+    from . import _gpu
+    shapes, scale = _check(q, k, v, layout, is_causal, scale)
+    torch = _torch()
+    if not isinstance(block_map, torch.Tensor) or block_map.dtype != torch.bool:
+        raise TypeError(f"block_map: expected a torch bool tensor, got "
+                        f"{getattr(block_map, 'dtype', type(block_map).__name__)}")
+    expected = (shapes.B, shapes.Hq, shapes.nq, shapes.nk)
+    if tuple(block_map.shape) != expected:
+        raise ValueError(f"block_map: expected shape [B, Hq, nq, nk] = {expected}, "
+                         f"got {tuple(block_map.shape)}")
+    opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
+    with _on_current_stream(q):
+        qo, ko, vo = _operands(layout, q, k, v)
+        bmap = _to_cupy(block_map.contiguous(), "block_map")[0]
+        return _run_attention(_gpu.block_sparse_attn, q, qo, ko, vo, bmap, is_causal=is_causal,
+                              scale=scale, layout=layout, **opts)
+
+
+def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
+                simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None, pvthreshd=None,
+                attention_sink=True, qk="int8", rebalance=True, pv="fp8", return_lse=False,
+                return_stats=False):
+    """:func:`sparge_cupy.sparge_attn` for torch tensors."""
+    from . import _gpu
+    shapes, scale = _check(q, k, v, layout, is_causal, scale)
+    theta, tau, kk = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
+                                         cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
+    ck.check_flag("attention_sink", attention_sink)
+    opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
+    with _on_current_stream(q):
+        qo, ko, vo = _operands(layout, q, k, v)
+        return _run_attention(_gpu.sparge_attn, q, qo, ko, vo, is_causal=is_causal, scale=scale,
+                              layout=layout, simthreshd1=theta, cdfthreshd=tau, topk=kk,
+                              attention_sink=attention_sink, **opts)

@@ -1,0 +1,99 @@
+"""Every kernel instantiation builds for sm_80 (A100) and sm_90a (H100), on a machine without a GPU.
+
+NVRTC from the ``nvidia-cuda-nvrtc`` wheel (through ``cupy.cuda.nvrtc``, which needs no driver) and
+the CUDA headers of the ``nvidia-cuda-runtime`` wheel; the options are those CuPy uses on a device.
+Also checks that the NumPy mirrors of the kernels' parameter structs (``sparge_cupy._gpu``) have
+the C layout, field by field.
+"""
+from __future__ import annotations
+
+import pytest
+
+cupy = pytest.importorskip("cupy")
+
+from sparge_cupy import _compile, _gpu  # noqa: E402
+
+ARCHS = (80, 90)
+
+
+def _nvrtc_ready():
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception:                   # no libnvrtc: the wheel is not installed
+        return False
+    return bool(_compile.cuda_include_dirs())
+
+
+pytestmark = pytest.mark.skipif(not _nvrtc_ready(),
+                                reason="needs nvidia-cuda-nvrtc and nvidia-cuda-runtime (headers)")
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+@pytest.mark.parametrize("source", _compile.SOURCES)
+def test_every_instantiation_compiles(source, cc):
+    names = [n for s, n in _compile.kernel_names(cc) if s == source]
+    assert names, f"no kernels listed for {source}"
+    cubin, _ = _compile.compile_for_arch(source, names, cc)
+    assert len(cubin) > 0
+
+
+def test_fp8_left_out_of_sm80_only():
+    on_80 = {n for _, n in _compile.kernel_names(80)}
+    on_90 = {n for _, n in _compile.kernel_names(90)}
+    assert not any("true>" in n and "quantize_v" in n for n in on_80)
+    assert _compile.attn_name(256, "int8", "fp8", "bfloat16") in on_90
+    assert _compile.attn_name(256, "int8", "fp8", "bfloat16") not in on_80
+    assert on_80 < on_90
+
+
+def _offset_checks(struct, dtype):
+    lines = [f'static_assert(__builtin_offsetof(sparge::{struct}, {name}) == {dtype.fields[name][1]}, '
+             f'"{struct}.{name}: offset differs from sparge_cupy._gpu");' for name in dtype.names]
+    lines.append(f'static_assert(sizeof(sparge::{struct}) == {dtype.itemsize}, '
+                 f'"sizeof({struct}) differs from sparge_cupy._gpu");')
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("source,structs", [
+    ("block_stats.cu", ("TensorView", "BlockStatsParams", "QuantizeParams")),
+    ("select.cu", ("SelectParams",)),
+    ("sparse_attn.cu", ("AttnParams",)),
+])
+def test_param_structs_match_c_layout(source, structs):
+    from cupy.cuda import nvrtc
+    code = _compile.source_text(source) + "\n" + "\n".join(
+        _offset_checks(s, _gpu.STRUCTS[s]) for s in structs)
+    prog = nvrtc.createProgram(code, source, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, list(_compile.base_options()) + [_compile.arch_flag(90)])
+        except nvrtc.NVRTCError:
+            pytest.fail(nvrtc.getProgramLog(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def test_kernel_constants_match_config():
+    """The block geometry is compile-time in the kernels (common.cuh) and runtime in CONFIG."""
+    import re
+
+    from sparge_cupy import CONFIG
+    text = (_compile.cuda_dir() / "common.cuh").read_text()
+    consts = {m[0]: int(m[1]) for m in re.findall(r"constexpr int (\w+) = (\d+);", text)}
+    assert (consts["BQ"], consts["BK"], consts["PV_GROUP_ROWS"]) == \
+        (CONFIG.block_q, CONFIG.block_k, CONFIG.pv_group_rows)
+
+
+def test_padded_head_dims():
+    assert [_gpu.padded_head_dim(d) for d in (1, 32, 64, 65, 80, 128, 129, 256)] == \
+        [64, 64, 64, 128, 128, 128, 256, 256]
+    with pytest.raises(ValueError, match="head dim"):
+        _gpu.padded_head_dim(257)
+
+
+def test_attention_shared_memory_fits_sm80():
+    # A100: 163 KiB per block after opt-in; the largest configuration must fit.
+    worst = max(_gpu.attn_smem_bytes(D, qk, pv) for D in _compile.HEAD_DIMS
+                for qk in ("int8", "fp16") for pv in ("fp16",))
+    assert worst <= 163 * 1024
