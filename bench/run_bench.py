@@ -22,6 +22,7 @@ import argparse
 import csv
 import datetime
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -91,6 +92,8 @@ def card_name():
 
 
 def git_commit():
+    if os.environ.get("SPARGE_COMMIT"):      # the device machine gets a copy of the tree, no .git
+        return os.environ["SPARGE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip() or "unknown"
@@ -136,8 +139,10 @@ def methods(q, k, v, bm_t, *, causal, scale, density):
                                   BLOCK_SIZE=(BQ, BK))
         flex = torch.compile(flex_attention, dynamic=False)
         m["flex_attention"] = (lambda: flex(q, k, v, block_mask=bmask, scale=scale), "fp16", True)
-    except Exception as e:  # report, keep the other rows
-        print(f"  flex_attention unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+    except Exception as e:  # a row that says why, and the other rows go on
+        def unavailable(e=e):
+            raise RuntimeError(f"flex_attention setup failed: {type(e).__name__}: {e}")
+        m["flex_attention"] = (unavailable, "fp16", True)
     m["sparge_int8_fp8"] = (lambda: st.block_sparse_attn(q, k, v, bm_t, is_causal=causal, scale=scale),
                             "ours", True)
     m["sparge_fp16_fp8"] = (lambda: st.block_sparse_attn(q, k, v, bm_t, is_causal=causal, scale=scale,
