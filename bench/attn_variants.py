@@ -1,0 +1,165 @@
+"""Time versions of the attention kernel (cuda/sparse_attn.cu, and candidate copies added to
+VERSIONS while one is being tried) against torch SDPA, on one card, in one process: the kernel alone on prepared operands, all blocks
+kept, filter off, CUDA events, median after warm-up.
+
+    python bench/attn_variants.py                      # table: every version x shape, + SDPA
+    python bench/attn_variants.py --ncu                # one launch of cuda/sparse_attn.cu (for ncu)
+    python bench/attn_variants.py --quick --versions cur
+
+Versions: cur (the package's build of cuda/sparse_attn.cu). A candidate is a copy of the kernel
+with its shared-memory formula and extra NVRTC options, added to VERSIONS for the comparison
+(bench/NOTES.md records the v2 experiments tried that way).
+
+Dense-equivalent TOPS as SPEC.md section 4 counts them (causal: unmasked pairs only).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sparge_cupy import _compile, _gpu  # noqa: E402
+
+BQ, BK = _gpu.BQ, _gpu.BK
+
+
+CUR = ROOT / "cuda/sparse_attn.cu"
+
+
+VERSIONS = {  # name: (source path or None for the package's own build, smem(D, qk, pv), threads,
+              #        extra NVRTC options)
+    "cur": (None, lambda D, qk, pv: _gpu.attn_smem_bytes(D, qk, pv), None, ()),
+}
+
+
+def kernel(version, D, qk, pv, dtype="float16"):
+    path, _, _, extra = VERSIONS[version]
+    name = _compile.attn_name(D, qk, pv, dtype)
+    if path is None:
+        return _compile.get_kernel("sparse_attn.cu", name)
+    header = (ROOT / "cuda/common.cuh").read_text().replace("#pragma once", "")
+    src = path.read_text().replace('#include "common.cuh"', header, 1)
+    opts = _compile.base_options() + (_compile.arch_flag(90),) + tuple(extra)
+    return cp.RawModule(code=src, options=opts, name_expressions=[name]).get_function(name)
+
+
+def visible_pairs(Lq, Lk, causal):
+    if not causal:
+        return Lq * Lk
+    t = np.arange(Lq, dtype=np.int64)
+    return int(np.clip(t + (Lk - Lq) + 1, 0, Lk).sum())
+
+
+def prepare(B, H, L, D, causal, qk, pv, density=1.0, seed=0):
+    rs = cp.random.RandomState(seed)
+    q, k, v = (rs.standard_normal((B, H, L, D), dtype=cp.float32).astype(cp.float16) for _ in range(3))
+    qo, ko, vo = (_gpu.operand(x, "HND") for x in (q, k, v))
+    st = _gpu.block_statistics(qo, ko, pooled=False)
+    qz = _gpu.quantize_operands(qo, ko, vo, st, qk=qk, rebalance=True, pv=pv, with_q_dot_km=False)
+    nq, nk = -(-L // BQ), -(-L // BK)
+    if density >= 1.0:
+        bmap = cp.ones((B, H, nq, nk), cp.bool_)
+    else:
+        bmap = cp.random.RandomState(seed + 1).random_sample((B, H, nq, nk)) < density
+        bmap[..., 0] = True
+    return (q, k, v), qo, ko, qz, bmap
+
+
+def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
+    B, Hq, Lq, D = qo.shape
+    _, Hkv, Lk, _ = ko.shape
+    nq, nk = -(-Lq // BQ), -(-Lk // BK)
+    path, smem_fn, threads, _ = VERSIONS[version]
+    threads = threads or getattr(_gpu, "ATTN_THREADS", _gpu.THREADS)
+    kern = kernel(version, D, qk, pv)
+    smem = smem_fn(D, qk, pv)
+    if smem > 48 * 1024:
+        kern.max_dynamic_shared_size_bytes = smem
+    out = cp.empty((B, Hq, Lq, D), cp.float16)
+    lam = cp.full((Hq,), np.inf, cp.float32)
+    params = _gpu._params(
+        _gpu.ATTN_PARAMS, q=qz.q_op, k=qz.k_op, vt=qz.vt, dq=qz.dq, dk=qz.dk, dv=qz.dv,
+        block_map=bmap, pvthreshd=lam, q_dot_km=None, out=out, lse=None, group_counts=None,
+        out_stride_b=Hq * Lq * D, out_stride_h=Lq * D, out_stride_t=D, Hq=Hq, Hkv=Hkv, Lq=Lq,
+        Lk=Lk, nq=nq, nk=nk, d_out=D, causal=int(causal), scale=D ** -0.5)
+    grid = getattr(_gpu, "attn_grid", None)
+    grid = grid(nq, Hq, B) if (grid and path is None) else (nq, Hq, B)
+
+    def run():
+        kern(grid, (threads,), (params,), shared_mem=smem)
+    return run, out
+
+
+def time_ms(fn, warm=5, rep=20):
+    for _ in range(warm):
+        fn()
+    ev = [(cp.cuda.Event(), cp.cuda.Event()) for _ in range(rep)]
+    for a, b in ev:
+        a.record(); fn(); b.record()
+    ev[-1][1].synchronize()
+    return float(np.median([cp.cuda.get_elapsed_time(a, b) for a, b in ev]))
+
+
+def sdpa(q, k, v, causal):
+    import torch
+    import torch.nn.functional as F
+    tq, tk, tv = (torch.as_tensor(x, device="cuda") for x in (q, k, v))
+    return lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+
+SHAPES = [  # B, H, L, D, causal, density
+    (1, 32, 8192, 128, True, 1.0), (1, 32, 8192, 128, False, 1.0), (1, 32, 16384, 128, False, 1.0),
+    (1, 32, 8192, 64, False, 1.0), (1, 8, 8192, 256, True, 1.0), (1, 32, 8192, 128, False, 0.5),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ncu", action="store_true")
+    ap.add_argument("--versions", nargs="+", default=list(VERSIONS))
+    ap.add_argument("--modes", nargs="+", default=["int8-fp8"])
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    if a.ncu:
+        _, qo, ko, qz, bmap = prepare(1, 32, 8192, 128, True, "int8", "fp8")
+        run, _ = launcher("cur", qo, ko, qz, bmap, True, "int8", "fp8")
+        run()
+        cp.cuda.Device().synchronize()
+        return
+    rows = []
+    shapes = SHAPES[:2] + SHAPES[3:4] if a.quick else SHAPES
+    for (B, H, L, D, causal, dens) in shapes:
+        for mode in a.modes:
+            qk, pv = mode.split("-")
+            (q, k, v), qo, ko, qz, bmap = prepare(B, H, L, D, causal, qk, pv, dens)
+            flops = 4 * B * H * visible_pairs(L, L, causal) * D
+            ref = None
+            for ver in a.versions:
+                run, out = launcher(ver, qo, ko, qz, bmap, causal, qk, pv)
+                out.fill(cp.nan)
+                run()
+                o = out.astype(cp.float32)
+                if ref is None:
+                    ref = o
+                diff = float(cp.abs(o - ref).max()) if bool(cp.isfinite(o).all()) else float("nan")
+                ms = time_ms(run)
+                rows.append((f"B{B} H{H} L{L} D{D} {'causal' if causal else 'full'} d={dens}",
+                             f"{ver} {mode}", ms, flops / ms / 1e9, diff))
+            if dens >= 1.0 and mode == a.modes[0]:
+                ms = time_ms(sdpa(q, k, v, causal))
+                rows.append((rows[-1][0], "torch SDPA fp16", ms, flops / ms / 1e9, 0.0))
+            del q, k, v, qo, ko, qz, bmap
+            cp.get_default_memory_pool().free_all_blocks()
+    print(f"\n{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: kernel only, median of 20")
+    print(f"{'shape':38s} {'version':22s} {'ms':>8s} {'TOPS':>7s} {'max|d| vs first':>15s}")
+    for r in rows:
+        print(f"{r[0]:38s} {r[1]:22s} {r[2]:8.3f} {r[3]:7.1f} {r[4]:15.3g}")
+
+
+if __name__ == "__main__":
+    main()
