@@ -147,6 +147,8 @@ def methods(q, k, v, bm_t, *, causal, scale, density):
                             "ours", True)
     m["sparge_fp16_fp8"] = (lambda: st.block_sparse_attn(q, k, v, bm_t, is_causal=causal, scale=scale,
                                                          qk="fp16"), "ours", True)
+    m["sparge_int8_fp16"] = (lambda: st.block_sparse_attn(q, k, v, bm_t, is_causal=causal, scale=scale,
+                                                          pv="fp16"), "ours", True)
     return m
 
 
