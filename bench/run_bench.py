@@ -127,18 +127,11 @@ def methods(q, k, v, bm_t, *, causal, scale, density):
         except ImportError:
             pass
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        Lq, Lk = q.shape[2], k.shape[2]
-        off = Lk - Lq
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            keep = bm_t[b, h, q_idx // BQ, kv_idx // BK]
-            return (keep & (kv_idx <= q_idx + off)) if causal else keep
-
-        bmask = create_block_mask(mask_mod, q.shape[0], q.shape[1], Lq, Lk, device=q.device,
-                                  BLOCK_SIZE=(BQ, BK))
+        from torch.nn.attention.flex_attention import flex_attention
+        bmask = flex_block_mask(bm_t, q.shape[2], k.shape[2], causal)
         flex = torch.compile(flex_attention, dynamic=False)
-        m["flex_attention"] = (lambda: flex(q, k, v, block_mask=bmask, scale=scale), "fp16", True)
+        m["flex_attention"] = (lambda: flex(q, k, v, block_mask=bmask, scale=scale,
+                                            enable_gqa=q.shape[1] != k.shape[1]), "fp16", True)
     except Exception as e:  # a row that says why, and the other rows go on
         def unavailable(e=e):
             raise RuntimeError(f"flex_attention setup failed: {type(e).__name__}: {e}")
@@ -150,6 +143,41 @@ def methods(q, k, v, bm_t, *, causal, scale, density):
     m["sparge_int8_fp16"] = (lambda: st.block_sparse_attn(q, k, v, bm_t, is_causal=causal, scale=scale,
                                                           pv="fp16"), "ours", True)
     return m
+
+
+def flex_block_mask(bm_t, Lq, Lk, causal):
+    """Our block map as a flex_attention BlockMask, built from block indices (no L x L mask).
+
+    Kept blocks that every (query, key) pair may see are "full" blocks; with causal masking the
+    kept blocks that straddle the diagonal are "partial" blocks evaluated through the mask_mod.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+    nq, nk = bm_t.shape[-2:]
+    off = Lk - Lq
+    i = torch.arange(nq, device=bm_t.device)[:, None]
+    j = torch.arange(nk, device=bm_t.device)[None, :]
+    first_row = i * BQ
+    last_key = torch.clamp((j + 1) * BK, max=Lk) - 1
+    whole = (last_key <= first_row + off) if causal else torch.ones_like(i * j, dtype=torch.bool)
+    full = bm_t & whole
+    partial = bm_t & ~whole
+
+    def indices(m):
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return m.sum(-1).to(torch.int32), order
+
+    kv_num, kv_idx = indices(partial)
+    full_num, full_idx = indices(full)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        # Evaluated only on partial blocks by the fused kernel; the unfused fallback evaluates it
+        # everywhere, so it carries the block map too.
+        keep = bm_t[b, h, q_idx // BQ, kv_idx // BK]
+        return (keep & (kv_idx <= q_idx + off)) if causal else keep
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(BQ, BK),
+                                    mask_mod=mask_mod, seq_lengths=(Lq, Lk))
 
 
 def peak_extra_bytes(fn):
