@@ -6,6 +6,7 @@ All functions of the mirror take HND arrays and per-head threshold arrays; the p
 from .attention import PV_MODES, QK_MODES, block_sparse_attention, quantized_operands
 from .dense import block_attention_mass, dense_attention
 from .layout import expand_block_map, from_hnd, num_blocks, to_hnd, token_mask, valid_blocks
+from .oracle import exact_attention, oracle_block_map
 from .predict import (block_self_similarity, pool_blocks, predict_block_map, select_topcdf,
                       select_topk)
 from .quant import (channel_scales, dequantize_int8_per_block, quantize_int8_per_block,

@@ -244,6 +244,8 @@ def format_demo(res):
         f"fix       {res['fix_share']:.1%} of valid blocks kept whole as fix blocks "
         "(Q or K block not self-similar)",
         f"recall    {res['recall']:.1%} of the true attention mass lies in the kept blocks",
+        *(["note      no block skipped at these thresholds: at 512 tokens few blocks are "
+           "self-similar above theta; try --tuned"] if res["stage1_sparsity"] == 0 else []),
         "",
         f"{'error vs dense float64':<26}{'rel L1':>9}  {'cosine':>8}  {'RMSE':>9}",
     ]
@@ -261,10 +263,30 @@ def format_demo(res):
     return "\n".join(lines)
 
 
+TUNED_FILE, TUNED_LAYER = "minilm_l6_tuning.json", "minilm_l6.layer3"
+
+
+def tuned_thresholds():
+    """Per-head thresholds tuned for the default input (relative L1 <= 0.05 with Stage 1, <= 0.06
+    with Stage 2), made by ``sparge-cupy tune`` and shipped in ``sparge_cupy.data``."""
+    from importlib import resources
+
+    from .tune import load_tuning
+    with resources.as_file(resources.files("sparge_cupy.data") / TUNED_FILE) as path:
+        kw = load_tuning(path)[TUNED_LAYER].kwargs()
+    return {name: kw[name] for name in ("simthreshd1", "cdfthreshd", "pvthreshd")}
+
+
 def _cmd_demo(args, parser):
+    thresholds = dict(simthreshd1=args.simthreshd1, cdfthreshd=args.cdfthreshd, topk=args.topk,
+                      pvthreshd=args.pvthreshd)
+    if args.tuned:
+        if args.cdfthreshd is not None or args.topk is not None or args.pvthreshd is not None \
+                or args.simthreshd1 != CONFIG.simthreshd1:
+            parser.error("--tuned sets the thresholds: give no --simthreshd1/--cdfthreshd/--topk/--pvthreshd")
+        thresholds = dict(tuned_thresholds(), topk=None)
     try:
-        res = run_demo(args.out, cpu=args.cpu, simthreshd1=args.simthreshd1,
-                       cdfthreshd=args.cdfthreshd, topk=args.topk, pvthreshd=args.pvthreshd)
+        res = run_demo(args.out, cpu=args.cpu, **thresholds)
     except (ValueError, TypeError) as e:   # bad thresholds: the API names the argument
         parser.error(str(e))
     print(format_demo(res))
@@ -301,7 +323,7 @@ def build_parser():
         description="SpargeAttn (training-free sparse + quantized attention) on CuPy, "
                     "with an exact NumPy reference.")
     parser.add_argument("--version", action="version", version=f"sparge-cupy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,tune,info}")
 
     demo = sub.add_parser("demo", help="run SpargeAttn on the shipped real input, print "
                                        "sparsity and error, write figures")
@@ -317,7 +339,16 @@ def build_parser():
                        help="keep this fraction of each row's blocks instead of TopCdf")
     demo.add_argument("--pvthreshd", type=float, default=None, metavar="LAMBDA",
                       help="Stage 2 filter threshold lambda in log2 units (default: filter off)")
+    demo.add_argument("--tuned", action="store_true",
+                      help="per-head thresholds tuned for this input (sparge_cupy/data/"
+                           f"{TUNED_FILE}: relative L1 <= 0.05 with Stage 1, <= 0.06 with Stage 2)")
     demo.set_defaults(handler=_cmd_demo)
+
+    from . import tune
+    tune_p = sub.add_parser("tune", help="tune per-head thresholds of one layer under an error "
+                                         "bound (SPEC.md section 5); writes a JSON file")
+    tune.add_arguments(tune_p)
+    tune_p.set_defaults(handler=lambda args, parser: tune.run(args))
 
     info = sub.add_parser("info", help="print the version, the configuration and the GPU found")
     info.set_defaults(handler=_cmd_info)
