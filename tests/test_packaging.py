@@ -51,6 +51,8 @@ def test_wheel_carries_reference_cuda_and_data(installed_wheel):
         "assert str(_resources.cuda_dir()).startswith(site)\n"
         "assert 'sparse_attn.cu' in cu and 'common.cuh' in cu, cu\n"
         "assert d.load_default_qkv()['q'].ndim == 4\n"
+        "from sparge_cupy.cli import tuned_thresholds\n"
+        "assert tuned_thresholds()['cdfthreshd'].shape == (12,)\n"
         "print('ok', cu)\n"
     )
     res = _run_outside(installed_wheel, code)
