@@ -259,7 +259,35 @@ def run_breakdown():
     return rows
 
 
-def write_report(info, tests, sanitizers, timings, out_dirs, breakdown=()):
+CACHE_PROBE = """
+import time, numpy as np, cupy, sparge_cupy as sc
+q = cupy.asarray(np.random.default_rng(0).standard_normal((1, 2, 300, 64), dtype=np.float32))
+t = time.perf_counter(); sc.sparge_attn(q, q, q); cupy.cuda.Device().synchronize()
+first = time.perf_counter() - t
+t = time.perf_counter(); sc.sparge_attn(q, q, q); cupy.cuda.Device().synchronize()
+print(f"CACHE_TIMES {first:.3f} {time.perf_counter() - t:.4f}")
+"""
+
+
+def run_cache_and_demo(timeout, log_dir):
+    """The compile path: the first call of a process compiles, later calls reuse the module, and a
+    later process reuses CuPy's on-disk cache (a fresh cache directory, two processes). Then the
+    demo, which must report the GPU backend."""
+    import tempfile
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CUPY_CACHE_DIR": cache}
+        for proc in ("first process (empty cache)", "second process (disk cache)"):
+            code, out, _ = _run([sys.executable, "-c", CACHE_PROBE], timeout, env=env)
+            m = re.search(r"CACHE_TIMES (\S+) (\S+)", out)
+            first, second = m.groups() if code == 0 and m else ("error", "error")
+            rows.append((proc, first, second))
+    code, out, _ = _run([sys.executable, "-m", "sparge_cupy", "demo", "--out", str(log_dir / "demo")],
+                        timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return rows, (code, out)
+
+
+def write_report(info, tests, sanitizers, timings, out_dirs, breakdown=(), cache_demo=None):
     code, rows, metrics, secs, _ = tests
     passed = sum(r[1] == "passed" for r in rows)
     failed = sum(r[1].startswith(("FAILED", "ERROR")) for r in rows)
@@ -294,6 +322,13 @@ def write_report(info, tests, sanitizers, timings, out_dirs, breakdown=()):
                   "thresholds; cupyx.profiler.benchmark medians of 20)", "",
                   "| stage | note | host ms | device ms |", "| --- | --- | --- | --- |"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in breakdown]
+    if cache_demo:
+        cache_rows, (demo_code, demo_out) = cache_demo
+        lines += ["", "## Compilation cache (sparge_attn on a small input; seconds)", "",
+                  "| process | first call | second call |", "| --- | --- | --- |"]
+        lines += [f"| {p} | {a} | {b} |" for p, a, b in cache_rows]
+        lines += ["", f"## `python -m sparge_cupy demo` (exit {demo_code})", "", "```",
+                  demo_out.strip(), "```"]
     text = "\n".join(lines) + "\n"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info["card"]).strip("-").lower()
     name = f"gpu_suite_{info['date'][:10]}_{slug}.md"
@@ -330,11 +365,13 @@ def main():
             breakdown = run_breakdown()
         except Exception as exc:        # report, do not lose the rest of the run
             print(f"timings failed: {exc!r}", flush=True)
-    text = write_report(info, tests, sanitizers, timings, out_dirs, breakdown)
+    cache_demo = run_cache_and_demo(args.test_timeout, log_dir)
+    text = write_report(info, tests, sanitizers, timings, out_dirs, breakdown, cache_demo)
     fails = [line for line in tests[4].splitlines() if line.startswith(("FAILED", "ERROR"))]
     print("\n".join(fails[:40]))
     print(text[-6000:])
-    ok = tests[0] == 0 and all(r[1] == "clean" for r in sanitizers if r[0] != "initcheck")
+    ok = (tests[0] == 0 and all(r[1] == "clean" for r in sanitizers if r[0] != "initcheck")
+          and cache_demo[1][0] == 0)
     return 0 if ok else 1
 
 
