@@ -1,0 +1,651 @@
+"""Sequence-parallel SpargeAttn over ``torch.distributed``: DeepSpeed-Ulysses and ring attention.
+
+Every rank passes its shard of the sequence (tokens ``[offset_r, offset_r + L_r)`` of q, k, v, in
+rank order) and gets back the attention output of its own query tokens. CPU tensors run the NumPy
+reference (``gloo``); CUDA tensors run the kernels through :mod:`sparge_cupy.torch` (``nccl``). The
+keywords are those of :func:`sparge_cupy.sparge_attn`; ``return_lse`` returns the float32 LSE of
+the local query tokens too.
+
+**Ulysses** (:func:`ulysses_attn`). One all-to-all gives every rank all tokens of ``Hq / W`` query
+heads and of the key/value heads they read; each rank runs ``sparge_attn`` on whole sequences, then
+a second all-to-all returns the output (and LSE) to the token owners. The computation of every head
+is the single-process one, so the result equals single-process ``sparge_attn`` bit for bit. GQA:
+``Hq % W == 0``, and either ``Hkv % W == 0`` (each rank holds whole groups of query heads with their
+kv heads) or every rank's query heads share one kv head (``(Hq / Hkv) % (Hq / W) == 0``, e.g. MQA:
+that kv head is sent to each of its ranks). In the second case channel rebalancing needs the channel
+maxima of |Q| over the whole group, which no single rank holds: they are all-reduced and carried in
+one extra query block of 128 rows prepended to the rank's queries (its own quantization block and
+block-map row; prepending keeps the bottom-right causal alignment), so the scales are exactly the
+single-process ones. Any Lq, Lk and shard lengths (at least one token each).
+
+**Ring** (:func:`ring_attn`). Each rank keeps its queries; key/value shards travel round the ring
+(``batch_isend_irecv``, overlapped with the compute) and each step adds one partial result.
+
+* Shards: the blocks are defined on the global token index, and a block must not straddle ranks,
+  so every shard but the last holds a multiple of 128 query tokens and of 64 key tokens (a ragged
+  last shard is fine). Anything else raises ``ValueError``: re-cut the sequence, or use Ulysses.
+* Prediction is exact (:func:`ring_predict_block_map`). All-reduced: the float64 K sum (for the
+  global mean ``km``). All-gathered: the pooled blocks and self-similarities of ``K - km`` (small:
+  ``nk x D`` per kv head). Each rank then builds the compressed map of its query blocks against the
+  whole row of key blocks and selects (TopCdf/TopK over the whole row, fix blocks, causal, sink)
+  exactly as one process does: the same block map rows. The only freedom left is the float64
+  summation order of ``km``, which the single-process kernels and reference do not share either.
+* Partials: ``block_sparse_attn(q_shard, k_shard, v_shard, map columns of that shard, return_lse)``
+  of the engine, in float32 so that nothing is rounded to fp16/bf16 before the merge. That call
+  smooths, rebalances and quantizes with the statistics of the shards it sees, and starts its
+  online softmax (and the Stage 2 filter's running max) afresh at every shard: each partial is an
+  honest SpargeAttn computation of its keys, with the rounding of its own scales, not of the global
+  ones. The public functions take no external scales or running max, so the ring output is *not*
+  bit-comparable to one process: it agrees to quantization noise (the tests bound its error
+  against float64 by twice the single-process error), and to float32 merge rounding once the
+  quantizers are taken out (the reference's unrounded modes, in the tests).
+* Merge in float32, online over the partials: ``lse = log sum_i exp(lse_i)``,
+  ``o = sum_i exp(lse_i - lse) o_i``; a row no partial reaches outputs zeros and LSE ``-inf``.
+* Causal: bottom-right on global indices (query t sees key u iff ``u <= t + Lk - Lq``). A shard
+  pair is skipped, run without mask, or run causally; for the last kind the key shard is cut (keys
+  no local query sees) or padded with zero keys in blocks left out of the map, so that the engine's
+  own bottom-right rule lands on the global diagonal. Causal work is uneven across ranks (rank r
+  computes r + 1 of W shards when Lq == Lk), as in plain ring attention.
+
+Errors: every rank checks its own input first; a summary of all checks is all-gathered, so a bad
+input on one rank raises on every rank (``ValueError``/``TypeError``) instead of leaving the others
+waiting in a collective.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _checks as ck
+from .api import DEFAULT_CDF, _resolve_cdf
+from .config import CONFIG
+
+BQ, BK = CONFIG.block_q, CONFIG.block_k
+_DTYPES = ck.DTYPES                       # ("float16", "bfloat16", "float32"): index = wire code
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: what runs one rank's share. CPU tensors -> the NumPy reference; CUDA -> the kernels.
+
+class _Reference:
+    """The NumPy path: torch CPU tensors converted (zero-copy where possible) to NumPy arrays."""
+
+    @staticmethod
+    def to_numpy(t):
+        torch = _torch()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    @staticmethod
+    def to_torch(x):
+        torch = _torch()
+        x = np.ascontiguousarray(x)
+        if x.dtype.name == "bfloat16":
+            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(x)
+
+    @classmethod
+    def _call(cls, fn, *arrays, **kw):
+        res = fn(*(cls.to_numpy(a) for a in arrays), **kw)
+        return tuple(cls.to_torch(r) for r in res) if isinstance(res, tuple) else cls.to_torch(res)
+
+    @classmethod
+    def sparge_attn(cls, q, k, v, **kw):
+        from .api import sparge_attn
+        return cls._call(sparge_attn, q, k, v, **kw)
+
+    @classmethod
+    def block_sparse_attn(cls, q, k, v, block_map, **kw):
+        from .api import block_sparse_attn
+        return cls._call(block_sparse_attn, q, k, v, block_map, **kw)
+
+    @classmethod
+    def block_stats(cls, x, block):
+        """Pooled blocks and self-similarities of float32 HND ``x`` (reference.predict)."""
+        from . import reference as R
+        xn = cls.to_numpy(x)
+        return (cls.to_torch(R.pool_blocks(xn, block)),
+                cls.to_torch(R.block_self_similarity(xn, block, CONFIG)))
+
+    @classmethod
+    def select(cls, qbar, q_sim, kbar, k_sim, *, q0, Lq, Lk, is_causal, scale, theta, tau, topk,
+               attention_sink):
+        from . import reference as R
+        nq = qbar.shape[2]
+        valid = R.valid_blocks(Lq, Lk, BQ, BK, is_causal)[q0 // BQ: q0 // BQ + nq]
+        bm = _select_numpy(*(cls.to_numpy(x) for x in (qbar, q_sim, kbar, k_sim)), valid,
+                           scale=scale, theta=theta, tau=tau, topk=topk,
+                           attention_sink=attention_sink)
+        return cls.to_torch(bm)
+
+
+def _select_numpy(qbar, q_sim, kbar, k_sim, valid, *, scale, theta, tau, topk, attention_sink):
+    """Compressed map, TopCdf/TopK, fix blocks, causal and sink from the pooled statistics: the
+    lines of ``reference.predict.predict_block_map`` after its statistics, on the rows given
+    (``valid``: the causal validity of those rows against every key block)."""
+    from .reference import select_topcdf, select_topk
+    from .reference.quant import F32, expand_kv_heads
+    B, Hq = qbar.shape[:2]
+    head = (slice(None), None, None)
+    th = np.asarray(theta, dtype=F32)[head]
+    k_sim = expand_kv_heads(k_sim[:, :, None], Hq)[:, :, 0]
+    q_ok = q_sim[..., :, None] > th
+    k_ok = k_sim[..., None, :] > th
+    kbar = expand_kv_heads(kbar, Hq)
+    dots = np.matmul(qbar.astype(np.float64), kbar.astype(np.float64).swapaxes(-1, -2)).astype(F32)
+    finite = valid & k_ok
+    s_hat = np.where(finite, F32(scale) * dots, -np.inf).astype(F32)
+    row_max = s_hat.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, F32(0))
+    e = np.exp((s_hat - row_max).astype(np.float64)).astype(F32)
+    total = e.astype(np.float64).sum(axis=-1, keepdims=True).astype(F32)
+    p_hat = np.where(total > 0, e / np.where(total > 0, total, F32(1)), F32(0)).astype(F32)
+    if tau is not None:
+        selected = select_topcdf(p_hat, finite, np.asarray(tau, dtype=F32)[head])
+    else:
+        n_valid = np.broadcast_to(valid.sum(axis=-1), (B, Hq, valid.shape[0]))
+        selected = select_topk(p_hat, finite, n_valid, np.asarray(topk, dtype=F32)[:, None])
+    block_map = (selected | ~q_ok | ~k_ok) & valid
+    if attention_sink:
+        block_map[..., 0] |= valid[:, 0]
+    return block_map
+
+
+def _block_stats_torch(x, block, eps=CONFIG.sim_eps):
+    """``reference.pool_blocks`` and ``reference.block_self_similarity`` in torch float64 (on the
+    tensor's device), each rounded once to float32: the same numbers up to float64 summation
+    order. Used on CUDA, where the kernels compute these only with the local K mean."""
+    torch = _torch()
+    B, H, L, D = x.shape
+    nb = -(-L // block)
+    xb = torch.zeros((B, H, nb * block, D), dtype=torch.float64, device=x.device)
+    xb[:, :, :L] = x
+    xb = xb.view(B, H, nb, block, D)
+    counts = (torch.arange(nb * block, device=x.device) < L).view(nb, block).sum(1)
+    counts = counts.to(torch.float64)[None, None, :, None]
+    pooled = (xb.sum(dim=3) / counts).float()
+    norms = torch.sqrt((xb * xb).sum(dim=-1, keepdim=True))
+    mean = (xb / torch.clamp(norms, min=eps)).sum(dim=3) / counts
+    return pooled, (mean * mean).sum(dim=-1).float()
+
+
+class _Cuda:
+    """The kernels, through the torch adapter (zero-copy, torch's current stream)."""
+
+    @staticmethod
+    def sparge_attn(q, k, v, **kw):
+        from . import torch as st
+        return st.sparge_attn(q, k, v, **kw)
+
+    @staticmethod
+    def block_sparse_attn(q, k, v, block_map, **kw):
+        from . import torch as st
+        return st.block_sparse_attn(q, k, v, block_map, **kw)
+
+    block_stats = staticmethod(_block_stats_torch)
+
+    @staticmethod
+    def select(qbar, q_sim, kbar, k_sim, *, q0, Lq, Lk, is_causal, scale, theta, tau, topk,
+               attention_sink):
+        """select.cu on the gathered statistics. Its causal rule reads only ``Lq`` and ``Lk``:
+        with ``Lq - q0`` in place of ``Lq``, local query block i has the global block's last row
+        and diagonal offset, so the rows are those of the whole sequence's map."""
+        import cupy
+        from . import _gpu
+        from .torch import _on_current_stream, _to_torch
+        with _on_current_stream(qbar):
+            st = _gpu.Stats(km=None, q_amax=None, k_amax=None, q_block_amax=None,
+                            k_block_amax=None,
+                            **{n: cupy.from_dlpack(t.contiguous()) for n, t in
+                               (("qbar", qbar), ("q_sim", q_sim), ("kbar", kbar), ("k_sim", k_sim))})
+            bm = _gpu.select(st, Lq=Lq - q0, Lk=Lk, is_causal=is_causal, scale=scale,
+                             simthreshd1=theta, cdfthreshd=tau, topk=topk,
+                             attention_sink=attention_sink)
+            return _to_torch(bm)
+
+
+# ---------------------------------------------------------------------------------------------
+# The process group, the shards and the checks every rank agrees on.
+
+@dataclass(frozen=True)
+class _Shards:
+    group: object
+    world: int
+    rank: int
+    engine: type             # _Reference or _Cuda
+    B: int
+    Hq: int
+    Hkv: int
+    D: int
+    dtype: object            # torch dtype
+    lq: tuple                # query tokens of every rank
+    lk: tuple                # key tokens of every rank
+
+    @property
+    def q_offsets(self):
+        return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.lq)]))
+
+    @property
+    def k_offsets(self):
+        return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.lk)]))
+
+    def global_rank(self, r):
+        return r if self.group is None else _dist().get_global_rank(self.group, r)
+
+
+def _hnd(t, layout):
+    return t if layout == "HND" else t.transpose(1, 2)
+
+
+def _check_local(q, k, v, layout, is_causal, scale):
+    """This rank's input alone: types, shapes, device, finite values. Returns (Shapes, scale)."""
+    torch = _torch()
+    arrays = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    for name, t in arrays.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch tensor (this rank's shard), "
+                            f"got {type(t).__name__}")
+    shapes = ck.check_qkv(q, k, k if v is None else v, layout)
+    devices = {str(t.device) for t in arrays.values()}
+    if len(devices) != 1:
+        raise ValueError(f"q, k, v: expected one device, got {', '.join(sorted(devices))}")
+    if q.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"q: expected CPU tensors (reference) or CUDA tensors (kernels), "
+                        f"got {q.device}")
+    ck.check_flag("is_causal", is_causal)
+    scale = ck.check_scale(scale, shapes.D)
+    for name, t in arrays.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf of {t.numel()}")
+    return shapes, scale
+
+
+def _comm_device(q, group):
+    torch = _torch()
+    if isinstance(q, torch.Tensor) and q.device.type in ("cpu", "cuda"):
+        return q.device
+    if _dist().get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree(q, k, v, *, group, layout, is_causal, scale, what, options):
+    """Check locally, all-gather a summary, check globally: every rank returns or raises alike.
+
+    ``options(shapes)`` normalises the keywords after the local checks (it may raise too).
+    Returns (_Shards, scale, what ``options`` returned)."""
+    torch, dist = _torch(), _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"group: {what} needs torch.distributed initialised on every rank "
+                         "(init_process_group: 'gloo' for CPU tensors, 'nccl' for CUDA tensors)")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    local_error, shapes, opts = None, None, None
+    try:
+        shapes, scale = _check_local(q, k, v, layout, is_causal, scale)
+        opts = options(shapes)
+    except (TypeError, ValueError) as e:
+        local_error, shapes = e, None
+    device = _comm_device(q, group)
+    if shapes is None:
+        summary = [0] * 11
+    else:
+        scale_bits = int(np.float64(scale).view(np.int64))
+        summary = [1, shapes.B, shapes.Hq, shapes.Hkv, shapes.D, shapes.Lq, shapes.Lk,
+                   _DTYPES.index(shapes.dtype), int(bool(is_causal)), ck.LAYOUTS.index(layout),
+                   scale_bits]
+    mine = torch.tensor(summary, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    every = [[int(x) for x in t.tolist()] for t in every]
+    refused = [r for r, s in enumerate(every) if s[0] == 0]
+    if local_error is not None:
+        raise local_error
+    if refused:
+        raise ValueError(f"{what}: rank(s) {refused} refused their input (see the error there); "
+                         "every rank stops")
+    names = ("batch", "query heads", "kv heads", "head dim")
+    for col, name in zip(range(1, 5), names):
+        values = [s[col] for s in every]
+        if len(set(values)) != 1:
+            raise ValueError(f"q, k, v: every rank must pass the same {name}; got {values} "
+                             f"on ranks 0..{world - 1}")
+    for col, name, show in ((7, "dtype", lambda c: _DTYPES[c]), (8, "is_causal", bool),
+                            (9, "layout", lambda c: ck.LAYOUTS[c]), (10, "scale",
+                            lambda b: float(np.int64(b).view(np.float64)))):
+        values = [s[col] for s in every]
+        if len(set(values)) != 1:
+            raise ValueError(f"{name}: every rank must pass the same value; got "
+                             f"{[show(x) for x in values]} on ranks 0..{world - 1}")
+    engine = _Reference if q.device.type == "cpu" else _Cuda
+    shards = _Shards(group=group, world=world, rank=rank, engine=engine, B=shapes.B, Hq=shapes.Hq,
+                     Hkv=shapes.Hkv, D=shapes.D, dtype=q.dtype,
+                     lq=tuple(s[5] for s in every), lk=tuple(s[6] for s in every))
+    return shards, scale, opts
+
+
+def _options(shapes, *, simthreshd1, cdfthreshd, topk, attention_sink, pvthreshd, qk, rebalance,
+             pv, return_lse, return_stats):
+    """Every keyword normalised as sparge_attn does (per-head float32 arrays of Hq values)."""
+    if ck.check_flag("return_stats", return_stats):
+        raise ValueError("return_stats: not available in the sequence-parallel functions "
+                         "(the counts are spread over the ranks); use return_stats=False")
+    opts = dict(pvthreshd=ck.check_pvthreshd(pvthreshd, shapes.Hq),
+                qk=ck.check_choice("qk", qk, ck.QK_MODES),
+                rebalance=ck.check_flag("rebalance", rebalance),
+                pv=ck.check_choice("pv", pv, ck.PV_MODES),
+                return_lse=ck.check_flag("return_lse", return_lse))
+    theta, tau, kk = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
+                                         cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
+    opts.update(simthreshd1=theta, cdfthreshd=tau, topk=kk,
+                attention_sink=ck.check_flag("attention_sink", attention_sink))
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# Ulysses.
+
+def _head_plan(Hq, Hkv, world):
+    """(query heads of every rank, kv heads of every rank) as slices; raises if GQA cannot map."""
+    if Hq % world:
+        raise ValueError(f"q: ulysses_attn splits the query heads over the ranks; Hq={Hq} is not "
+                         f"a multiple of the world size {world}")
+    hq, group_size = Hq // world, Hq // Hkv
+    q_heads = [slice(r * hq, (r + 1) * hq) for r in range(world)]
+    if Hkv % world == 0:
+        hk = Hkv // world
+        return q_heads, [slice(r * hk, (r + 1) * hk) for r in range(world)], False
+    if group_size % hq == 0:        # every rank's query heads read one kv head: send it to each
+        return q_heads, [slice(r * hq // group_size, r * hq // group_size + 1)
+                         for r in range(world)], True
+    raise ValueError(f"k: ulysses_attn needs Hkv % W == 0 or (Hq / Hkv) % (Hq / W) == 0 so that "
+                     f"every rank holds its query heads' kv heads; got Hq={Hq}, Hkv={Hkv}, W={world}")
+
+
+def _scatter_heads(x, heads, lens, sh, prefix=0):
+    """All-to-all: send ``x[:, heads[s]]`` (my tokens) to rank s; return my heads over all
+    tokens, ``[B, H_mine, prefix + sum(lens), ...]`` (``prefix`` zero rows first)."""
+    torch, dist = _torch(), _dist()
+    tail = tuple(x.shape[3:])
+    width = math.prod(tail)
+    send = torch.cat([x[:, h].reshape(-1) for h in heads])
+    in_sizes = [sh.B * (h.stop - h.start) * x.shape[2] * width for h in heads]
+    h_mine = heads[sh.rank].stop - heads[sh.rank].start
+    out_sizes = [sh.B * h_mine * n * width for n in lens]
+    recv = torch.empty(sum(out_sizes), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(recv, send, out_sizes, in_sizes, group=sh.group)
+    parts = [c.view((sh.B, h_mine, n) + tail) for c, n in zip(recv.split(out_sizes), lens)]
+    if prefix:
+        parts.insert(0, torch.zeros((sh.B, h_mine, prefix) + tail, dtype=x.dtype, device=x.device))
+    return torch.cat(parts, dim=2)
+
+
+def _gather_heads(y, heads, lens, sh):
+    """The inverse all-to-all: ``y`` ``[B, H_mine, sum(lens), ...]`` -> my tokens of every head,
+    ``[B, sum of |heads[s]|, lens[rank], ...]``."""
+    torch, dist = _torch(), _dist()
+    tail = tuple(y.shape[3:])
+    width = math.prod(tail)
+    offs = np.concatenate([[0], np.cumsum(lens)])
+    send = torch.cat([y[:, :, offs[s]:offs[s + 1]].reshape(-1) for s in range(sh.world)])
+    in_sizes = [y.shape[0] * y.shape[1] * n * width for n in lens]
+    out_sizes = [sh.B * (h.stop - h.start) * lens[sh.rank] * width for h in heads]
+    recv = torch.empty(sum(out_sizes), dtype=y.dtype, device=y.device)
+    dist.all_to_all_single(recv, send, out_sizes, in_sizes, group=sh.group)
+    parts = [c.view((sh.B, h.stop - h.start, lens[sh.rank]) + tail)
+             for c, h in zip(recv.split(out_sizes), heads)]
+    return torch.cat(parts, dim=1)
+
+
+def _group_q_amax(q, sh):
+    """Channel max of |Q| over all tokens and all query heads of each kv head, ``[B, Hkv, D]``
+    (all-reduced): what channel rebalancing takes over the group."""
+    dist = _dist()
+    g = sh.Hq // sh.Hkv
+    amax = q.abs().float().reshape(sh.B, sh.Hkv, g * q.shape[2], sh.D).amax(dim=2)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=sh.group)
+    return amax
+
+
+def ulysses_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HND",
+                 simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None, pvthreshd=None,
+                 attention_sink=True, qk="int8", rebalance=True, pv="fp8", return_lse=False,
+                 return_stats=False):
+    """Sequence-parallel :func:`sparge_cupy.sparge_attn` by all-to-all over heads (Ulysses).
+
+    Args:
+      q: this rank's query tokens of every head, ``[B, Hq, L_r, D]`` (HND) or ``[B, L_r, Hq, D]``
+        (NHD); ranks hold consecutive token ranges in rank order, any lengths (>= 1).
+      k, v: this rank's key/value tokens, Hkv heads (see the module notes for GQA).
+      group: the process group (default: the whole world).
+      Other keywords: as :func:`sparge_cupy.sparge_attn`; per-head thresholds have Hq values.
+    Returns:
+      ``out`` (input dtype and layout, this rank's query tokens), then ``lse`` float32
+      ``[B, Hq, L_r]`` with ``return_lse``: single-process ``sparge_attn``, bit for bit.
+    """
+    torch = _torch()
+    sh, scale, opts = _agree(
+        q, k, v, group=group, layout=layout, is_causal=is_causal, scale=scale, what="ulysses_attn",
+        options=lambda shapes: _options(
+            shapes, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+            attention_sink=attention_sink, pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
+            return_lse=return_lse, return_stats=return_stats))
+    q_heads, kv_heads, shared_kv = _head_plan(sh.Hq, sh.Hkv, sh.world)
+    qh, kh, vh = (_hnd(t, layout) for t in (q, k, v))
+
+    # A rank holding part of a kv head's query group cannot see the group's |Q| maxima: carry
+    # them in one prepended query block (see the module notes).
+    prefix = BQ if shared_kv and opts["rebalance"] else 0
+    q_all = _scatter_heads(qh, q_heads, sh.lq, sh, prefix=prefix)
+    if prefix:
+        amax = _group_q_amax(qh, sh)[:, kv_heads[sh.rank]]            # [B, 1, D]
+        q_all[:, :, 0] = amax.to(q_all.dtype)
+    k_all = _scatter_heads(kh, kv_heads, sh.lk, sh)
+    v_all = _scatter_heads(vh, kv_heads, sh.lk, sh)
+
+    mine = q_heads[sh.rank]
+    per_head = {n: (opts[n][mine] if opts[n] is not None else None)
+                for n in ("simthreshd1", "cdfthreshd", "topk", "pvthreshd")}
+    res = sh.engine.sparge_attn(q_all, k_all, v_all, is_causal=is_causal, scale=scale,
+                                layout="HND", attention_sink=opts["attention_sink"],
+                                qk=opts["qk"], rebalance=opts["rebalance"], pv=opts["pv"],
+                                return_lse=opts["return_lse"], **per_head)
+    res = res if isinstance(res, tuple) else (res,)
+    out = _gather_heads(res[0][:, :, prefix:], q_heads, sh.lq, sh)
+    out = out if layout == "HND" else out.transpose(1, 2).contiguous()
+    if not opts["return_lse"]:
+        return out
+    lse = _gather_heads(res[1][:, :, prefix:].to(torch.float32), q_heads, sh.lq, sh)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Ring: exact prediction from global statistics, partials round the ring, LSE merge.
+
+def _check_ring_shards(sh):
+    for name, lens, block in (("q", sh.lq, BQ), ("k", sh.lk, BK)):
+        bad = [r for r, n in enumerate(lens[:-1]) if n % block]
+        if bad:
+            raise ValueError(
+                f"{name}: ring attention needs every shard but the last to hold a multiple of "
+                f"{block} tokens (blocks of {BQ} queries x {BK} keys must not straddle ranks); "
+                f"shard lengths {list(lens)}, rank(s) {bad} off. Re-cut the sequence, or use "
+                "ulysses_attn")
+
+
+def _ring_predict(q, k, sh, *, layout, is_causal, scale, simthreshd1, cdfthreshd, topk,
+                  attention_sink):
+    """This rank's rows of the single-process block map, ``[B, Hq, nq_r, nk]`` (torch bool)."""
+    torch, dist = _torch(), _dist()
+    qh = _hnd(q, layout).float()
+    kh = _hnd(k, layout).float()
+    Lq, Lk = sum(sh.lq), sum(sh.lk)
+    # km = mean over all tokens (float64 sum, rounded once to float32: reference.quant.smooth_k)
+    ksum = kh.to(torch.float64).sum(dim=2)
+    dist.all_reduce(ksum, group=sh.group)
+    km = (ksum / Lk).float()[:, :, None]
+    qbar, q_sim = sh.engine.block_stats(qh, BQ)
+    kbar, k_sim = sh.engine.block_stats(kh - km, BK)
+    # all-gather the key statistics (padded to the largest shard's block count)
+    nks = [-(-n // BK) for n in sh.lk]
+    width = max(nks)
+    packed = torch.zeros((sh.B, sh.Hkv, width, sh.D + 1), dtype=torch.float32, device=qh.device)
+    packed[:, :, :kbar.shape[2], :sh.D] = kbar
+    packed[:, :, :kbar.shape[2], sh.D] = k_sim
+    every = [torch.empty_like(packed) for _ in range(sh.world)]
+    dist.all_gather(every, packed, group=sh.group)
+    full = torch.cat([t[:, :, :n] for t, n in zip(every, nks)], dim=2)
+    kbar, k_sim = full[..., :sh.D].contiguous(), full[..., sh.D].contiguous()
+    return sh.engine.select(qbar, q_sim, kbar, k_sim, q0=sh.q_offsets[sh.rank], Lq=Lq, Lk=Lk,
+                            is_causal=is_causal, scale=scale, theta=simthreshd1, tau=cdfthreshd,
+                            topk=topk, attention_sink=attention_sink)
+
+
+def ring_predict_block_map(q, k, *, group=None, is_causal=False, scale=None, layout="HND",
+                           simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
+                           attention_sink=True):
+    """Stage 1 for ring attention: this rank's rows of the whole sequence's block map.
+
+    Shards as :func:`ring_attn`. Returns bool ``[B, Hq, ceil(L_r / 128), ceil(Lk / 64)]``
+    (Lk the global key length): rows ``offset_r / 128 ...`` of single-process
+    :func:`sparge_cupy.predict_block_map`.
+    """
+    sh, scale, ((theta, tau, kk), sink) = _agree(
+        q, k, None, group=group, layout=layout, is_causal=is_causal, scale=scale,
+        what="ring_predict_block_map",
+        options=lambda shapes: (ck.check_thresholds(shapes, simthreshd1=simthreshd1,
+                                                    cdfthreshd=_resolve_cdf(cdfthreshd, topk),
+                                                    topk=topk),
+                                ck.check_flag("attention_sink", attention_sink)))
+    _check_ring_shards(sh)
+    return _ring_predict(q, k, sh, layout=layout, is_causal=is_causal, scale=scale,
+                         simthreshd1=theta, cdfthreshd=tau, topk=kk, attention_sink=sink)
+
+
+def _pair(q0, q_end, k0, k_end, c):
+    """How the query range [q0, q_end) meets the key range [k0, k_end) under the global causal
+    rule ``u <= t + c``: ("skip", _), ("full", _) or ("causal", keys), where ``keys`` is the key
+    count that puts the engine's bottom-right diagonal (``u - k0 <= t - q0 + keys - (q_end - q0)``)
+    on the global one."""
+    if k0 > q_end - 1 + c:
+        return "skip", 0
+    if k_end - 1 <= q0 + c:
+        return "full", k_end - k0
+    return "causal", q_end + c - k0
+
+
+class _Merge:
+    """Online float32 merge of partial (out, lse): o = sum_i exp(lse_i - lse) o_i."""
+
+    def __init__(self, B, H, L, D, device):
+        torch = _torch()
+        self.m = torch.full((B, H, L), -math.inf, dtype=torch.float32, device=device)
+        self.den = torch.zeros((B, H, L), dtype=torch.float32, device=device)
+        self.acc = torch.zeros((B, H, L, D), dtype=torch.float32, device=device)
+
+    def add(self, out, lse):
+        torch = _torch()
+        m_new = torch.maximum(self.m, lse)
+        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # all -inf so far
+        a, b = torch.exp(self.m - m_use), torch.exp(lse - m_use)
+        self.acc = self.acc * a[..., None] + out * b[..., None]
+        self.den = self.den * a + b
+        self.m = m_new
+
+    def result(self):
+        torch = _torch()
+        empty = self.den == 0
+        den = torch.where(empty, torch.ones_like(self.den), self.den)
+        out = torch.where(empty[..., None], torch.zeros_like(self.acc), self.acc / den[..., None])
+        lse = torch.where(empty, torch.full_like(self.m, -math.inf), self.m + torch.log(den))
+        return out, lse
+
+
+def ring_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HND",
+              simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None, pvthreshd=None,
+              attention_sink=True, qk="int8", rebalance=True, pv="fp8", return_lse=False,
+              return_stats=False):
+    """Sequence-parallel :func:`sparge_cupy.sparge_attn` by ring attention.
+
+    Args:
+      q: this rank's query tokens, ``[B, Hq, L_r, D]`` (HND) or ``[B, L_r, Hq, D]`` (NHD); ranks
+        hold consecutive token ranges in rank order; every shard but the last a multiple of 128.
+      k, v: this rank's key/value tokens (Hkv heads; every shard but the last a multiple of 64).
+      group: the process group (default: the whole world).
+      Other keywords: as :func:`sparge_cupy.sparge_attn`.
+    Returns:
+      ``out`` (input dtype and layout), then ``lse`` float32 ``[B, Hq, L_r]`` with
+      ``return_lse``. Block maps are exactly the single-process ones; the numbers agree to the
+      quantization of the shard pairs (module notes).
+    """
+    torch, dist = _torch(), _dist()
+    sh, scale, opts = _agree(
+        q, k, v, group=group, layout=layout, is_causal=is_causal, scale=scale, what="ring_attn",
+        options=lambda shapes: _options(
+            shapes, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+            attention_sink=attention_sink, pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
+            return_lse=return_lse, return_stats=return_stats))
+    _check_ring_shards(sh)
+    block_map = _ring_predict(q, k, sh, layout=layout, is_causal=is_causal, scale=scale,
+                              simthreshd1=opts["simthreshd1"], cdfthreshd=opts["cdfthreshd"],
+                              topk=opts["topk"], attention_sink=opts["attention_sink"])
+
+    q32 = _hnd(q, layout).float()
+    qo, ko = sh.q_offsets, sh.k_offsets
+    q0, q_end = qo[sh.rank], qo[sh.rank + 1]
+    c = ko[-1] - qo[-1]                                   # global Lk - Lq
+    merge = _Merge(sh.B, sh.Hq, q_end - q0, sh.D, q32.device)
+    attn = dict(scale=scale, layout="HND", pvthreshd=opts["pvthreshd"], qk=opts["qk"],
+                rebalance=opts["rebalance"], pv=opts["pv"], return_lse=True)
+
+    def partial(kv, src):
+        k0, k_end = ko[src], ko[src + 1]
+        kind, keys = _pair(q0, q_end, k0, k_end, c) if is_causal else ("full", k_end - k0)
+        if kind == "skip":
+            return
+        j0, nk_real = k0 // BK, -(-min(keys, k_end - k0) // BK)
+        cols = block_map[..., j0:j0 + nk_real]
+        if not bool(cols.any()):
+            return
+        kv = kv[:, :, :, :keys].float()
+        if keys > k_end - k0:     # zero keys in whole blocks the map leaves out (never visited)
+            pad = keys - (k_end - k0)
+            kv = torch.cat([kv, kv.new_zeros(kv.shape[:3] + (pad, sh.D))], dim=3)
+            cols = torch.cat([cols, cols.new_zeros(cols.shape[:3] + (-(-pad // BK),))], dim=3)
+        out, lse = sh.engine.block_sparse_attn(q32, kv[0], kv[1], cols.contiguous(),
+                                               is_causal=kind == "causal", **attn)
+        merge.add(out.float(), lse)
+
+    cur, src = torch.stack([_hnd(k, layout), _hnd(v, layout)]).contiguous(), sh.rank
+    nxt, prv = sh.global_rank((sh.rank + 1) % sh.world), sh.global_rank((sh.rank - 1) % sh.world)
+    for step in range(sh.world):
+        reqs = []
+        if step < sh.world - 1:           # pass the shard on while computing with it
+            incoming = (src - 1) % sh.world
+            buf = cur.new_empty(cur.shape[:3] + (sh.lk[incoming], sh.D))
+            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, cur, nxt, sh.group),
+                                           dist.P2POp(dist.irecv, buf, prv, sh.group)])
+        partial(cur, src)
+        for r in reqs:
+            r.wait()
+        if reqs:
+            cur, src = buf, incoming
+
+    out, lse = merge.result()
+    out = out.to(sh.dtype)
+    out = out if layout == "HND" else out.transpose(1, 2).contiguous()
+    return (out, lse) if opts["return_lse"] else out

@@ -1,0 +1,481 @@
+"""Sequence-parallel SpargeAttn (sparge_cupy.distributed) on the CPU: gloo, 2 and 3 processes, the
+reference path, against single-process sparge_attn on the whole sequence.
+
+One spawn of 3 processes runs every case (a process start costs seconds here): the 3-process cases
+on the whole world, the 2-process ones on a subgroup of global ranks 1 and 2 (so group ranks are
+not global ranks). Each rank writes its results to a file and the tests below read them. What must
+hold:
+
+* Ulysses: out and LSE equal single-process ``sparge_attn`` bit for bit (ragged shards, GQA, MQA
+  with a kv head shared by ranks, causal, Lq != Lk, fp16/bf16/fp32, HND and NHD).
+* Ring: every rank's block-map rows equal the single-process map exactly. With the quantizers taken
+  out (the reference's unrounded ``qk="fp32"``, ``pv="fp32"``, and K whose every shard has mean
+  exactly 0, so that the per-shard smoothing is the global one), out and LSE agree to float32
+  online-softmax and merge rounding (tolerance derived below). With the default INT8/FP8 modes
+  each partial quantizes with its own shards' scales, so the output is compared with float64 on
+  the same block map: its error is at most about twice the single-process error.
+* Bad input raises ValueError/TypeError on every rank (no rank left waiting).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from datetime import timedelta
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import assert_close, assert_equal, make_qkv
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+import sparge_cupy as sc                      # noqa: E402
+from sparge_cupy import distributed as sd     # noqa: E402
+from sparge_cupy import reference as R        # noqa: E402
+
+EPS32 = float(np.finfo(np.float32).eps)
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: built from a small spec, identically in the parent and in every rank.
+
+def zero_mean_segments(x, cuts):
+    """Overwrite ``x`` [B, H, L, D] so that every token range between consecutive ``cuts`` has
+    mean exactly 0 in float64 (values on a 1/256 grid, mirrored halves): each K shard, and each
+    cut of one, then smooths by exactly the global mean (0)."""
+    x = np.round(x * 256) / 256
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        n = (b - a) // 2
+        x[:, :, a + n: a + 2 * n] = -x[:, :, a: a + n][:, :, ::-1]
+        if (b - a) % 2:
+            x[:, :, b - 1] = 0
+    return x.astype(np.float32)
+
+
+def inputs(case):
+    B, Hq, Hkv, Lq, Lk, D = case["shape"]
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=case.get("seed", 0))
+    if case.get("zero_mean_k"):
+        k = zero_mean_segments(k, case["k_cuts"])
+    dtype = DTYPES[case.get("dtype", "float32")]
+    return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+def shard(x, lens, rank, layout):
+    """Tokens of ``rank`` from HND ``x``, in ``layout``."""
+    a = sum(lens[:rank])
+    part = x[:, :, a:a + lens[rank]]
+    return np.ascontiguousarray(part if layout == "HND" else part.transpose(0, 2, 1, 3))
+
+
+def to_torch(x):
+    if x.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
+def to_numpy(t):
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _fp32_block_sparse_attn(cls, q, k, v, block_map, *, is_causal, scale, layout, pvthreshd, qk,
+                            rebalance, pv, return_lse):
+    """The partial of the ring with the quantizers taken out: the reference's unrounded modes."""
+    out, lse = R.block_sparse_attention(
+        to_numpy(q), to_numpy(k), to_numpy(v), block_map.numpy(), is_causal=is_causal,
+        scale=scale, pvthreshd=pvthreshd, qk="fp32", pv="fp32", rebalance=False, return_lse=True)
+    return torch.from_numpy(out), torch.from_numpy(lse)
+
+
+def run_case(case, rank, group):
+    q, k, v = inputs(case)
+    layout = case.get("layout", "HND")
+    lq, lk = case["q_lens"], case["k_lens"]
+    qs, ks, vs = shard(q, lq, rank, layout), shard(k, lk, rank, layout), shard(v, lk, rank, layout)
+    if case.get("nan_on_rank") == rank:
+        qs[0, 0, 0, 0] = np.nan
+    if case.get("head_dim_on_rank", (None,))[0] == rank:
+        qs, ks, vs = (x[..., :case["head_dim_on_rank"][1]].copy() for x in (qs, ks, vs))
+    qs, ks, vs = (to_torch(x) for x in (qs, ks, vs))
+    kw = dict(case.get("kw", {}), layout=layout, group=group)
+    fn = case["fn"]
+    if fn == "ulysses":
+        res = sd.ulysses_attn(qs, ks, vs, return_lse=True, **kw)
+        return {"out": to_numpy(res[0]), "lse": res[1].numpy()}
+    pred_kw = {n: kw[n] for n in ("group", "is_causal", "scale", "layout", "simthreshd1",
+                                  "cdfthreshd", "topk", "attention_sink") if n in kw}
+    result = {"map": sd.ring_predict_block_map(qs, ks, **pred_kw).numpy()}
+    saved = sd._Reference.__dict__["block_sparse_attn"]
+    if fn == "ring_fp32":
+        sd._Reference.block_sparse_attn = classmethod(_fp32_block_sparse_attn)
+    try:
+        out, lse = sd.ring_attn(qs, ks, vs, return_lse=True, **kw)
+    finally:
+        sd._Reference.block_sparse_attn = saved
+    result.update(out=to_numpy(out), lse=lse.numpy())
+    return result
+
+
+SUBGROUP = [1, 2]      # the 2-process cases run on global ranks 1 and 2 (group ranks 0 and 1)
+
+
+def _worker(rank, store, cases, outdir):
+    """Global rank ``rank`` of 3: the 3-process cases on the whole world, then the 2-process
+    cases on a subgroup whose ranks are not the global ones (one process start, both sizes)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3,
+                            timeout=timedelta(seconds=60))
+    sub = dist.new_group(SUBGROUP)
+    results = {3: {}, 2: {}}
+    for world, group, group_rank in ((3, None, rank),
+                                     (2, sub, SUBGROUP.index(rank) if rank in SUBGROUP else None)):
+        if group_rank is None:
+            continue
+        for name, case in cases[world].items():
+            try:
+                results[world][name] = ("ok", run_case(case, group_rank, group))
+            except (TypeError, ValueError) as e:
+                results[world][name] = ("error", type(e).__name__, str(e))
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(results, f)
+
+
+def spawn(cases, tmp):
+    """Run every case; ``results[world][name][group rank]``. The ranks inherit this process's
+    BLAS threading: OpenBLAS float32 products change in the last bit with the thread count, and
+    the Ulysses check is bit for bit."""
+    torch.multiprocessing.spawn(_worker, args=(str(tmp / "store"), cases, str(tmp)), nprocs=3)
+    per_rank = []
+    for r in range(3):
+        with open(tmp / f"rank{r}.pkl", "rb") as f:
+            per_rank.append(pickle.load(f))
+    return {3: {n: [per_rank[r][3][n] for r in range(3)] for n in cases[3]},
+            2: {n: [per_rank[r][2][n] for r in SUBGROUP] for n in cases[2]}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases. Shapes are small (the reference runs on 2 cores) but every edge is there: ragged
+# shards, partial last blocks, GQA and MQA, causal with Lq == Lk and Lq != Lk.
+
+def _ring_fp32(shape, q_lens, k_lens, is_causal, **extra):
+    Lq, Lk = shape[3], shape[4]
+    # K's zero-mean segments: the shard edges, and where a causal pair cuts a key shard
+    qo = np.concatenate([[0], np.cumsum(q_lens)])
+    cuts = set(np.concatenate([[0], np.cumsum(k_lens)]).tolist())
+    if is_causal:
+        cuts |= {int(e) + Lk - Lq for e in qo[1:] if 0 < int(e) + Lk - Lq < Lk}
+    return dict(fn="ring_fp32", shape=shape, q_lens=q_lens, k_lens=k_lens, zero_mean_k=True,
+                k_cuts=sorted(cuts), kw=dict(is_causal=is_causal, rebalance=False,
+                                             cdfthreshd=0.9, simthreshd1=0.3), **extra)
+
+
+CASES = {
+    2: {
+        "uly_gqa_causal": dict(fn="ulysses", shape=(1, 4, 2, 300, 300, 64), q_lens=[130, 170],
+                               k_lens=[130, 170], kw=dict(is_causal=True, cdfthreshd=0.8,
+                                                          pvthreshd=6.0)),
+        "uly_mqa_nhd_fp16": dict(fn="ulysses", shape=(2, 4, 1, 260, 260, 64), q_lens=[150, 110],
+                                 k_lens=[150, 110], layout="NHD", dtype="float16",
+                                 kw=dict(cdfthreshd=0.9, simthreshd1=0.3)),
+        "uly_lq_ne_lk_bf16": dict(fn="ulysses", shape=(1, 2, 2, 200, 390, 64), q_lens=[100, 100],
+                                  k_lens=[195, 195], dtype="bfloat16",
+                                  kw=dict(is_causal=True, topk=0.5)),
+        "ring_fp32_causal": _ring_fp32((1, 2, 1, 300, 300, 64), [256, 44], [256, 44], True),
+        "ring_fp32_lq_ne_lk": _ring_fp32((1, 2, 2, 300, 520, 64), [256, 44], [256, 264], True),
+        "ring_int8_causal": dict(fn="ring", shape=(1, 4, 2, 400, 400, 64), q_lens=[256, 144],
+                                 k_lens=[256, 144], seed=3, dtype="float16",
+                                 kw=dict(is_causal=True, cdfthreshd=0.9, simthreshd1=0.3)),
+        "err_heads": dict(fn="ulysses", shape=(1, 3, 3, 200, 200, 64), q_lens=[100, 100],
+                          k_lens=[100, 100]),
+        "err_misaligned": dict(fn="ring", shape=(1, 2, 2, 300, 300, 64), q_lens=[100, 200],
+                               k_lens=[100, 200]),
+        "err_nan_one_rank": dict(fn="ring", shape=(1, 2, 2, 300, 300, 64), q_lens=[256, 44],
+                                 k_lens=[256, 44], nan_on_rank=1),
+        "err_head_dim_mismatch": dict(fn="ulysses", shape=(1, 2, 2, 200, 200, 64),
+                                      q_lens=[100, 100], k_lens=[100, 100],
+                                      head_dim_on_rank=(1, 32)),
+    },
+    3: {
+        "uly_gqa_topk": dict(fn="ulysses", shape=(1, 6, 3, 350, 350, 64), q_lens=[100, 150, 100],
+                             k_lens=[100, 150, 100], kw=dict(is_causal=True, topk=0.4)),
+        "ring_fp32_causal_w3": _ring_fp32((1, 4, 2, 459, 459, 64), [128, 256, 75], [128, 256, 75],
+                                       True),
+        "ring_fp32_noncausal": _ring_fp32((1, 2, 1, 300, 330, 64), [128, 128, 44],
+                                          [64, 192, 74], False),
+        "ring_int8_causal_nhd": dict(fn="ring", shape=(1, 4, 2, 459, 459, 64),
+                                     q_lens=[128, 256, 75], k_lens=[128, 256, 75], layout="NHD",
+                                     seed=5, kw=dict(is_causal=True, cdfthreshd=0.9,
+                                                     simthreshd1=0.3)),
+        "ring_topk_stage2": dict(fn="ring", shape=(1, 2, 1, 459, 459, 64), q_lens=[128, 256, 75],
+                                 k_lens=[128, 256, 75], seed=7,
+                                 kw=dict(is_causal=True, topk=0.4, pvthreshd=8.0, pv="fp16")),
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return spawn(CASES, tmp_path_factory.mktemp("gloo"))
+
+
+def results_of(request, world):
+    return request.getfixturevalue("results")[world]
+
+
+def gathered(res, name):
+    """Concatenate the ranks' out (HND), lse and map rows along the tokens / query blocks."""
+    ranks = res[name]
+    for r, item in enumerate(ranks):
+        assert item[0] == "ok", f"{name}: rank {r} raised {item[1:]}"
+    layout = CASES_BY_NAME[name].get("layout", "HND")
+    outs = [x[1]["out"] if layout == "HND" else x[1]["out"].transpose(0, 2, 1, 3) for x in ranks]
+    got = {"out": np.concatenate(outs, axis=2),
+           "lse": np.concatenate([x[1]["lse"] for x in ranks], axis=2)}
+    if "map" in ranks[0][1]:
+        got["map"] = np.concatenate([x[1]["map"] for x in ranks], axis=2)
+    return got
+
+
+CASES_BY_NAME = {n: c for w in CASES.values() for n, c in w.items()}
+assert len(CASES_BY_NAME) == sum(map(len, CASES.values())), "case names must be unique"
+
+
+def single_kw(case):
+    return dict(case.get("kw", {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ulysses: bit for bit.
+
+@pytest.mark.parametrize("world,name", [(2, "uly_gqa_causal"), (2, "uly_mqa_nhd_fp16"),
+                                        (2, "uly_lq_ne_lk_bf16"), (3, "uly_gqa_topk")])
+def test_ulysses_equals_single_process_bit_for_bit(request, world, name):
+    case = CASES_BY_NAME[name]
+    got = gathered(results_of(request, world), name)
+    q, k, v = inputs(case)
+    out, lse = sc.sparge_attn(q, k, v, return_lse=True, **single_kw(case))
+    assert got["out"].dtype == out.dtype
+    assert_equal(got["out"], out, what=f"{name}: out")
+    assert_equal(got["lse"], lse, what=f"{name}: lse")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ring: exact maps; float32 merge rounding without quantizers; bounded error with them.
+
+RING = [(2, "ring_fp32_causal"), (2, "ring_fp32_lq_ne_lk"), (2, "ring_int8_causal"),
+        (3, "ring_fp32_causal_w3"), (3, "ring_fp32_noncausal"), (3, "ring_int8_causal_nhd"),
+        (3, "ring_topk_stage2")]
+
+
+def single_map(case):
+    q, k, _ = inputs(case)
+    kw = {n: v for n, v in single_kw(case).items()
+          if n in ("is_causal", "scale", "simthreshd1", "cdfthreshd", "topk", "attention_sink")}
+    return sc.predict_block_map(q, k, **kw)
+
+
+@pytest.mark.parametrize("world,name", RING)
+def test_ring_block_map_rows_equal_single_process(request, world, name):
+    got = gathered(results_of(request, world), name)
+    assert_equal(got["map"], single_map(CASES_BY_NAME[name]), what=f"{name}: block map")
+
+
+def merge_tolerance(out_ref, v, block_map, world):
+    """|O_ring - O_single| when both run unrounded float32 arithmetic on the same logits.
+
+    Per row, the single process folds n visited blocks into one online softmax; the ring folds
+    them into W online softmaxes and merges those. Each fold rescales the accumulator once
+    (exp2 and a multiply-add: about 3 roundings of at most max|V|), each block adds its P V sum
+    (64 products: we count log2(64) = 6 roundings for numpy's pairwise sums), and the merge adds
+    3 roundings per shard plus the final division. So per row: (9 n + 3 W + 2) ulps of max|V| of
+    the row's kv head, counted with eps = 2^-23 (twice the unit roundoff: a margin of 2).
+    """
+    Hq, Lq = out_ref.shape[1], out_ref.shape[2]
+    n = block_map.sum(-1)                                              # [B, Hq, nq]
+    n_rows = np.repeat(n, sc.CONFIG.block_q, axis=-1)[..., :Lq]        # [B, Hq, Lq]
+    vmax = np.abs(np.repeat(v.astype(np.float64), Hq // v.shape[1], axis=1)).max(axis=(2, 3))
+    return ((9 * n_rows + 3 * world + 2) * EPS32 * vmax[:, :, None])[..., None]
+
+
+def lse_tolerance(lse_ref, block_map, world):
+    """LSE = m ln2 + ln l: l carries the same (9 n + 3 W + 2) relative roundings, and m ln2 and the
+    final sum one ulp of |LSE| each."""
+    Lq = lse_ref.shape[2]
+    n_rows = np.repeat(block_map.sum(-1), sc.CONFIG.block_q, axis=-1)[..., :Lq]
+    finite = np.where(np.isfinite(lse_ref), np.abs(lse_ref), 0)
+    return (9 * n_rows + 3 * world + 2) * EPS32 + 2 * EPS32 * finite
+
+
+def _single_fp32(case, block_map):
+    q, k, v = inputs(case)
+    kw = single_kw(case)
+    return R.block_sparse_attention(q, k, v, block_map, is_causal=kw["is_causal"],
+                                    scale=q.shape[-1] ** -0.5, pvthreshd=np.inf, qk="fp32",
+                                    pv="fp32", rebalance=False, return_lse=True)
+
+
+@pytest.mark.parametrize("world,name", [c for c in RING if "fp32" in c[1]])
+def test_ring_unquantized_equals_single_process_to_merge_rounding(request, world, name):
+    case = CASES_BY_NAME[name]
+    got = gathered(results_of(request, world), name)
+    bm = single_map(case)
+    out, lse = _single_fp32(case, bm)
+    tol = merge_tolerance(out, inputs(case)[2], bm, world)
+    assert_close(got["out"], out, tol, what=f"{name}: out")
+    assert_close(got["lse"], lse, lse_tolerance(lse, bm, world), what=f"{name}: lse")
+
+
+def test_merge_tolerance_catches_a_dropped_block():
+    """Negative control: the single-process output with one kept block dropped fails the check."""
+    case = CASES_BY_NAME["ring_fp32_causal_w3"]
+    bm = single_map(case)
+    out, _ = _single_fp32(case, bm)
+    dropped = bm.copy()
+    i = bm.shape[2] - 1
+    j = int(np.flatnonzero(bm[0, 0, i])[-2])
+    dropped[0, 0, i, j] = False
+    worse, _ = _single_fp32(case, dropped)
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_close(worse, out, merge_tolerance(out, inputs(case)[2], bm, 3))
+
+
+@pytest.mark.parametrize("world,name", [c for c in RING if "fp32" not in c[1]])
+def test_ring_quantized_error_within_twice_single_process(request, world, name):
+    """Each partial quantizes with its shards' own scales, so the ring's INT8/FP8 rounding is not
+    the single process's: compare both with float64 attention on the same block map. The ring's
+    error may be at most twice the single process's (max abs and relative L1), plus a floor of a
+    few float32 ulps of max|V| for the merge."""
+    case = CASES_BY_NAME[name]
+    got = gathered(results_of(request, world), name)
+    q, k, v = inputs(case)
+    kw = single_kw(case)
+    out, lse = sc.sparge_attn(q, k, v, return_lse=True, **kw)
+    bm = single_map(case)
+    exact, exact_lse = R.dense_attention(q, k, v, is_causal=kw["is_causal"], block_map=bm,
+                                         return_lse=True)
+    floor = 16 * EPS32 * np.abs(v).max()
+    err_ring, err_single = np.abs(got["out"] - exact).max(), np.abs(out - exact).max()
+    assert err_ring <= 2 * err_single + floor, (name, err_ring, err_single)
+    assert R.relative_l1(got["out"], exact) <= 2 * R.relative_l1(out, exact) + floor
+    fin = np.isfinite(exact_lse)
+    assert (np.isfinite(got["lse"]) == fin).all()
+    lse_ring = np.abs(got["lse"][fin] - exact_lse[fin]).max()
+    lse_single = np.abs(lse[fin] - exact_lse[fin]).max()
+    lse_floor = 16 * EPS32 * np.abs(exact_lse[fin]).max()
+    assert lse_ring <= 2 * lse_single + lse_floor, (name, lse_ring, lse_single)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: every rank raises, with a message naming the problem.
+
+@pytest.mark.parametrize("name,kind,match", [
+    ("err_heads", "ValueError", "multiple of the world size"),
+    ("err_misaligned", "ValueError", "multiple of 128"),
+    ("err_head_dim_mismatch", "ValueError", "same head dim"),
+])
+def test_bad_input_raises_on_every_rank(results, name, kind, match):
+    for r, item in enumerate(results[2][name]):
+        assert item[0] == "error" and item[1] == kind and match in item[2], (r, item)
+
+
+def test_bad_input_on_one_rank_stops_every_rank(results):
+    (s0, t0, m0), (s1, t1, m1) = results[2]["err_nan_one_rank"]
+    assert (s0, t0, s1, t1) == ("error", "ValueError", "error", "ValueError")
+    assert "finite" in m1 and "rank(s) [1] refused" in m0
+
+
+def test_causal_shard_pairs_land_on_the_global_diagonal():
+    """Every (query shard, key shard) pair: skipped pairs see nothing, unmasked pairs see all, and
+    for causal ones the engine's bottom-right rule on (shard queries, ``keys`` keys) is the global
+    rule, the keys cut off seen by no query of the shard."""
+    for Lq, Lk in ((300, 300), (300, 520), (500, 450), (130, 700)):
+        mask = R.token_mask(np.arange(Lq), Lq, Lk, True)
+        q_cuts = sorted(set(range(0, Lq, 128)) | {Lq})
+        k_cuts = sorted(set(range(0, Lk, 64)) | {Lk})
+        for qa, qb in zip(q_cuts[:-1], q_cuts[1:]):
+            for i, ka in enumerate(k_cuts[:-1]):
+                for kb in k_cuts[i + 1:]:
+                    kind, keys = sd._pair(qa, qb, ka, kb, Lk - Lq)
+                    want = mask[qa:qb, ka:kb]
+                    if kind == "skip":
+                        assert not want.any(), (Lq, Lk, qa, qb, ka, kb)
+                    elif kind == "full":
+                        assert want.all() and keys == kb - ka, (Lq, Lk, qa, qb, ka, kb)
+                    else:
+                        n = min(keys, kb - ka)
+                        local = R.token_mask(np.arange(qb - qa), qb - qa, keys, True)[:, :n]
+                        assert_equal(local, want[:, :n], what=f"{(Lq, Lk, qa, qb, ka, kb)}")
+                        assert not want[:, n:].any()
+
+
+def test_without_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    q = torch.zeros(1, 2, 64, 64)
+    for fn in (sd.ulysses_attn, sd.ring_attn):
+        with pytest.raises(ValueError, match="init_process_group"):
+            fn(q, q, q)
+
+
+def test_torch_block_stats_mirror_reference():
+    """The CUDA path's pooled statistics (torch float64) are the reference's."""
+    q, k, _ = make_qkv(1, 2, 2, 333, 333, 64, seed=2)
+    km = k.mean(axis=2, keepdims=True, dtype=np.float64).astype(np.float32)
+    for x, block in ((q, 128), (k - km, 64)):
+        pooled, sim = sd._block_stats_torch(torch.from_numpy(np.ascontiguousarray(x)), block)
+        assert_equal(pooled.numpy(), R.pool_blocks(x, block), what="pooled")
+        assert_equal(sim.numpy(), R.block_self_similarity(x, block), what="similarity")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA engine (kernels through sparge_cupy.torch) on one GPU: NCCL with one rank. The
+# collectives and the ring are the code the CPU tests run; what only a GPU exercises is the
+# engine: the kernels' sparge_attn / block_sparse_attn on the ranks' tensors, the pooled
+# statistics in torch on the device, and select.cu fed with gathered statistics and a row offset.
+
+@pytest.mark.gpu
+def test_cuda_engine_on_one_rank(tmp_path):
+    cupy = pytest.importorskip("cupy")
+    if not (torch.cuda.is_available() and cupy.is_available()):
+        pytest.skip("no CUDA GPU")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    import sparge_cupy.torch as st
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        for Lq, Lk, is_causal in ((700, 700, True), (333, 900, True), (500, 450, False)):
+            q, k, v = (torch.from_numpy(x).to("cuda", torch.float16)
+                       for x in make_qkv(1, 4, 2, Lq, Lk, 64, seed=4))
+            pred = dict(is_causal=is_causal, cdfthreshd=0.9, simthreshd1=0.3)
+            kw = dict(pred, pvthreshd=8.0)
+            out, lse = st.sparge_attn(q, k, v, return_lse=True, **kw)
+            bm = st.predict_block_map(q, k, **pred)
+            u_out, u_lse = sd.ulysses_attn(q, k, v, return_lse=True, **kw)
+            assert torch.equal(u_out, out) and torch.equal(u_lse, lse)
+            assert torch.equal(sd.ring_predict_block_map(q, k, **pred), bm)
+            r_out, r_lse = sd.ring_attn(q, k, v, return_lse=True, **kw)
+            # one shard: the partial is the whole computation on float32 copies of the inputs
+            # (same quantized operands), rounded once to fp16 at the end, as the kernel does
+            assert torch.equal(r_out, out) and torch.equal(r_lse, lse)
+
+            # A later rank's rows: statistics of its query blocks, select.cu with the row offset.
+            q0 = 256
+            qbar, q_sim = sd._block_stats_torch(q[:, :, q0:].float(), sc.CONFIG.block_q)
+            km = k.double().mean(dim=2, keepdim=True).float()
+            kbar, k_sim = sd._block_stats_torch(k.float() - km, sc.CONFIG.block_k)
+            per_head = lambda x: np.full(4, x, np.float32)  # noqa: E731
+            rows = sd._Cuda.select(qbar, q_sim, kbar, k_sim, q0=q0, Lq=Lq, Lk=Lk,
+                                   is_causal=is_causal, scale=64 ** -0.5, theta=per_head(0.3),
+                                   tau=per_head(0.9), topk=None, attention_sink=True)
+            assert torch.equal(rows, bm[:, :, q0 // sc.CONFIG.block_q:]), (Lq, Lk, is_causal)
+    finally:
+        dist.destroy_process_group()
