@@ -323,7 +323,7 @@ def build_parser():
         description="SpargeAttn (training-free sparse + quantized attention) on CuPy, "
                     "with an exact NumPy reference.")
     parser.add_argument("--version", action="version", version=f"sparge-cupy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,tune,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,tune,eval,info}")
 
     demo = sub.add_parser("demo", help="run SpargeAttn on the shipped real input, print "
                                        "sparsity and error, write figures")
@@ -349,6 +349,13 @@ def build_parser():
                                          "bound (SPEC.md section 5); writes a JSON file")
     tune.add_arguments(tune_p)
     tune_p.set_defaults(handler=lambda args, parser: tune.run(args))
+
+    from . import evaluate
+    eval_p = sub.add_parser("eval", help="measure sparsity and error on Gemma 3 270M's real attention "
+                                         "(presets, tuned, oracle, quantization floors, perplexity); "
+                                         "writes a CSV, a report and figures")
+    evaluate.add_arguments(eval_p)
+    eval_p.set_defaults(handler=lambda args, parser: evaluate.run(args))
 
     info = sub.add_parser("info", help="print the version, the configuration and the GPU found")
     info.set_defaults(handler=_cmd_info)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["block_maps", "error_sparsity"]
+__all__ = ["block_maps", "error_sparsity", "real_model"]
 
 
 def host(x):
