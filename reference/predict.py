@@ -84,21 +84,31 @@ def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, t
     (similarities, self-similar flags, compressed map, selection) for tests and figures.
     """
     q = np.asarray(q, dtype=F32)
-    B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
-    bq, bk = cfg.block_q, cfg.block_k
+    Lq, Lk = q.shape[2], k.shape[2]
+    _, ks = smooth_k(k)
+    return select_blocks(pool_blocks(q, cfg.block_q), block_self_similarity(q, cfg.block_q, cfg),
+                         pool_blocks(ks, cfg.block_k), block_self_similarity(ks, cfg.block_k, cfg),
+                         valid_blocks(Lq, Lk, cfg.block_q, cfg.block_k, is_causal), scale=scale,
+                         simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+                         attention_sink=attention_sink, return_details=return_details)
+
+
+def select_blocks(qbar, q_sim, kbar, k_sim, valid, *, scale, simthreshd1, cdfthreshd=None,
+                  topk=None, attention_sink=True, return_details=False):
+    """Selection from the pooled statistics (``cuda/select.cu``): compressed map, TopCdf/TopK,
+    fix blocks, causal validity and sink.
+
+    ``qbar`` float32 ``[B, Hq, nq, D]`` and ``q_sim`` ``[B, Hq, nq]``; ``kbar`` ``[B, Hkv, nk, D]``
+    and ``k_sim`` ``[B, Hkv, nk]`` (pooled smoothed K, per kv head); ``valid`` bool ``[nq, nk]``,
+    the causal validity of these query blocks (a subset of rows is fine: sequence parallelism).
+    """
+    B, Hq = qbar.shape[:2]
     head = (slice(None), None, None)                     # per-head value -> [Hq, 1, 1]
     theta = np.asarray(simthreshd1, dtype=F32)[head]
-    _, ks = smooth_k(k)
-
-    q_sim = block_self_similarity(q, bq, cfg)                          # [B, Hq, nq]
-    k_sim = expand_kv_heads(block_self_similarity(ks, bk, cfg)[:, :, None], Hq)[:, :, 0]
+    k_sim = expand_kv_heads(k_sim[:, :, None], Hq)[:, :, 0]
     q_ok = q_sim[..., :, None] > theta                                 # [B, Hq, nq, 1]
     k_ok = k_sim[..., None, :] > theta                                 # [B, Hq, 1, nk]
-
-    qbar = pool_blocks(q, bq)
-    kbar = expand_kv_heads(pool_blocks(ks, bk), Hq)
-    valid = valid_blocks(Lq, Lk, bq, bk, is_causal)                    # [nq, nk]
+    kbar = expand_kv_heads(kbar, Hq)
     # The compressed map's dot products, exponentials and softmax sum are taken in float64 and
     # rounded once to float32 (select.cu does the same), so that P^ is defined to the last bit
     # up to float64 summation order, and the sort and cumulative sum below are exact mirrors.

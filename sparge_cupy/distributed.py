@@ -127,42 +127,10 @@ class _Reference:
         from . import reference as R
         nq = qbar.shape[2]
         valid = R.valid_blocks(Lq, Lk, BQ, BK, is_causal)[q0 // BQ: q0 // BQ + nq]
-        bm = _select_numpy(*(cls.to_numpy(x) for x in (qbar, q_sim, kbar, k_sim)), valid,
-                           scale=scale, theta=theta, tau=tau, topk=topk,
-                           attention_sink=attention_sink)
+        bm = R.select_blocks(*(cls.to_numpy(x) for x in (qbar, q_sim, kbar, k_sim)), valid,
+                             scale=scale, simthreshd1=theta, cdfthreshd=tau, topk=topk,
+                             attention_sink=attention_sink)
         return cls.to_torch(bm)
-
-
-def _select_numpy(qbar, q_sim, kbar, k_sim, valid, *, scale, theta, tau, topk, attention_sink):
-    """Compressed map, TopCdf/TopK, fix blocks, causal and sink from the pooled statistics: the
-    lines of ``reference.predict.predict_block_map`` after its statistics, on the rows given
-    (``valid``: the causal validity of those rows against every key block)."""
-    from .reference import select_topcdf, select_topk
-    from .reference.quant import F32, expand_kv_heads
-    B, Hq = qbar.shape[:2]
-    head = (slice(None), None, None)
-    th = np.asarray(theta, dtype=F32)[head]
-    k_sim = expand_kv_heads(k_sim[:, :, None], Hq)[:, :, 0]
-    q_ok = q_sim[..., :, None] > th
-    k_ok = k_sim[..., None, :] > th
-    kbar = expand_kv_heads(kbar, Hq)
-    dots = np.matmul(qbar.astype(np.float64), kbar.astype(np.float64).swapaxes(-1, -2)).astype(F32)
-    finite = valid & k_ok
-    s_hat = np.where(finite, F32(scale) * dots, -np.inf).astype(F32)
-    row_max = s_hat.max(axis=-1, keepdims=True)
-    row_max = np.where(np.isfinite(row_max), row_max, F32(0))
-    e = np.exp((s_hat - row_max).astype(np.float64)).astype(F32)
-    total = e.astype(np.float64).sum(axis=-1, keepdims=True).astype(F32)
-    p_hat = np.where(total > 0, e / np.where(total > 0, total, F32(1)), F32(0)).astype(F32)
-    if tau is not None:
-        selected = select_topcdf(p_hat, finite, np.asarray(tau, dtype=F32)[head])
-    else:
-        n_valid = np.broadcast_to(valid.sum(axis=-1), (B, Hq, valid.shape[0]))
-        selected = select_topk(p_hat, finite, n_valid, np.asarray(topk, dtype=F32)[:, None])
-    block_map = (selected | ~q_ok | ~k_ok) & valid
-    if attention_sink:
-        block_map[..., 0] |= valid[:, 0]
-    return block_map
 
 
 def _block_stats_torch(x, block, eps=CONFIG.sim_eps):
