@@ -176,4 +176,4 @@ def check_finite(count_nonfinite, **arrays):
     for name, x in arrays.items():
         bad = count_nonfinite(x)
         if bad:
-            raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf of {x.size}")
+            raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf of {math.prod(x.shape)}")

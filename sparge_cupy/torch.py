@@ -63,10 +63,7 @@ def _check(q, k, v, layout, is_causal, scale):
         raise ValueError(f"q, k, v: expected one device, got {', '.join(sorted(devices))}")
     ck.check_flag("is_causal", is_causal)
     scale = ck.check_scale(scale, shapes.D)
-    for name, t in arrays.items():
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf of {t.numel()}")
+    ck.check_finite(lambda t: int((~torch.isfinite(t)).sum()), **arrays)
     return shapes, scale
 
 
