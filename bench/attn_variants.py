@@ -3,12 +3,12 @@ VERSIONS while one is being tried) against torch SDPA, on one card, in one proce
 kept, filter off, CUDA events, median after warm-up.
 
     python bench/attn_variants.py                      # table: every version x shape, + SDPA
-    python bench/attn_variants.py --ncu                # one launch of cuda/sparse_attn.cu (for ncu)
-    python bench/attn_variants.py --quick --versions cur
+    python bench/attn_variants.py --ncu --versions wgmma  # one launch (for ncu)
+    python bench/attn_variants.py --quick --versions mma wgmma
 
-Versions: cur (the package's build of cuda/sparse_attn.cu). A candidate is a copy of the kernel
-with its shared-memory formula and extra NVRTC options, added to VERSIONS for the comparison
-(bench/NOTES.md records the v2 experiments tried that way).
+Versions: the two kernels of cuda/sparse_attn.cu as the package builds them (mma: mma.sync,
+wgmma: sm_90a warpgroup MMA) and builds with extra NVRTC options (VERSIONS); bench/NOTES.md
+records what each was measured at.
 
 Dense-equivalent TOPS as SPEC.md section 4 counts them (causal: unmasked pairs only).
 """
@@ -28,24 +28,23 @@ from sparge_cupy import _compile, _gpu  # noqa: E402
 BQ, BK = _gpu.BQ, _gpu.BK
 
 
-CUR = ROOT / "cuda/sparse_attn.cu"
-
-
-VERSIONS = {  # name: (source path or None for the package's own build, smem(D, qk, pv), threads,
-              #        extra NVRTC options)
-    "cur": (None, lambda D, qk, pv: _gpu.attn_smem_bytes(D, qk, pv), None, ()),
+VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or None for the
+              #        package's own build)
+    "mma": ("mma", None),
+    "wgmma": ("wgmma", None),
+    "wgmma-1cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=1",)),
+    "wgmma-1cta-c128": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=1", "-DSPARGE_WG_PV_CHUNK=128")),
 }
 
 
 def kernel(version, D, qk, pv, dtype="float16"):
-    path, _, _, extra = VERSIONS[version]
-    name = _compile.attn_name(D, qk, pv, dtype)
-    if path is None:
+    which, extra = VERSIONS[version]
+    name = _compile.attn_name(D, qk, pv, dtype, which)
+    if extra is None:
         return _compile.get_kernel("sparse_attn.cu", name)
-    header = (ROOT / "cuda/common.cuh").read_text().replace("#pragma once", "")
-    src = path.read_text().replace('#include "common.cuh"', header, 1)
     opts = _compile.base_options() + (_compile.arch_flag(90),) + tuple(extra)
-    return cp.RawModule(code=src, options=opts, name_expressions=[name]).get_function(name)
+    return cp.RawModule(code=_compile.source_text("sparse_attn.cu"), options=opts,
+                        name_expressions=[name]).get_function(name)
 
 
 def visible_pairs(Lq, Lk, causal):
@@ -74,10 +73,10 @@ def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
     B, Hq, Lq, D = qo.shape
     _, Hkv, Lk, _ = ko.shape
     nq, nk = -(-Lq // BQ), -(-Lk // BK)
-    path, smem_fn, threads, _ = VERSIONS[version]
-    threads = threads or getattr(_gpu, "ATTN_THREADS", _gpu.THREADS)
+    which, _ = VERSIONS[version]
+    threads = _gpu.THREADS
     kern = kernel(version, D, qk, pv)
-    smem = smem_fn(D, qk, pv)
+    smem = _gpu.attn_smem_bytes(D, qk, pv, which)
     if smem > 48 * 1024:
         kern.max_dynamic_shared_size_bytes = smem
     out = cp.empty((B, Hq, Lq, D), cp.float16)
@@ -87,8 +86,7 @@ def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
         block_map=bmap, pvthreshd=lam, q_dot_km=None, out=out, lse=None, group_counts=None,
         out_stride_b=Hq * Lq * D, out_stride_h=Lq * D, out_stride_t=D, Hq=Hq, Hkv=Hkv, Lq=Lq,
         Lk=Lk, nq=nq, nk=nk, d_out=D, causal=int(causal), scale=D ** -0.5)
-    grid = getattr(_gpu, "attn_grid", None)
-    grid = grid(nq, Hq, B) if (grid and path is None) else (nq, Hq, B)
+    grid = (nq, Hq, B)
 
     def run():
         kern(grid, (threads,), (params,), shared_mem=smem)
@@ -127,7 +125,7 @@ def main():
     a = ap.parse_args()
     if a.ncu:
         _, qo, ko, qz, bmap = prepare(1, 32, 8192, 128, True, "int8", "fp8")
-        run, _ = launcher("cur", qo, ko, qz, bmap, True, "int8", "fp8")
+        run, _ = launcher(a.versions[0], qo, ko, qz, bmap, True, "int8", "fp8")
         run()
         cp.cuda.Device().synchronize()
         return

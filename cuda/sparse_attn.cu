@@ -384,3 +384,387 @@ __global__ void __launch_bounds__(ATTN_THREADS, D <= 128 ? 2 : 1) sparse_attn(co
 }
 
 }  // namespace sparge
+
+// =============================================================================================
+// sm_90a: the same attention with warpgroup MMAs (wgmma). Same parameters, inputs, semantics and
+// rounding as sparse_attn above (the launcher picks this kernel on compute capability 9.0).
+//
+// Two warpgroups of 4 warps; warpgroup w computes query rows 64w..64w+63 of the block, and warp
+// 4w + x of it holds rows 16x..16x+15 of its 64 (the wgmma accumulator layout), which are the
+// same rows as warp 4w + x of the mma.sync kernel: its Stage 2 group. Accumulator register 4n + e
+// of a thread is element e of n-tile n in mma.sync's C-fragment order, so the score, softmax,
+// filter and epilogue code are those of the kernel above.
+//   S = Q K^T:  wgmma m64n64k32 s8 (or m64n64k16 f16), Q and K from shared memory
+//   O += P V:   wgmma m64nDk32 e4m3 (or m64nDk16 f16), P from registers (the same fragment as
+//               mma.sync's A operand, hence the same permuted V layout), V^T from shared memory
+// Stage 2 skips per 16-row group exactly as above (a skipped group's P is zero: its o, m and l
+// stay as they are, o + 0 = o); the P V product of a warpgroup is issued unless all 4 of its
+// groups skip, so compute is saved per 64 rows.
+// Shared memory: Q (128 rows) and two stages of K and V^T, each operand tile K-major with
+// 16-byte chunks swizzled (the wgmma pattern of its row width, 64 or 128 bytes; wider rows are
+// split into 128-byte column panels). cp.async by all threads, one barrier per key block: the
+// loads of the next kept block fly while this one is computed.
+// =============================================================================================
+
+#include "wgmma.cuh"
+
+namespace sparge {
+
+constexpr int WG_THREADS = 256;
+
+// Byte offset of chunk (row r, byte b) of a K-major tile of `rows` rows of `row_bytes` bytes in
+// its swizzled shared-memory image: column panels of SW = min(row_bytes, 128) bytes, each
+// [rows][SW], 16-byte chunks XOR-swizzled within 8-row groups (the wgmma SW-byte pattern).
+template <int ROWS, int ROW_BYTES>
+__device__ __forceinline__ int swizzled_offset(int r, int b) {
+    constexpr int SW = ROW_BYTES < 128 ? ROW_BYTES : 128;
+    static_assert(SW == 64 || SW == 128, "64- or 128-byte rows and panels");
+    const int off = r * SW + (b % SW);
+    return (b / SW) * ROWS * SW + (off ^ (((off >> 7) & (SW / 16 - 1)) << 4));
+}
+
+// cp.async a dense [ROWS][ROW_BYTES] tile (rows `src_stride` bytes apart) into its swizzled image.
+template <int ROWS, int ROW_BYTES>
+__device__ __forceinline__ void load_tile_swizzled(unsigned char* dst, const unsigned char* src,
+                                                   size_t src_stride, int tid) {
+    constexpr int CHUNKS = ROW_BYTES / 16;
+    static_assert(ROWS * CHUNKS % WG_THREADS == 0, "whole 16-byte chunks per thread");
+#pragma unroll
+    for (int it = 0; it < ROWS * CHUNKS / WG_THREADS; ++it) {
+        const int c = tid + it * WG_THREADS, r = c / CHUNKS, b = (c % CHUNKS) * 16;
+        cp_async16(dst + swizzled_offset<ROWS, ROW_BYTES>(r, b), src + (size_t)r * src_stride + b);
+    }
+}
+
+// Descriptor of the 32-byte k step `ks` of rows [row0, row0 + 64) of a swizzled tile.
+template <int ROWS, int ROW_BYTES>
+__device__ __forceinline__ unsigned long long tile_desc(const unsigned char* tile, int row0, int ks) {
+    constexpr int SW = ROW_BYTES < 128 ? ROW_BYTES : 128;
+    const int b = ks * 32;
+    return make_smem_desc(smem_addr(tile) + (b / SW) * ROWS * SW + row0 * SW + (b % SW), SW);
+}
+
+template <int D, bool QK_INT8, bool PV_FP8>
+__device__ __forceinline__ void wg_qk(typename Select<QK_INT8, int, float>::type (&acc)[32],
+                                      const unsigned char* sQ, const unsigned char* sK, int wg) {
+    constexpr int QRB = D * (QK_INT8 ? 1 : 2);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < QRB / 32; ++ks) {
+        const unsigned long long da = tile_desc<BQ, QRB>(sQ, 64 * wg, ks);
+        const unsigned long long db = tile_desc<BK, QRB>(sK, 0, ks);
+        if constexpr (QK_INT8) wgmma_s8_ss_n64(acc, da, db, ks > 0);
+        else wgmma_f16_ss_n64(acc, da, db, ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc);
+}
+
+// acc[N / 2] (+)= P V^T[row0 .. row0 + N) for the 32-byte k step ks of P V (N output channels).
+template <int N, int D, bool PV_FP8>
+__device__ __forceinline__ void wg_pv(float (&acc)[N / 2], const unsigned (&a)[4], const unsigned char* sV,
+                                      int row0, int ks, int scale_d) {
+    constexpr int VRB = BK * (PV_FP8 ? 1 : 2);
+    const unsigned long long db = tile_desc<D, VRB>(sV, row0, ks);
+    if constexpr (PV_FP8) {
+        if constexpr (N == 64) wgmma_e4m3_rs_n64(acc, a, db, scale_d);
+        else if constexpr (N == 128) wgmma_e4m3_rs_n128(acc, a, db, scale_d);
+        else wgmma_e4m3_rs_n256(acc, a, db, scale_d);
+    } else {
+        if constexpr (N == 64) wgmma_f16_rs_n64(acc, a, db, scale_d);
+        else if constexpr (N == 128) wgmma_f16_rs_n128(acc, a, db, scale_d);
+        else wgmma_f16_rs_n256(acc, a, db, scale_d);
+    }
+}
+
+// Output channels per FP8 P V chunk (see the two-level accumulation below); SPARGE_WG_PV_CHUNK
+// overrides it (benchmarks).
+#ifndef SPARGE_WG_PV_CHUNK
+#define SPARGE_WG_PV_CHUNK 64
+#endif
+
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#if SPARGE_HAS_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// CTAs per SM the register allocation aims at (the launch bound): 2 at D <= 128 (16 warps per SM,
+// 128 registers), 1 at D = 256. SPARGE_WG_MIN_BLOCKS overrides the D <= 128 choice (benchmarks).
+#ifndef SPARGE_WG_MIN_BLOCKS
+#define SPARGE_WG_MIN_BLOCKS 2
+#endif
+template <int D> struct WgOccupancy { static constexpr int value = D <= 128 ? SPARGE_WG_MIN_BLOCKS : 1; };
+
+// Dynamic shared memory the launcher gives sparse_attn_wg (1 KB for aligning the tiles).
+template <int D, bool QK_INT8, bool PV_FP8>
+struct WgSmem {
+    static constexpr int QRB = D * (QK_INT8 ? 1 : 2), VRB = BK * (PV_FP8 ? 1 : 2);
+    static constexpr int Q = BQ * QRB, K = BK * QRB, V = D * VRB;
+    static constexpr int bytes = 1024 + Q + 2 * (K + V);
+};
+
+template <int D, bool QK_INT8, bool PV_FP8, typename OutT>
+__global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn_wg(const AttnParams p) {
+#if SPARGE_HAS_WGMMA
+    static_assert(D == 64 || D == 128 || D == 256, "native head dims; the launcher pads others");
+    using AccT = typename Select<QK_INT8, int, float>::type;
+    using Smem = WgSmem<D, QK_INT8, PV_FP8>;
+    constexpr int QRB = Smem::QRB, VRB = Smem::VRB;
+    constexpr int PV_STEPS = VRB / 32;               // 32-byte k steps of P V (16 or 32 keys)
+    constexpr int S_TILES = BK / 8;
+    constexpr int O_TILES = D / 8;
+
+    extern __shared__ unsigned char smem_raw[];
+    __shared__ int wg_skip[ATTN_WARPS];
+    unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    unsigned char* sQ = base;
+    unsigned char* sK[2] = {sQ + Smem::Q, sQ + Smem::Q + Smem::K};
+    unsigned char* sV[2] = {sQ + Smem::Q + 2 * Smem::K, sQ + Smem::Q + 2 * Smem::K + Smem::V};
+
+    const int i = p.nq - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int kvh = h / (p.Hq / p.Hkv);
+    const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
+    const unsigned char* gQ = static_cast<const unsigned char*>(p.q) + qblk * BQ * QRB;
+    const unsigned char* gK = static_cast<const unsigned char*>(p.k) +
+                              ((size_t)b * p.Hkv + kvh) * (size_t)p.nk * BK * QRB;
+    const size_t v_row = (size_t)p.nk * VRB;         // bytes between channels of V^T
+    const unsigned char* gV = static_cast<const unsigned char*>(p.vt) + ((size_t)b * p.Hkv + kvh) * D * v_row;
+    const unsigned char* map_row = p.block_map + qblk * p.nk;
+
+    const long long last_row = min((long long)(i + 1) * BQ, (long long)p.Lq) - 1;
+    int j_last = p.nk - 1;
+    if (p.causal) {
+        const long long lim = last_row + p.Lk - p.Lq;
+        j_last = lim < 0 ? -1 : (int)min((long long)p.nk - 1, lim / BK);
+    }
+    auto next_block = [&](int j) {
+        for (++j; j <= j_last; ++j)
+            if (map_row[j]) break;
+        return j;
+    };
+    auto load_kv = [&](int j, int stage) {
+        load_tile_swizzled<BK, QRB>(sK[stage], gK + (size_t)j * BK * QRB, QRB, tid);
+        load_tile_swizzled<D, VRB>(sV[stage], gV + (size_t)j * VRB, v_row, tid);
+    };
+
+    float o[D / 2];
+#pragma unroll
+    for (int n = 0; n < D / 2; ++n) o[n] = 0.f;
+    float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
+    const int row0 = i * BQ + warp * 16;
+    const int t_row[2] = {row0 + g, row0 + g + 8};
+    const bool row_real[2] = {t_row[0] < p.Lq, t_row[1] < p.Lq};
+    const bool group_real = row0 < p.Lq;
+    const float lambda = p.pvthreshd[h];
+    const bool filter_on = lambda < CUDART_INF_F;
+    const float dq_i = p.dq[qblk];
+    const float* dk_row = p.dk + ((size_t)b * p.Hkv + kvh) * p.nk;
+    int visited = 0, skipped = 0;
+
+    int j = next_block(-1), stage = 0;
+    if (j <= j_last) {
+        load_tile_swizzled<BQ, QRB>(sQ, gQ, QRB, tid);
+        load_kv(j, 0);
+    }
+    cp_async_commit();
+
+    AccT acc[32];
+#pragma unroll
+    for (int n = 0; n < 32; ++n) acc[n] = 0;
+
+    while (j <= j_last) {
+        cp_async_wait_all();
+        fence_proxy_async_smem();                    // cp.async wrote what the tensor cores read
+        __syncthreads();                             // K_j, V_j visible; stage ^ 1 is free
+        const int j_next = next_block(j);
+        if (j_next <= j_last) load_kv(j_next, stage ^ 1);
+        cp_async_commit();
+
+        wg_qk<D, QK_INT8, PV_FP8>(acc, sQ, sK[stage], wg);
+
+        const float c = __fmul_rn(__fmul_rn(__fmul_rn(dq_i, dk_row[j]), p.scale), LOG2E);
+        const bool need_mask = (j == p.nk - 1 && p.Lk % BK != 0) ||
+                               (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
+        float s[S_TILES][4];
+        float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+        for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float v = __fmul_rn((float)acc[4 * n + e], c);
+                if (need_mask) {
+                    const long long u = (long long)j * BK + n * 8 + 2 * t4 + (e & 1);
+                    const int t = t_row[e >> 1];
+                    if (u >= p.Lk || (p.causal && u > (long long)t + p.Lk - p.Lq)) v = -CUDART_INF_F;
+                }
+                s[n][e] = v;
+                row_max[e >> 1] = fmaxf(row_max[e >> 1], v);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
+            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+        }
+
+        float delta = -CUDART_INF_F;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (row_real[r]) delta = fmaxf(delta, m[r] == -CUDART_INF_F ? CUDART_INF_F : row_max[r] - m[r]);
+        delta = warp_max(delta);
+        const bool skip = filter_on && group_real && delta <= -lambda;
+        visited += group_real;
+        skipped += skip;
+        bool wg_all_skip = false;
+        if (filter_on) {                             // uniform: lambda is per head
+            if (lane == 0) wg_skip[warp] = skip;
+            named_barrier_sync(1 + wg, 128);
+            wg_all_skip = wg_skip[4 * wg] && wg_skip[4 * wg + 1] && wg_skip[4 * wg + 2] && wg_skip[4 * wg + 3];
+        }
+
+        unsigned pa[PV_STEPS][4];
+        float a_keep[2] = {1.f, 1.f};                // FP8: o's rescale, applied with the block's P V
+        if (!skip) {
+            float m_use[2], alpha[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float m_new = fmaxf(m[r], row_max[r]);
+                m_use[r] = m_new == -CUDART_INF_F ? 0.f : m_new;
+                alpha[r] = exp2f(m[r] - m_use[r]);
+                m[r] = m_new;
+            }
+            float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[n][e] = exp2f(s[n][e] - m_use[e >> 1]);
+                    row_sum[e >> 1] += s[n][e];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + row_sum[r];
+            if constexpr (PV_FP8) {
+                a_keep[0] = alpha[0];
+                a_keep[1] = alpha[1];
+            } else {
+#pragma unroll
+                for (int n = 0; n < O_TILES; ++n) {
+                    o[4 * n] *= alpha[0]; o[4 * n + 1] *= alpha[0];
+                    o[4 * n + 2] *= alpha[1]; o[4 * n + 3] *= alpha[1];
+                }
+            }
+            if constexpr (PV_FP8) {
+#pragma unroll
+                for (int ks = 0; ks < PV_STEPS; ++ks) {
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int n0 = 4 * ks + 2 * half;
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const unsigned lo = to_e4m3x2(__fmul_rn(s[n0][2 * r], FP8_MAX),
+                                                          __fmul_rn(s[n0][2 * r + 1], FP8_MAX));
+                            const unsigned hi = to_e4m3x2(__fmul_rn(s[n0 + 1][2 * r], FP8_MAX),
+                                                          __fmul_rn(s[n0 + 1][2 * r + 1], FP8_MAX));
+                            pa[ks][2 * half + r] = lo | (hi << 16);
+                        }
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int ks = 0; ks < PV_STEPS; ++ks) {
+                    pa[ks][0] = pack_half2(s[2 * ks][0], s[2 * ks][1]);
+                    pa[ks][1] = pack_half2(s[2 * ks][2], s[2 * ks][3]);
+                    pa[ks][2] = pack_half2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+                    pa[ks][3] = pack_half2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int ks = 0; ks < PV_STEPS; ++ks) pa[ks][0] = pa[ks][1] = pa[ks][2] = pa[ks][3] = 0u;
+        }
+
+        if (!wg_all_skip) {                          // O += P V_j (warpgroup-uniform branch)
+            if constexpr (PV_FP8) {
+                // Two-level accumulation: Hopper's e4m3 wgmma adds into its accumulator with about
+                // 13 mantissa bits (not float32), which over a long row loses the small terms. So
+                // the block's P V_j (64 keys) goes to a fresh accumulator, NC output channels at a
+                // time (registers), and is added to o in float32: o = o * alpha + P V_j.
+                constexpr int NC = SPARGE_WG_PV_CHUNK < D ? SPARGE_WG_PV_CHUNK : D;
+#pragma unroll
+                for (int c = 0; c < D / NC; ++c) {
+                    float t[NC / 2];
+                    wgmma_fence();
+#pragma unroll
+                    for (int ks = 0; ks < PV_STEPS; ++ks)
+                        wg_pv<NC, D, PV_FP8>(t, pa[ks], sV[stage], c * NC, ks, ks > 0);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_operands(t);
+#pragma unroll
+                    for (int x = 0; x < NC / 2; ++x)
+                        o[c * NC / 2 + x] = fmaf(o[c * NC / 2 + x], a_keep[(x >> 1) & 1], t[x]);
+                }
+            } else {
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(o, pa[ks], sV[stage], 0, ks, 1);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_operands(o);
+            }
+        }
+        stage ^= 1;
+        j = j_next;
+    }
+    cp_async_wait_all();
+
+    if (p.group_counts && lane == 0) {
+        atomicAdd(p.group_counts + qblk * 2, visited);
+        atomicAdd(p.group_counts + qblk * 2 + 1, skipped);
+    }
+
+    const float* dv = PV_FP8 ? p.dv + ((size_t)b * p.Hkv + kvh) * D : nullptr;
+    const bool paired = (p.d_out % 2) == 0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (!row_real[r]) continue;
+        const bool empty = l[r] == 0.f;
+        OutT* out = static_cast<OutT*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
+                    (long long)t_row[r] * p.out_stride_t;
+#pragma unroll
+        for (int n = 0; n < O_TILES; ++n) {
+            const int d = n * 8 + 2 * t4;
+            if (d >= p.d_out) continue;
+            float v0 = 0.f, v1 = 0.f;
+            if (!empty) {
+                v0 = __fdiv_rn(o[4 * n + 2 * r], l[r]);
+                v1 = __fdiv_rn(o[4 * n + 2 * r + 1], l[r]);
+                if constexpr (PV_FP8) {
+                    v0 = __fmul_rn(v0, __fdiv_rn(dv[d], FP8_MAX));
+                    v1 = __fmul_rn(v1, __fdiv_rn(dv[d + 1], FP8_MAX));
+                }
+            }
+            store_pair<OutT>(out + d, v0, v1, d + 1 < p.d_out, paired);
+        }
+        if (p.lse && t4 == 0) {
+            const size_t at = ((size_t)b * p.Hq + h) * p.Lq + t_row[r];
+            p.lse[at] = empty ? -CUDART_INF_F
+                              : __fadd_rn(__fmul_rn(m[r] + log2f(l[r]), LN2), __fmul_rn(p.scale, p.q_dot_km[at]));
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
+}  // namespace sparge

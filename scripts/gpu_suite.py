@@ -104,14 +104,18 @@ def device_info():
     }
 
 
-def run_tests(timeout, log_dir):
-    xml = log_dir / "gpu_tests.xml"
+def run_tests(timeout, log_dir, kernel="auto"):
+    """tests/test_gpu.py with the attention kernel ``kernel`` (SPARGE_ATTN_KERNEL; "auto" is the
+    device's default, "mma" the portable kernel, which then runs the attention tests only)."""
+    xml = log_dir / f"gpu_tests_{kernel}.xml"
     workers = ["-n", str(min(8, max(1, (os.cpu_count() or 2) // 2)))] if _has("xdist") else []
     workers += ["--timeout=180"] if _has("pytest_timeout") else []
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+    workers += [] if kernel == "auto" else ["-k", "attention or attn"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2",
+           "SPARGE_ATTN_KERNEL": kernel}
     code, out, secs = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
                             "tests/test_gpu.py", f"--junitxml={xml}"], timeout, env=env)
-    (log_dir / "gpu_tests.log").write_text(out)
+    (log_dir / f"gpu_tests_{kernel}.log").write_text(out)
     rows, metrics = [], []
     if xml.exists():
         for tc in ET.parse(xml).getroot().iter("testcase"):
@@ -287,20 +291,32 @@ def run_cache_and_demo(timeout, log_dir):
     return rows, (code, out)
 
 
-def write_report(info, tests, sanitizers, timings, out_dirs, breakdown=(), cache_demo=None):
+def _tests_section(tests, title):
     code, rows, metrics, secs, _ = tests
     passed = sum(r[1] == "passed" for r in rows)
     failed = sum(r[1].startswith(("FAILED", "ERROR")) for r in rows)
     skipped = sum(r[1].startswith("skipped") for r in rows)
-    lines = [f"# GPU suite: {info['card']}", "",
-             f"- card: {info['card']} (compute capability {info['cc']}), driver {info['driver']}, "
-             f"CUDA runtime {info['runtime']}, CuPy {info['cupy']}",
-             f"- date: {info['date']}", f"- commit: {info['commit']}", "",
-             f"## GPU tests (tests/test_gpu.py): {passed} passed, {failed} failed, {skipped} skipped "
-             f"in {secs:.0f} s", "", "| test | outcome | s |", "| --- | --- | --- |"]
+    lines = [f"## {title}: {passed} passed, {failed} failed, {skipped} skipped in {secs:.0f} s", "",
+             "| test | outcome | s |", "| --- | --- | --- |"]
     lines += [f"| `{n}` | {s} | {t:.2f} |" for n, s, t in rows]
     if not rows:
         lines.append(f"| (no results: pytest exit {code}) | | |")
+    return lines
+
+
+def write_report(info, tests, sanitizers, timings, out_dirs, breakdown=(), cache_demo=None,
+                 tests_mma=None):
+    from sparge_cupy import _gpu
+    code, rows, metrics, secs, _ = tests
+    lines = [f"# GPU suite: {info['card']}", "",
+             f"- card: {info['card']} (compute capability {info['cc']}), driver {info['driver']}, "
+             f"CUDA runtime {info['runtime']}, CuPy {info['cupy']}",
+             f"- date: {info['date']}", f"- commit: {info['commit']}",
+             f"- attention kernel by default on this card: {_gpu.attn_kernel_choice()}", ""]
+    lines += _tests_section(tests, "GPU tests (tests/test_gpu.py, default attention kernel)")
+    if tests_mma is not None:
+        lines += [""] + _tests_section(
+            tests_mma, "Attention tests again with the portable mma.sync kernel (SPARGE_ATTN_KERNEL=mma)")
     if metrics:
         lines += ["", "Errors recorded by the tests (relative L1; 'mirror' = the blocked mirror of "
                   "reference/ on the same quantized operands, 'dense' = float64 attention with the "
@@ -357,6 +373,11 @@ def main():
     print(f"{info['card']} cc {info['cc']}, commit {info['commit']}", flush=True)
     tests = run_tests(args.test_timeout, log_dir)
     print(f"tests done in {tests[3]:.0f} s (exit {tests[0]})", flush=True)
+    from sparge_cupy import _gpu
+    tests_mma = None
+    if _gpu.attn_kernel_choice() != "mma":
+        tests_mma = run_tests(args.test_timeout, log_dir, kernel="mma")
+        print(f"mma.sync attention tests done in {tests_mma[3]:.0f} s (exit {tests_mma[0]})", flush=True)
     sanitizers = [] if args.skip_sanitizers else run_sanitizers(args.sanitizer_timeout, log_dir)
     timings, breakdown = [], []
     if not args.skip_timings:
@@ -366,11 +387,12 @@ def main():
         except Exception as exc:        # report, do not lose the rest of the run
             print(f"timings failed: {exc!r}", flush=True)
     cache_demo = run_cache_and_demo(args.test_timeout, log_dir)
-    text = write_report(info, tests, sanitizers, timings, out_dirs, breakdown, cache_demo)
-    fails = [line for line in tests[4].splitlines() if line.startswith(("FAILED", "ERROR"))]
+    text = write_report(info, tests, sanitizers, timings, out_dirs, breakdown, cache_demo, tests_mma)
+    fails = [line for t in (tests, tests_mma) if t for line in t[4].splitlines()
+             if line.startswith(("FAILED", "ERROR"))]
     print("\n".join(fails[:40]))
     print(text[-6000:])
-    ok = (tests[0] == 0 and all(r[1] == "clean" for r in sanitizers if r[0] != "initcheck")
+    ok = (tests[0] == 0 and (tests_mma is None or tests_mma[0] == 0) and all(r[1] == "clean" for r in sanitizers if r[0] != "initcheck")
           and cache_demo[1][0] == 0)
     return 0 if ok else 1
 

@@ -8,14 +8,15 @@ every instantiation with NVRTC directly (the ``nvidia-cuda-nvrtc`` wheel, header
 ``nvidia-cuda-runtime`` wheel), which is what the CPU tests use to catch a kernel that no longer
 builds.
 
-The shared header ``common.cuh`` is pasted into each source instead of being included, so that
-CuPy's cache key (the source text) changes whenever the header does.
+The local headers (``common.cuh``, ``wgmma.cuh``) are pasted into each source instead of being
+included, so that CuPy's cache key (the source text) changes whenever a header does.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from ._resources import cuda_dir
@@ -27,14 +28,25 @@ HEAD_DIMS = tuple(CONFIG.native_head_dims)
 FP8_MIN_CC = 89                     # e4m3 conversion and mma: Ada / Hopper and newer
 
 _modules: dict = {}
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[^\n]*$', re.M)
 
 
 def source_text(name):
-    """The source of ``cuda/<name>`` with ``common.cuh`` pasted in place of its include line."""
+    """The source of ``cuda/<name>`` with every local header (``#include "x.cuh"`` naming a file
+    of ``cuda/``) pasted in place of its include line, each header once."""
     folder = cuda_dir()
-    text = (folder / name).read_text()
-    header = (folder / "common.cuh").read_text()
-    return text.replace('#include "common.cuh"', header.replace("#pragma once", ""), 1)
+    pasted: set = set()
+
+    def expand(text):
+        def paste(match):
+            header = match.group(1)
+            if header in pasted:
+                return ""
+            pasted.add(header)
+            return expand((folder / header).read_text().replace("#pragma once", ""))
+        return _LOCAL_INCLUDE.sub(paste, text)
+
+    return expand((folder / name).read_text())
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,8 +85,12 @@ def base_options():
 # ---------------------------------------------------------------------------------------------
 # Name expressions: every template instantiation the launcher may ask for.
 
-def attn_name(D, qk, pv, out_dtype):
-    return (f"sparge::sparse_attn<{D}, {'true' if qk == 'int8' else 'false'}, "
+ATTN_KERNELS = ("mma", "wgmma")     # mma.sync (sm_80 and newer), warpgroup MMA (sm_90a only)
+
+
+def attn_name(D, qk, pv, out_dtype, kernel="mma"):
+    func = {"mma": "sparse_attn", "wgmma": "sparse_attn_wg"}[kernel]
+    return (f"sparge::{func}<{D}, {'true' if qk == 'int8' else 'false'}, "
             f"{'true' if pv == 'fp8' else 'false'}, {ELEMENT_TYPES[out_dtype]}>")
 
 
@@ -95,6 +111,8 @@ def kernel_names(cc):
             for qk in ("int8", "fp16"):
                 for pv in (("fp8", "fp16") if fp8 else ("fp16",)):
                     names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt)))
+                    if int(cc) == 90:
+                        names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt, "wgmma")))
     names += [("block_stats.cu", "sparge::k_mean"), ("quant_v.cu", "sparge::v_scales"),
               ("select.cu", "sparge::select_blocks")]
     return names

@@ -21,11 +21,12 @@ write only the true channels.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from ._compile import ELEMENT_TYPES, HEAD_DIMS, attn_name, get_kernel
+from ._compile import ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, attn_name, get_kernel
 from .config import CONFIG
 
 BQ, BK = CONFIG.block_q, CONFIG.block_k
@@ -303,9 +304,28 @@ def select(st, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, topk, atten
 # ---------------------------------------------------------------------------------------------
 # The attention kernel.
 
-def attn_smem_bytes(D, qk, pv):
+def attn_smem_bytes(D, qk, pv, kernel="mma"):
+    """Dynamic shared memory of the attention kernel (sparse_attn.cu): Q and K/V tiles; the
+    wgmma kernel keeps two stages of K and V and 1 KB for aligning its swizzled tiles."""
     qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
+    if kernel == "wgmma":
+        return 1024 + BQ * D * qe + 2 * (BK * D * qe + D * BK * ve)
     return (BQ + BK) * (D * qe + 16) + D * (BK * ve + 16)
+
+
+def attn_kernel_choice(cc=None):
+    """Which attention kernel runs: ``"wgmma"`` on compute capability 9.0 (Hopper, sm_90a), else
+    ``"mma"`` (mma.sync). ``SPARGE_ATTN_KERNEL=mma`` forces the portable kernel everywhere."""
+    forced = os.environ.get("SPARGE_ATTN_KERNEL", "auto")
+    if forced not in ("auto",) + ATTN_KERNELS:
+        raise ValueError(f"SPARGE_ATTN_KERNEL: expected one of auto, {', '.join(ATTN_KERNELS)}, "
+                         f"got {forced!r}")
+    cc = _compute_capability() if cc is None else int(cc)
+    if forced == "wgmma" and cc != 90:
+        raise ValueError(f"SPARGE_ATTN_KERNEL=wgmma needs compute capability 9.0, got {cc}")
+    if forced != "auto":
+        return forced
+    return "wgmma" if cc == 90 else "mma"
 
 
 def _output(q, out):
@@ -358,8 +378,9 @@ def run_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, r
     ost = [s // out.itemsize for s in out.strides]
     sb, sh, stt = (ost[0], ost[1], ost[2]) if q.layout == "HND" else (ost[0], ost[2], ost[1])
 
-    kern = get_kernel("sparse_attn.cu", attn_name(D, qk, pv, q.dtype))
-    smem = attn_smem_bytes(D, qk, pv)
+    which = attn_kernel_choice()
+    kern = get_kernel("sparse_attn.cu", attn_name(D, qk, pv, q.dtype, which))
+    smem = attn_smem_bytes(D, qk, pv, which)
     _set_smem(kern, smem, f"q: head dim {q.D} with qk={qk!r}, pv={pv!r}")
     kern(_grid(nq, Hq, B), (THREADS,), (_params(
         ATTN_PARAMS, q=qz.q_op, k=qz.k_op, vt=qz.vt, dq=qz.dq, dk=qz.dk, dv=qz.dv,

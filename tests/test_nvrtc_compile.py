@@ -97,3 +97,46 @@ def test_attention_shared_memory_fits_sm80():
     worst = max(_gpu.attn_smem_bytes(D, qk, pv) for D in _compile.HEAD_DIMS
                 for qk in ("int8", "fp16") for pv in ("fp16",))
     assert worst <= 163 * 1024
+
+
+def test_wgmma_header_is_generated():
+    """cuda/wgmma.cuh is what scripts/gen_wgmma.py writes (edit the script, not the header)."""
+    import importlib.util
+    path = _compile.cuda_dir().parent / "scripts" / "gen_wgmma.py"
+    if not path.is_file():
+        pytest.skip("scripts/ is not part of an installed package")
+    spec = importlib.util.spec_from_file_location("gen_wgmma", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (_compile.cuda_dir() / "wgmma.cuh").read_text() == gen.generate(), \
+        "cuda/wgmma.cuh differs from scripts/gen_wgmma.py's output: run python scripts/gen_wgmma.py"
+
+
+def test_wgmma_kernel_only_on_sm90():
+    on_80 = {n for _, n in _compile.kernel_names(80)}
+    on_90 = {n for _, n in _compile.kernel_names(90)}
+    wg = _compile.attn_name(128, "int8", "fp8", "float16", "wgmma")
+    assert wg in on_90 and wg not in on_80
+    assert not any("sparse_attn_wg" in n for n in on_80)
+
+
+def test_attention_kernel_choice(monkeypatch):
+    monkeypatch.delenv("SPARGE_ATTN_KERNEL", raising=False)
+    assert _gpu.attn_kernel_choice(90) == "wgmma"
+    assert _gpu.attn_kernel_choice(80) == "mma"
+    assert _gpu.attn_kernel_choice(89) == "mma"
+    monkeypatch.setenv("SPARGE_ATTN_KERNEL", "mma")
+    assert _gpu.attn_kernel_choice(90) == "mma"
+    monkeypatch.setenv("SPARGE_ATTN_KERNEL", "wgmma")
+    with pytest.raises(ValueError, match="SPARGE_ATTN_KERNEL=wgmma needs compute capability 9.0"):
+        _gpu.attn_kernel_choice(80)
+    monkeypatch.setenv("SPARGE_ATTN_KERNEL", "fast")
+    with pytest.raises(ValueError, match="SPARGE_ATTN_KERNEL: expected one of"):
+        _gpu.attn_kernel_choice(90)
+
+
+def test_wgmma_shared_memory_fits_sm90():
+    # H100: 227 KiB per block after opt-in.
+    worst = max(_gpu.attn_smem_bytes(D, qk, pv, "wgmma") for D in _compile.HEAD_DIMS
+                for qk in ("int8", "fp16") for pv in ("fp8", "fp16"))
+    assert worst <= 227 * 1024
