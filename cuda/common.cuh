@@ -29,6 +29,7 @@ namespace sparge {
 inline constexpr float LOG2E = 1.4426950408889634f;   // log2(e): scores live in the log2 domain
 inline constexpr float LN2 = 0.6931471805599453f;     // ln(2): back to natural log for the LSE
 inline constexpr float FP8_MAX = 448.0f;              // largest finite e4m3 value
+inline constexpr float LOG2_FP8_MAX = 8.807354922057604f;  // log2(448)
 inline constexpr float INT8_MAX_F = 127.0f;           // symmetric INT8 range [-127, 127]
 inline constexpr int BQ = 128;                        // query rows per block (CONFIG.block_q)
 inline constexpr int BK = 64;                         // key rows per block (CONFIG.block_k)

@@ -436,23 +436,35 @@ __device__ __forceinline__ void load_tile_swizzled(unsigned char* dst, const uns
     }
 }
 
-// Descriptor of the 32-byte k step `ks` of rows [row0, row0 + 64) of a swizzled tile.
+// Matrix descriptors from their low word: make_smem_desc's fields split into the start address
+// (low word, bits 0-13, plus the unused leading byte offset 1 at bit 16) and the compile-time
+// high word (stride byte offset 8 * SW, swizzle mode). Moving within a tile adds (bytes >> 4) to
+// the low word (shared addresses stay below 256 KB: no carry out of the 14-bit field).
+__device__ __forceinline__ unsigned desc_lo(const void* tile) {
+    return ((smem_addr(tile) & 0x3FFFFu) >> 4) | (1u << 16);
+}
+template <int SW>
+__device__ __forceinline__ unsigned long long desc_at(unsigned lo, int byte_offset) {
+    constexpr unsigned hi = ((8 * SW) >> 4) | ((SW == 128 ? 1u : SW == 64 ? 2u : 3u) << 30);
+    return ((unsigned long long)hi << 32) | (lo + (unsigned)(byte_offset >> 4));
+}
+// Byte offset, in a swizzled tile of ROWS rows, of the 32-byte k step `ks` of rows from row0.
 template <int ROWS, int ROW_BYTES>
-__device__ __forceinline__ unsigned long long tile_desc(const unsigned char* tile, int row0, int ks) {
+__device__ __forceinline__ constexpr int tile_offset(int row0, int ks) {
     constexpr int SW = ROW_BYTES < 128 ? ROW_BYTES : 128;
-    const int b = ks * 32;
-    return make_smem_desc(smem_addr(tile) + (b / SW) * ROWS * SW + row0 * SW + (b % SW), SW);
+    return (ks * 32 / SW) * ROWS * SW + row0 * SW + (ks * 32) % SW;
 }
 
-template <int D, bool QK_INT8, bool PV_FP8>
+// S = Q K^T for the warpgroup's 64 rows; q_lo: descriptor low word of its Q rows' tile start.
+template <int D, bool QK_INT8>
 __device__ __forceinline__ void wg_qk(typename Select<QK_INT8, int, float>::type (&acc)[32],
-                                      const unsigned char* sQ, const unsigned char* sK, int wg) {
-    constexpr int QRB = D * (QK_INT8 ? 1 : 2);
+                                      unsigned q_lo, unsigned k_lo) {
+    constexpr int QRB = D * (QK_INT8 ? 1 : 2), SW = QRB < 128 ? QRB : 128;
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < QRB / 32; ++ks) {
-        const unsigned long long da = tile_desc<BQ, QRB>(sQ, 64 * wg, ks);
-        const unsigned long long db = tile_desc<BK, QRB>(sK, 0, ks);
+        const unsigned long long da = desc_at<SW>(q_lo, tile_offset<BQ, QRB>(0, ks));
+        const unsigned long long db = desc_at<SW>(k_lo, tile_offset<BK, QRB>(0, ks));
         if constexpr (QK_INT8) wgmma_s8_ss_n64(acc, da, db, ks > 0);
         else wgmma_f16_ss_n64(acc, da, db, ks > 0);
     }
@@ -463,10 +475,10 @@ __device__ __forceinline__ void wg_qk(typename Select<QK_INT8, int, float>::type
 
 // acc[N / 2] (+)= P V^T[row0 .. row0 + N) for the 32-byte k step ks of P V (N output channels).
 template <int N, int D, bool PV_FP8>
-__device__ __forceinline__ void wg_pv(float (&acc)[N / 2], const unsigned (&a)[4], const unsigned char* sV,
+__device__ __forceinline__ void wg_pv(float (&acc)[N / 2], const unsigned (&a)[4], unsigned v_lo,
                                       int row0, int ks, int scale_d) {
     constexpr int VRB = BK * (PV_FP8 ? 1 : 2);
-    const unsigned long long db = tile_desc<D, VRB>(sV, row0, ks);
+    const unsigned long long db = desc_at<VRB>(v_lo, tile_offset<D, VRB>(row0, ks));
     if constexpr (PV_FP8) {
         if constexpr (N == 64) wgmma_e4m3_rs_n64(acc, a, db, scale_d);
         else if constexpr (N == 128) wgmma_e4m3_rs_n128(acc, a, db, scale_d);
@@ -522,9 +534,10 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
     extern __shared__ unsigned char smem_raw[];
     __shared__ int wg_skip[ATTN_WARPS];
     unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    // Tiles: Q, then K stage 0, K stage 1, V stage 0, V stage 1 (all 1024-byte aligned).
     unsigned char* sQ = base;
-    unsigned char* sK[2] = {sQ + Smem::Q, sQ + Smem::Q + Smem::K};
-    unsigned char* sV[2] = {sQ + Smem::Q + 2 * Smem::K, sQ + Smem::Q + 2 * Smem::K + Smem::V};
+    unsigned char* sK0 = sQ + Smem::Q;
+    unsigned char* sV0 = sK0 + 2 * Smem::K;
 
     const int i = p.nq - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
@@ -544,15 +557,30 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
         const long long lim = last_row + p.Lk - p.Lq;
         j_last = lim < 0 ? -1 : (int)min((long long)p.nk - 1, lim / BK);
     }
+    // The next kept block after j, or j_last + 1. The warp reads 32 map entries at once into a
+    // bit mask (warp-uniform), so a sparse row costs one load per 32 blocks, not one per block.
+    int win_base = -64;                              // bit x of win: block win_base + x is kept
+    unsigned win = 0;
     auto next_block = [&](int j) {
-        for (++j; j <= j_last; ++j)
-            if (map_row[j]) break;
-        return j;
+        int x = j + 1;
+        while (x <= j_last) {
+            if (x >= win_base + 32) {
+                win_base = x;
+                win = __ballot_sync(0xffffffffu, x + lane <= j_last && map_row[x + lane]);
+            }
+            const unsigned rest = win >> (x - win_base);
+            if (rest) return x + __ffs(rest) - 1;
+            x = win_base + 32;
+        }
+        return j_last + 1;
     };
     auto load_kv = [&](int j, int stage) {
-        load_tile_swizzled<BK, QRB>(sK[stage], gK + (size_t)j * BK * QRB, QRB, tid);
-        load_tile_swizzled<D, VRB>(sV[stage], gV + (size_t)j * VRB, v_row, tid);
+        load_tile_swizzled<BK, QRB>(sK0 + stage * Smem::K, gK + (size_t)j * BK * QRB, QRB, tid);
+        load_tile_swizzled<D, VRB>(sV0 + stage * Smem::V, gV + (size_t)j * VRB, v_row, tid);
     };
+    // Descriptor low words: this warpgroup's Q rows, K and V^T stage 0 (stage 1 follows).
+    const unsigned q_lo = desc_lo(sQ) + ((64 * wg * (QRB < 128 ? QRB : 128)) >> 4);
+    const unsigned k_lo0 = desc_lo(sK0), v_lo0 = desc_lo(sV0);
 
     float o[D / 2];
 #pragma unroll
@@ -561,6 +589,15 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
     const int row0 = i * BQ + warp * 16;
     const int t_row[2] = {row0 + g, row0 + g + 8};
     const bool row_real[2] = {t_row[0] < p.Lq, t_row[1] < p.Lq};
+    // Last visible key of each row (the tail Lk - 1, and t + Lk - Lq when causal), clamped to
+    // [-1, Lk - 1]: key u is masked iff u > key_lim[r].
+    int key_lim[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        long long lim = p.Lk - 1;
+        if (p.causal) lim = min(lim, (long long)t_row[r] + p.Lk - p.Lq);
+        key_lim[r] = (int)max(lim, -1ll);
+    }
     const bool group_real = row0 < p.Lq;
     const float lambda = p.pvthreshd[h];
     const bool filter_on = lambda < CUDART_INF_F;
@@ -575,10 +612,6 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
     }
     cp_async_commit();
 
-    AccT acc[32];
-#pragma unroll
-    for (int n = 0; n < 32; ++n) acc[n] = 0;
-
     while (j <= j_last) {
         cp_async_wait_all();
         fence_proxy_async_smem();                    // cp.async wrote what the tensor cores read
@@ -587,43 +620,58 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
         if (j_next <= j_last) load_kv(j_next, stage ^ 1);
         cp_async_commit();
 
-        wg_qk<D, QK_INT8, PV_FP8>(acc, sQ, sK[stage], wg);
+        AccT acc[32];                                // S = Q K_j^T (the first k step overwrites)
+        wg_qk<D, QK_INT8>(acc, q_lo, k_lo0 + stage * (Smem::K >> 4));
 
         const float c = __fmul_rn(__fmul_rn(__fmul_rn(dq_i, dk_row[j]), p.scale), LOG2E);
         const bool need_mask = (j == p.nk - 1 && p.Lk % BK != 0) ||
                                (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
+        // Scores: s = acc (exact in float32: |acc| < 2^24) or -inf where masked; the logit is
+        // fl(s * c) as in the reference, and since c > 0 rounds monotonically, the row maximum of
+        // the logits is fl(max(s) * c) (one multiply per row, not per score). The exponent is
+        // fused: p = exp2(s * c - m) in one FMA and one exp2 (the reference rounds s * c and the
+        // difference apart: p differs by a few float32 ulps). FP8 also folds the x448 scaling
+        // into the exponent, p448 = exp2(s * c - m + log2 448), and the row sum l then counts
+        // p448 (the epilogue divides by l448 = 448 l).
         float s[S_TILES][4];
         float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
 #pragma unroll
         for (int n = 0; n < S_TILES; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float v = __fmul_rn((float)acc[4 * n + e], c);
-                if (need_mask) {
-                    const long long u = (long long)j * BK + n * 8 + 2 * t4 + (e & 1);
-                    const int t = t_row[e >> 1];
-                    if (u >= p.Lk || (p.causal && u > (long long)t + p.Lk - p.Lq)) v = -CUDART_INF_F;
-                }
-                s[n][e] = v;
-                row_max[e >> 1] = fmaxf(row_max[e >> 1], v);
+                s[n][e] = (float)acc[4 * n + e];
             }
+        }
+        if (need_mask) {                             // CTA-uniform: diagonal and tail blocks only
+#pragma unroll
+            for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (j * BK + n * 8 + 2 * t4 + (e & 1) > key_lim[e >> 1]) s[n][e] = -CUDART_INF_F;
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) row_max[e >> 1] = fmaxf(row_max[e >> 1], s[n][e]);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
             row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+            row_max[r] = row_max[r] == -CUDART_INF_F ? -CUDART_INF_F : __fmul_rn(row_max[r], c);
         }
 
-        float delta = -CUDART_INF_F;
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-            if (row_real[r]) delta = fmaxf(delta, m[r] == -CUDART_INF_F ? CUDART_INF_F : row_max[r] - m[r]);
-        delta = warp_max(delta);
-        const bool skip = filter_on && group_real && delta <= -lambda;
+        bool skip = false, wg_all_skip = false;
         visited += group_real;
-        skipped += skip;
-        bool wg_all_skip = false;
         if (filter_on) {                             // uniform: lambda is per head
+            float delta = -CUDART_INF_F;
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                if (row_real[r]) delta = fmaxf(delta, m[r] == -CUDART_INF_F ? CUDART_INF_F : row_max[r] - m[r]);
+            delta = warp_max(delta);
+            skip = group_real && delta <= -lambda;
+            skipped += skip;
             if (lane == 0) wg_skip[warp] = skip;
             named_barrier_sync(1 + wg, 128);
             wg_all_skip = wg_skip[4 * wg] && wg_skip[4 * wg + 1] && wg_skip[4 * wg + 2] && wg_skip[4 * wg + 3];
@@ -632,12 +680,14 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
         unsigned pa[PV_STEPS][4];
         float a_keep[2] = {1.f, 1.f};                // FP8: o's rescale, applied with the block's P V
         if (!skip) {
-            float m_use[2], alpha[2];
+            float bias[2], alpha[2];
+            const float c_exp = fmaxf(c, 1.17549435e-38f);  // c underflowed to 0: -inf * 0 is NaN
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const float m_new = fmaxf(m[r], row_max[r]);
-                m_use[r] = m_new == -CUDART_INF_F ? 0.f : m_new;
-                alpha[r] = exp2f(m[r] - m_use[r]);
+                const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;
+                alpha[r] = exp2f(m[r] - m_use);
+                bias[r] = PV_FP8 ? LOG2_FP8_MAX - m_use : -m_use;
                 m[r] = m_new;
             }
             float row_sum[2] = {0.f, 0.f};
@@ -645,7 +695,7 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
             for (int n = 0; n < S_TILES; ++n) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    s[n][e] = exp2f(s[n][e] - m_use[e >> 1]);
+                    s[n][e] = exp2f(fmaf(s[n][e], c_exp, bias[e >> 1]));
                     row_sum[e >> 1] += s[n][e];
                 }
             }
@@ -654,14 +704,6 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
             if constexpr (PV_FP8) {
                 a_keep[0] = alpha[0];
                 a_keep[1] = alpha[1];
-            } else {
-#pragma unroll
-                for (int n = 0; n < O_TILES; ++n) {
-                    o[4 * n] *= alpha[0]; o[4 * n + 1] *= alpha[0];
-                    o[4 * n + 2] *= alpha[1]; o[4 * n + 3] *= alpha[1];
-                }
-            }
-            if constexpr (PV_FP8) {
 #pragma unroll
                 for (int ks = 0; ks < PV_STEPS; ++ks) {
 #pragma unroll
@@ -669,15 +711,18 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
                         const int n0 = 4 * ks + 2 * half;
 #pragma unroll
                         for (int r = 0; r < 2; ++r) {
-                            const unsigned lo = to_e4m3x2(__fmul_rn(s[n0][2 * r], FP8_MAX),
-                                                          __fmul_rn(s[n0][2 * r + 1], FP8_MAX));
-                            const unsigned hi = to_e4m3x2(__fmul_rn(s[n0 + 1][2 * r], FP8_MAX),
-                                                          __fmul_rn(s[n0 + 1][2 * r + 1], FP8_MAX));
+                            const unsigned lo = to_e4m3x2(s[n0][2 * r], s[n0][2 * r + 1]);
+                            const unsigned hi = to_e4m3x2(s[n0 + 1][2 * r], s[n0 + 1][2 * r + 1]);
                             pa[ks][2 * half + r] = lo | (hi << 16);
                         }
                     }
                 }
             } else {
+#pragma unroll
+                for (int n = 0; n < O_TILES; ++n) {
+                    o[4 * n] *= alpha[0]; o[4 * n + 1] *= alpha[0];
+                    o[4 * n + 2] *= alpha[1]; o[4 * n + 3] *= alpha[1];
+                }
 #pragma unroll
                 for (int ks = 0; ks < PV_STEPS; ++ks) {
                     pa[ks][0] = pack_half2(s[2 * ks][0], s[2 * ks][1]);
@@ -704,7 +749,7 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
                     wgmma_fence();
 #pragma unroll
                     for (int ks = 0; ks < PV_STEPS; ++ks)
-                        wg_pv<NC, D, PV_FP8>(t, pa[ks], sV[stage], c * NC, ks, ks > 0);
+                        wg_pv<NC, D, PV_FP8>(t, pa[ks], v_lo0 + stage * (Smem::V >> 4), c * NC, ks, ks > 0);
                     wgmma_commit();
                     wgmma_wait<0>();
                     fence_operands(t);
@@ -715,7 +760,8 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
             } else {
                 wgmma_fence();
 #pragma unroll
-                for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(o, pa[ks], sV[stage], 0, ks, 1);
+                for (int ks = 0; ks < PV_STEPS; ++ks)
+                    wg_pv<D, D, PV_FP8>(o, pa[ks], v_lo0 + stage * (Smem::V >> 4), 0, ks, 1);
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_operands(o);
@@ -746,12 +792,12 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
             const int d = n * 8 + 2 * t4;
             if (d >= p.d_out) continue;
             float v0 = 0.f, v1 = 0.f;
-            if (!empty) {
+            if (!empty) {                            // FP8: o and l both count p448
                 v0 = __fdiv_rn(o[4 * n + 2 * r], l[r]);
                 v1 = __fdiv_rn(o[4 * n + 2 * r + 1], l[r]);
                 if constexpr (PV_FP8) {
-                    v0 = __fmul_rn(v0, __fdiv_rn(dv[d], FP8_MAX));
-                    v1 = __fmul_rn(v1, __fdiv_rn(dv[d + 1], FP8_MAX));
+                    v0 = __fmul_rn(v0, dv[d]);
+                    v1 = __fmul_rn(v1, dv[d + 1]);
                 }
             }
             store_pair<OutT>(out + d, v0, v1, d + 1 < p.d_out, paired);
@@ -759,7 +805,8 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
         if (p.lse && t4 == 0) {
             const size_t at = ((size_t)b * p.Hq + h) * p.Lq + t_row[r];
             p.lse[at] = empty ? -CUDART_INF_F
-                              : __fadd_rn(__fmul_rn(m[r] + log2f(l[r]), LN2), __fmul_rn(p.scale, p.q_dot_km[at]));
+                              : __fadd_rn(__fmul_rn(m[r] + (log2f(l[r]) - (PV_FP8 ? LOG2_FP8_MAX : 0.f)), LN2),
+                                          __fmul_rn(p.scale, p.q_dot_km[at]));
         }
     }
 #else
