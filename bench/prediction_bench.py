@@ -121,19 +121,36 @@ def per_launch_ms(stage, reps, warmup=3):
     return {key: float(np.median(v)) for key, v in samples.items()}
 
 
-def region_ms(fn, reps, warmup=3):
+def region_ms(fn, reps):
+    """Median ms of ``fn`` as one CUDA-event region (scripts/gpu_suite.py's timer)."""
+    from scripts.gpu_suite import _median_ms
+    return _median_ms(fn, reps=reps)[0]
+
+
+def pipeline(B, H, L, D, causal):
+    """Random fp16 HND inputs (Hq = Hkv = H) and every stage's keywords and results, built once:
+    a namespace with q, k, v, their operands qo, ko, vo, pv, common, sel, attn, st, bmap, qz."""
+    import types
+
     import cupy
-    for _ in range(warmup):
-        fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+
+    from sparge_cupy import CONFIG, _gpu
+    pv = "fp8" if _fp8() else "fp16"
+    rng = cupy.random.default_rng(0)
+    q, k, v = (rng.standard_normal((B, H, L, D), dtype=cupy.float32).astype(cupy.float16)
+               for _ in range(3))
+    heads = lambda x: np.full(H, x, np.float32)  # noqa: E731
+    common = dict(is_causal=causal, scale=D ** -0.5)
+    sel = dict(simthreshd1=heads(CONFIG.simthreshd1), cdfthreshd=heads(CONFIG.cdfthreshd),
+               topk=None, attention_sink=True)
+    attn = dict(pvthreshd=heads(np.inf), qk="int8", pv=pv, return_lse=False, return_stats=False)
+    qo, ko, vo = (_gpu.operand(x, "HND") for x in (q, k, v))
+    st = _gpu.block_statistics(qo, ko, pooled=True)
+    bmap = _gpu.select(st, Lq=L, Lk=L, **common, **sel)
+    qz = _gpu.quantize_operands(qo, ko, vo, st, qk="int8", rebalance=True, pv=pv,
+                                with_q_dot_km=False)
+    return types.SimpleNamespace(q=q, k=k, v=v, qo=qo, ko=ko, vo=vo, pv=pv, common=common,
+                                 sel=sel, attn=attn, st=st, bmap=bmap, qz=qz)
 
 
 def traffic(B, H, L, D, elem, pv_bytes):
@@ -160,21 +177,10 @@ def bench_shape(B, H, L, D, reps, causal=True):
     import cupy
 
     import sparge_cupy as sc
-    from sparge_cupy import CONFIG, _gpu
-    pv = "fp8" if _fp8() else "fp16"
-    rng = cupy.random.default_rng(0)
-    q, k, v = (rng.standard_normal((B, H, L, D), dtype=cupy.float32).astype(cupy.float16)
-               for _ in range(3))
-    heads = lambda x: np.full(H, x, np.float32)  # noqa: E731
-    common = dict(is_causal=causal, scale=D ** -0.5)
-    sel = dict(simthreshd1=heads(CONFIG.simthreshd1), cdfthreshd=heads(CONFIG.cdfthreshd),
-               topk=None, attention_sink=True)
-    attn = dict(pvthreshd=heads(np.inf), qk="int8", pv=pv, return_lse=False, return_stats=False)
-    qo, ko, vo = (_gpu.operand(x, "HND") for x in (q, k, v))
-    st = _gpu.block_statistics(qo, ko, pooled=True)
-    bmap = _gpu.select(st, Lq=L, Lk=L, **common, **sel)
-    qz = _gpu.quantize_operands(qo, ko, vo, st, qk="int8", rebalance=True, pv=pv,
-                                with_q_dot_km=False)
+    from sparge_cupy import _gpu
+    P = pipeline(B, H, L, D, causal)
+    q, k, v, qo, ko, vo, pv, st, bmap, qz = P.q, P.k, P.v, P.qo, P.ko, P.vo, P.pv, P.st, P.bmap, P.qz
+    common, sel, attn = P.common, P.sel, P.attn
     full = cupy.ones_like(bmap)
 
     def stats():

@@ -98,8 +98,13 @@ __device__ __forceinline__ void load_chunk(const T* p, bool vec, float (&x)[N]) 
             }
         }
 #pragma unroll
-        for (int e = 0; e < N; ++e)
-            x[e] = sizeof(T) == 2 ? bits_to_float<T>(w[e / 2] >> (16 * (e & 1))) : bits_to_float<T>(w[e]);
+        for (int e = 0; e < N; ++e) {
+            if constexpr (sizeof(T) == 2) {
+                x[e] = bits_to_float<T>(w[e / 2] >> (16 * (e & 1)));   // element e: low half first
+            } else {
+                x[e] = bits_to_float<T>(w[e]);
+            }
+        }
     } else {
 #pragma unroll
         for (int e = 0; e < N; ++e) x[e] = to_float(p[e]);

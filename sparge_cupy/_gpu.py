@@ -448,17 +448,22 @@ def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd
     return block_map
 
 
+def _attend(q, k, v, block_map, st, counter, **options):
+    """:func:`attention` on operands whose Q and K statistics are done, then the call's one
+    non-finite check (``counter`` holds Q's and K's counts; quantize_v adds V's)."""
+    result = attention(q, k, v, block_map, st=st, nonfinite=counter, **options)
+    check_counter(counter, q=q, k=k, v=v)
+    return result
+
+
 def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd, qk, rebalance,
                       pv, return_lse, return_stats, out=None):
     q, k, v = _as_operands(layout, q, k, v)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=False, nonfinite=counter)
-    result = attention(q, k, v, block_map, st=st, is_causal=is_causal, scale=scale,
-                       pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
-                       return_lse=return_lse, return_stats=return_stats, out=out,
-                       nonfinite=counter)
-    check_counter(counter, q=q, k=k, v=v)
-    return result
+    return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
+                   pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
+                   return_lse=return_lse, return_stats=return_stats, out=out)
 
 
 def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
@@ -470,9 +475,6 @@ def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, t
     block_map = select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                        attention_sink=attention_sink)
-    result = attention(q, k, v, block_map, st=st, is_causal=is_causal, scale=scale,
-                       pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
-                       return_lse=return_lse, return_stats=return_stats, out=out,
-                       nonfinite=counter)
-    check_counter(counter, q=q, k=k, v=v)
-    return result
+    return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
+                   pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
+                   return_lse=return_lse, return_stats=return_stats, out=out)
