@@ -35,12 +35,15 @@ inline constexpr int BQ = 128;                        // query rows per block (C
 inline constexpr int BK = 64;                         // key rows per block (CONFIG.block_k)
 inline constexpr int PV_GROUP_ROWS = 16;              // Stage 2 granularity: one warp's mma row tile
 
-// A user tensor: pointer plus element strides of batch, head and token (channels contiguous).
+// A user tensor: pointer plus element strides of batch, head and token (channels contiguous), and
+// the alignment in bytes (a power of two, at most 16) of every row start: the largest that divides
+// the pointer and the three strides in bytes. Kernels use vector loads only where it allows them.
 struct TensorView {
     const void* ptr;
     long long stride_b, stride_h, stride_t;
+    long long align;
 };
-static_assert(sizeof(TensorView) == 32, "mirrored by TENSOR_VIEW in sparge_cupy/_gpu.py");
+static_assert(sizeof(TensorView) == 40, "mirrored by TENSOR_VIEW in sparge_cupy/_gpu.py");
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -57,6 +60,90 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 template <typename T>
 __device__ __forceinline__ const T* row_ptr(const TensorView& v, int b, int h, long long t) {
     return static_cast<const T*>(v.ptr) + b * v.stride_b + h * v.stride_h + t * v.stride_t;
+}
+
+// Raw bits (the low 16 of `w` for 16-bit types) to float: the same value as to_float.
+template <typename T> __device__ __forceinline__ float bits_to_float(unsigned w);
+template <> __device__ __forceinline__ float bits_to_float<__half>(unsigned w) {
+    return __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
+}
+template <> __device__ __forceinline__ float bits_to_float<__nv_bfloat16>(unsigned w) {
+    return __uint_as_float(w << 16);                     // bf16 is the high half of a float
+}
+template <> __device__ __forceinline__ float bits_to_float<float>(unsigned w) { return __uint_as_float(w); }
+
+// N consecutive channels of a row, as floats. With `vec` (then p must be aligned to
+// chunk_vec_bytes = min(16, N * sizeof(T)) bytes), through vector loads of that width; else N
+// scalar loads (any element-aligned p). Both paths read the same elements, give the same values.
+template <typename T, int N>
+__device__ __forceinline__ constexpr int chunk_vec_bytes() {
+    return N * (int)sizeof(T) < 16 ? N * (int)sizeof(T) : 16;
+}
+template <typename T, int N>
+__device__ __forceinline__ void load_chunk(const T* p, bool vec, float (&x)[N]) {
+    constexpr int BYTES = N * (int)sizeof(T), WORDS = BYTES / 4, VEC = chunk_vec_bytes<T, N>();
+    static_assert(BYTES % 4 == 0 && (VEC == 4 || VEC == 8 || VEC == 16), "4, 8 or 16-byte chunks");
+    if (vec) {
+        unsigned w[WORDS];
+#pragma unroll
+        for (int i = 0; i < WORDS; i += VEC / 4) {
+            const void* src = reinterpret_cast<const unsigned char*>(p) + 4 * i;
+            if constexpr (VEC == 16) {
+                const uint4 u = *static_cast<const uint4*>(src);
+                w[i] = u.x; w[i + 1] = u.y; w[i + 2] = u.z; w[i + 3] = u.w;
+            } else if constexpr (VEC == 8) {
+                const uint2 u = *static_cast<const uint2*>(src);
+                w[i] = u.x; w[i + 1] = u.y;
+            } else {
+                w[i] = *static_cast<const unsigned*>(src);
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            if constexpr (sizeof(T) == 2) {
+                x[e] = bits_to_float<T>(w[e / 2] >> (16 * (e & 1)));   // element e: low half first
+            } else {
+                x[e] = bits_to_float<T>(w[e]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e) x[e] = to_float(p[e]);
+    }
+}
+
+// Stores the first BYTES bytes of the 32-bit words `w` (little-endian) at `dst`, aligned to BYTES
+// (to 16 for more), with the widest vector stores.
+template <int BYTES>
+__device__ __forceinline__ void store_bytes(void* dst, const unsigned* w) {
+    if constexpr (BYTES == 2) {
+        *static_cast<unsigned short*>(dst) = (unsigned short)w[0];
+    } else if constexpr (BYTES == 4) {
+        *static_cast<unsigned*>(dst) = w[0];
+    } else if constexpr (BYTES == 8) {
+        *static_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    } else {
+        static_assert(BYTES % 16 == 0, "2, 4, 8 or a multiple of 16 bytes");
+#pragma unroll
+        for (int i = 0; i < BYTES / 16; ++i)
+            static_cast<uint4*>(dst)[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+    }
+}
+
+// Channels per lane when one warp covers a row of D channels: lane l holds [l * CPL, l * CPL + CPL).
+template <int D>
+__device__ __forceinline__ constexpr int channels_per_lane() {
+    static_assert(D == 64 || D == 128 || D == 256, "native head dims: 64, 128, 256");
+    return D / 32;
+}
+
+// Non-finite input detection, fused into kernels that read every element anyway: each lane counts
+// its NaN / Inf, and a warp that saw any adds them to *counter (one atomic per such warp, none on
+// finite inputs). Call with the whole warp converged. The host checks the counter once per call.
+__device__ __forceinline__ unsigned is_nonfinite(float x) { return isfinite(x) ? 0u : 1u; }
+__device__ __forceinline__ void add_nonfinite(unsigned long long* counter, unsigned n) {
+    n = __reduce_add_sync(0xffffffffu, n);
+    if (n && (threadIdx.x & 31) == 0) atomicAdd(counter, (unsigned long long)n);
 }
 
 // Non-negative floats order like their bit patterns, so atomicMax on the bits is a max of the

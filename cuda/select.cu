@@ -13,7 +13,8 @@
 // the exponential is float64 rounded to float32: each is the correctly rounded value (to float64
 // summation order), which the reference's float32 BLAS / np.exp / pairwise sum reach up to an
 // ulp. The sort and the cumulative sum are exact mirrors: P^ sorted by (value desc, index asc)
-// with one bitonic sort of 64-bit keys, and a sequential float32 cumsum like np.cumsum.
+// with one bitonic sort of 64-bit keys, and a sequential float32 cumsum like np.cumsum (one
+// thread, over values gathered in sorted order beforehand).
 #include "common.cuh"
 
 namespace sparge {
@@ -154,10 +155,16 @@ __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectPara
 
     // How many sorted blocks to keep.
     if (p.tau) {
-        if (tid == 0) {                                  // sequential float32, like np.cumsum
+        // Gather P^ in sorted order (all threads), then one thread adds it up sequentially in
+        // float32 like np.cumsum: the same additions in the same order, so the same bits; only
+        // the dependent chain is left to the single thread (no key / index loads inside it).
+        for (int r = tid; r < nk; r += SELECT_THREADS) csum[r] = prob[keys[r] & 0xffffffffu];
+        __syncthreads();
+        if (tid == 0) {
             float c = 0.f;
+#pragma unroll 8
             for (int r = 0; r < nk; ++r) {
-                c = __fadd_rn(c, prob[keys[r] & 0xffffffffu]);
+                c = __fadd_rn(c, csum[r]);
                 csum[r] = c;
             }
         }

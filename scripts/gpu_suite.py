@@ -219,31 +219,20 @@ def run_timings():
 def run_breakdown():
     """Where sparge_attn's time goes, per stage: host (CPU) and device (GPU) time from
     cupyx.profiler.benchmark, on the first timing shape with the default thresholds."""
-    import cupy
     from cupyx.profiler import benchmark
 
     import sparge_cupy as sc
+    from bench.prediction_bench import pipeline
     from sparge_cupy import CONFIG, _gpu
     from sparge_cupy import reference as R
     B, H, L, D, causal = 1, 32, 8192, 128, True
-    pv = "fp8" if int(cupy.cuda.Device().compute_capability) >= 89 else "fp16"
-    rng = np.random.default_rng(0)
-    q, k, v = (cupy.asarray(rng.standard_normal((B, H, L, D), dtype=np.float32).astype(np.float16))
-               for _ in range(3))
-    heads = lambda x: np.full(H, x, np.float32)  # noqa: E731
-    common = dict(is_causal=causal, scale=D ** -0.5)
-    sel = dict(simthreshd1=heads(CONFIG.simthreshd1), cdfthreshd=heads(CONFIG.cdfthreshd),
-               topk=None, attention_sink=True)
-    attn = dict(pvthreshd=heads(np.inf), qk="int8", pv=pv, return_lse=False, return_stats=False)
-    qo, ko, vo = (_gpu.operand(x, "HND") for x in (q, k, v))
-    st = _gpu.block_statistics(qo, ko, pooled=True)
-    bmap = _gpu.select(st, Lq=L, Lk=L, **common, **sel)
-    qz = _gpu.quantize_operands(qo, ko, vo, st, qk="int8", rebalance=True, pv=pv,
-                                with_q_dot_km=False)
+    P = pipeline(B, H, L, D, causal)
+    q, k, v, qo, ko, vo, pv, st, bmap, qz = P.q, P.k, P.v, P.qo, P.ko, P.vo, P.pv, P.st, P.bmap, P.qz
+    common, sel, attn = P.common, P.sel, P.attn
     stages = [
         ("sparge_cupy.sparge_attn (API: checks + all stages)",
          lambda: sc.sparge_attn(q, k, v, is_causal=causal, pv=pv)),
-        ("_gpu.sparge_attn (all stages, no input checks)",
+        ("_gpu.sparge_attn (all stages, the non-finite check at the end)",
          lambda: _gpu.sparge_attn(q, k, v, layout="HND", rebalance=True, **common, **sel, **attn)),
         ("block_statistics (K mean, pooling, similarity, channel maxima)",
          lambda: _gpu.block_statistics(qo, ko, pooled=True)),

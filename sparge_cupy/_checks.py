@@ -169,11 +169,17 @@ def count_nonfinite_numpy(x):
     return int(np.count_nonzero(~np.isfinite(x.astype(np.float32) if dtype_name(x) == "bfloat16" else x)))
 
 
+def nonfinite_error(name, bad, size):
+    """The error for ``bad`` NaN or Inf among the ``size`` elements of argument ``name``."""
+    return ValueError(f"{name}: expected finite values, got {bad} NaN or Inf of {size}")
+
+
 def check_finite(count_nonfinite, **arrays):
     """Non-finite inputs are refused: NaN or Inf would poison a whole block's INT8 scale (and the
     K mean, hence every score of the head), so the output would be wrong far beyond that token.
-    ``count_nonfinite(x)`` counts on the array's own device."""
+    ``count_nonfinite(x)`` counts on the array's own device. (CuPy and torch CUDA inputs are
+    counted inside the kernels instead: sparge_cupy._gpu.check_counter.)"""
     for name, x in arrays.items():
         bad = count_nonfinite(x)
         if bad:
-            raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf of {math.prod(x.shape)}")
+            raise nonfinite_error(name, bad, math.prod(x.shape))

@@ -99,15 +99,15 @@ def kernel_names(cc):
     fp8 = int(cc) >= FP8_MIN_CC
     names = []
     for dt, T in ELEMENT_TYPES.items():
-        names += [("block_stats.cu", f"sparge::block_stats<{T}>"),
-                  ("block_stats.cu", f"sparge::k_block_sums<{T}>"),
-                  ("block_stats.cu", f"sparge::quantize<{T}, signed char>"),
-                  ("block_stats.cu", f"sparge::quantize<{T}, __half>"),
-                  ("quant_v.cu", f"sparge::v_channel_amax<{T}>"),
-                  ("quant_v.cu", f"sparge::quantize_v<{T}, false>")]
-        if fp8:
-            names.append(("quant_v.cu", f"sparge::quantize_v<{T}, true>"))
         for D in HEAD_DIMS:
+            names += [("block_stats.cu", f"sparge::block_stats<{T}, {D}>"),
+                      ("block_stats.cu", f"sparge::k_block_sums<{T}, {D}>"),
+                      ("block_stats.cu", f"sparge::quantize<{T}, signed char, {D}>"),
+                      ("block_stats.cu", f"sparge::quantize<{T}, __half, {D}>"),
+                      ("quant_v.cu", f"sparge::v_channel_amax<{T}, {D}>"),
+                      ("quant_v.cu", f"sparge::quantize_v<{T}, false, {D}>")]
+            if fp8:
+                names.append(("quant_v.cu", f"sparge::quantize_v<{T}, true, {D}>"))
             for qk in ("int8", "fp16"):
                 for pv in (("fp8", "fp16") if fp8 else ("fp16",)):
                     names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt)))

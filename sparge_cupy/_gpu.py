@@ -14,6 +14,11 @@ The pipeline (one launch per line; kernels in ``cuda/``):
     v_channel_amax, quantize_v    V^T in e4m3 (or fp16), dv                    quant_v.cu
     sparse_attn                   the attention loop and Stage 2               sparse_attn.cu
 
+Non-finite inputs are detected on the way: k_block_sums, block_stats (Q) and quantize_v count the
+NaN / Inf of K, Q and V into a three-element device counter, and each entry point reads it once,
+at its end, raising the API's ValueError (whatever the kernels computed from such inputs is
+discarded; they still terminate).
+
 Head dims other than 64, 128, 256 are zero-padded here to the next of them (exact: zero channels
 add nothing to any dot product, maximum or similarity); the kernels use the caller's scale and
 write only the true channels.
@@ -21,11 +26,13 @@ write only the true channels.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import _checks as ck
 from ._compile import ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, attn_name, get_kernel
 from .config import CONFIG
 
@@ -41,14 +48,15 @@ def _struct(fields):
     return np.dtype(fields, align=True)
 
 
-TENSOR_VIEW = _struct([("ptr", _PTR), ("stride_b", _I64), ("stride_h", _I64), ("stride_t", _I64)])
+TENSOR_VIEW = _struct([("ptr", _PTR), ("stride_b", _I64), ("stride_h", _I64), ("stride_t", _I64),
+                       ("align", _I64)])
 BLOCK_STATS_PARAMS = _struct([
     ("x", TENSOR_VIEW), ("km", _PTR), ("pooled", _PTR), ("sim", _PTR), ("block_amax", _PTR),
-    ("head_amax", _PTR), ("H", _I32), ("L", _I32), ("D", _I32), ("block", _I32),
+    ("head_amax", _PTR), ("nonfinite", _PTR), ("H", _I32), ("L", _I32), ("block", _I32),
     ("heads_per_kv", _I32), ("sim_eps", _F64)])
 QUANTIZE_PARAMS = _struct([
     ("x", TENSOR_VIEW), ("km", _PTR), ("amax_q", _PTR), ("amax_k", _PTR), ("block_amax", _PTR),
-    ("out", _PTR), ("delta", _PTR), ("q_dot_km", _PTR), ("H", _I32), ("L", _I32), ("D", _I32),
+    ("out", _PTR), ("delta", _PTR), ("q_dot_km", _PTR), ("H", _I32), ("L", _I32),
     ("block", _I32), ("heads_per_kv", _I32), ("is_key", _I32)])
 SELECT_PARAMS = _struct([
     ("qbar", _PTR), ("q_sim", _PTR), ("kbar", _PTR), ("k_sim", _PTR), ("theta", _PTR),
@@ -108,13 +116,29 @@ class Operand:
         s = self.array.shape
         return (s[0], s[1], s[2], s[3]) if self.layout == "HND" else (s[0], s[2], s[1], s[3])
 
+    @property
+    def size(self):
+        """Elements of the caller's tensor (true head dim)."""
+        return math.prod(self.shape[:3]) * self.D
+
     def view(self):
-        """The TensorView struct: pointer and element strides of batch, head, token."""
+        """The TensorView struct: pointer, element strides of batch, head, token, alignment."""
         st = [s // self.array.itemsize for s in self.array.strides]
         sb, sh, stt = (st[0], st[1], st[2]) if self.layout == "HND" else (st[0], st[2], st[1])
         rec = np.zeros(1, dtype=TENSOR_VIEW)
         rec["ptr"], rec["stride_b"], rec["stride_h"], rec["stride_t"] = _ptr(self.array), sb, sh, stt
+        rec["align"] = row_alignment(_ptr(self.array), [s * self.array.itemsize for s in (sb, sh, stt)])
         return rec
+
+
+def row_alignment(ptr, byte_strides, most=16):
+    """The largest power of two <= ``most`` dividing ``ptr`` and every stride: every row start is
+    aligned to it (the kernels' vector loads need 4 to 16 bytes; other rows take scalar loads)."""
+    a = most
+    for x in (ptr, *byte_strides):
+        while x % a:
+            a //= 2
+    return a
 
 
 def operand(x, layout, dtype=None):
@@ -135,15 +159,23 @@ def operand(x, layout, dtype=None):
     return Operand(x, dtype, layout, D)
 
 
-@functools.lru_cache(maxsize=None)
-def _nonfinite_kernel():
-    return _cupy().ReductionKernel("T x", "int64 n", "isfinite((float)x) ? 0 : 1", "a + b", "n = a",
-                                   "0", "sparge_count_nonfinite")
+def nonfinite_counter():
+    """The device counter of NaN / Inf in (q, k, v) that the kernels fill (uint64 [3])."""
+    cp = _cupy()
+    return cp.zeros(3, dtype=cp.uint64)
 
 
-def count_nonfinite(x):
-    """NaN and Inf in a CuPy float array: one pass, one scalar back to the host."""
-    return int(_nonfinite_kernel()(x))
+def _slot(counter, i):
+    return None if counter is None else counter[i:i + 1]
+
+
+def check_counter(counter, **operands):
+    """Raise the API's ValueError for the first of ``operands`` (in q, k, v order, matching the
+    counter's slots) with NaN or Inf: one read of the counter (a host synchronisation)."""
+    counts = counter.get()
+    for (name, x), bad in zip(operands.items(), counts):
+        if bad:
+            raise ck.nonfinite_error(name, int(bad), x.size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +199,10 @@ def _grid(nb, H, B):
     return (int(nb), int(H), int(B))
 
 
-def block_statistics(q, k, *, pooled):
-    """K mean, channel maxima and (with ``pooled``) pooled blocks and similarities of Q and K."""
+def block_statistics(q, k, *, pooled, nonfinite=None):
+    """K mean, channel maxima and (with ``pooled``) pooled blocks and similarities of Q and K.
+
+    ``nonfinite``: a :func:`nonfinite_counter` to count the NaN / Inf of Q and K into, or None."""
     cp = _cupy()
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
@@ -177,8 +211,8 @@ def block_statistics(q, k, *, pooled):
     T = ELEMENT_TYPES[q.dtype]
 
     sums = cp.empty((B, Hkv, nk, D), dtype=cp.float64)
-    get_kernel("block_stats.cu", f"sparge::k_block_sums<{T}>")(
-        _grid(nk, Hkv, B), (THREADS,), (k.view(), sums, _I32(Hkv), _I32(Lk), _I32(D)))
+    get_kernel("block_stats.cu", f"sparge::k_block_sums<{T}, {D}>")(
+        _grid(nk, Hkv, B), (THREADS,), (k.view(), sums, _slot(nonfinite, 1), _I32(Hkv), _I32(Lk)))
     km = cp.empty((B, Hkv, D), dtype=f32)
     get_kernel("block_stats.cu", "sparge::k_mean")(
         (Hkv, B), (D,), (sums, km, _I32(Hkv), _I32(Lk), _I32(D)))
@@ -188,13 +222,15 @@ def block_statistics(q, k, *, pooled):
     if pooled:
         st.qbar, st.q_sim = cp.empty((B, Hq, nq, D), f32), cp.empty((B, Hq, nq), f32)
         st.kbar, st.k_sim = cp.empty((B, Hkv, nk, D), f32), cp.empty((B, Hkv, nk), f32)
-    kern = get_kernel("block_stats.cu", f"sparge::block_stats<{T}>")
-    for x, km_, bar, sim, bamax, amax, H, L, block, hpk, nb in (
-            (q, None, st.qbar, st.q_sim, st.q_block_amax, st.q_amax, Hq, Lq, BQ, Hq // Hkv, nq),
-            (k, km, st.kbar, st.k_sim, st.k_block_amax, st.k_amax, Hkv, Lk, BK, 1, nk)):
+    kern = get_kernel("block_stats.cu", f"sparge::block_stats<{T}, {D}>")
+    # K's NaN / Inf were counted by k_block_sums; Q's are counted here.
+    for x, km_, bar, sim, bamax, amax, H, L, block, hpk, nb, count in (
+            (q, None, st.qbar, st.q_sim, st.q_block_amax, st.q_amax, Hq, Lq, BQ, Hq // Hkv, nq,
+             _slot(nonfinite, 0)),
+            (k, km, st.kbar, st.k_sim, st.k_block_amax, st.k_amax, Hkv, Lk, BK, 1, nk, None)):
         kern(_grid(nb, H, B), (THREADS,), (_params(
             BLOCK_STATS_PARAMS, x=x.view(), km=km_, pooled=bar, sim=sim, block_amax=bamax,
-            head_amax=amax, H=H, L=L, D=D, block=block, heads_per_kv=hpk,
+            head_amax=amax, nonfinite=count, H=H, L=L, block=block, heads_per_kv=hpk,
             sim_eps=CONFIG.sim_eps),))
     return st
 
@@ -210,7 +246,7 @@ def quantize_qk(q, k, st, *, qk, rebalance, with_q_dot_km):
     _, Hkv, Lk, _ = k.shape
     nq, nk = -(-Lq // BQ), -(-Lk // BK)
     out_t, out_dtype = ("signed char", cp.int8) if qk == "int8" else ("__half", cp.float16)
-    kern = get_kernel("block_stats.cu", f"sparge::quantize<{ELEMENT_TYPES[q.dtype]}, {out_t}>")
+    kern = get_kernel("block_stats.cu", f"sparge::quantize<{ELEMENT_TYPES[q.dtype]}, {out_t}, {D}>")
     q_op, dq = cp.empty((B, Hq, nq * BQ, D), out_dtype), cp.empty((B, Hq, nq), cp.float32)
     k_op, dk = cp.empty((B, Hkv, nk * BK, D), out_dtype), cp.empty((B, Hkv, nk), cp.float32)
     q_dot_km = cp.empty((B, Hq, Lq), cp.float32) if with_q_dot_km else None
@@ -218,17 +254,18 @@ def quantize_qk(q, k, st, *, qk, rebalance, with_q_dot_km):
     kern(_grid(nq, Hq, B), (THREADS,), (_params(
         QUANTIZE_PARAMS, x=q.view(), km=st.km if with_q_dot_km else None, amax_q=amax_q,
         amax_k=amax_k, block_amax=st.q_block_amax, out=q_op, delta=dq, q_dot_km=q_dot_km,
-        H=Hq, L=Lq, D=D, block=BQ, heads_per_kv=Hq // Hkv, is_key=0),))
+        H=Hq, L=Lq, block=BQ, heads_per_kv=Hq // Hkv, is_key=0),))
     kern(_grid(nk, Hkv, B), (THREADS,), (_params(
         QUANTIZE_PARAMS, x=k.view(), km=st.km, amax_q=amax_q, amax_k=amax_k,
         block_amax=st.k_block_amax, out=k_op, delta=dk, q_dot_km=None,
-        H=Hkv, L=Lk, D=D, block=BK, heads_per_kv=1, is_key=1),))
+        H=Hkv, L=Lk, block=BK, heads_per_kv=1, is_key=1),))
     return q_op, dq, k_op, dk, q_dot_km
 
 
-def quantize_v(v, *, pv):
+def quantize_v(v, *, pv, nonfinite=None):
     """V^T ``[B, Hkv, Dp, nk*BK]`` in e4m3 (keys permuted within each 32) or fp16, and ``dv``
-    ``[B, Hkv, Dp]`` (FP8 only, else None)."""
+    ``[B, Hkv, Dp]`` (FP8 only, else None). ``nonfinite``: a :func:`nonfinite_counter` to count
+    the NaN / Inf of V into, or None."""
     cp = _cupy()
     B, Hkv, Lk, D = v.shape
     nk = -(-Lk // BK)
@@ -237,17 +274,15 @@ def quantize_v(v, *, pv):
     amax = cp.zeros((B, Hkv, D), cp.float32)
     dv = None
     if fp8:
-        get_kernel("quant_v.cu", f"sparge::v_channel_amax<{T}>")(
-            _grid(nk, Hkv, B), (THREADS,), (v.view(), amax, _I32(Hkv), _I32(Lk), _I32(D)))
+        get_kernel("quant_v.cu", f"sparge::v_channel_amax<{T}, {D}>")(
+            _grid(nk, Hkv, B), (THREADS,), (v.view(), amax, _I32(Hkv), _I32(Lk)))
         dv = cp.empty_like(amax)
         get_kernel("quant_v.cu", "sparge::v_scales")(
             (-(-amax.size // THREADS),), (THREADS,), (amax, dv, _I32(amax.size)))
     vt = cp.empty((B, Hkv, D, nk * BK), cp.uint8 if fp8 else cp.float16)
-    elem = 1 if fp8 else 2
-    smem = D * (BK + 16 // elem) * elem
-    kern = get_kernel("quant_v.cu", f"sparge::quantize_v<{T}, {'true' if fp8 else 'false'}>")
-    kern(_grid(nk, Hkv, B), (THREADS,), (v.view(), amax, vt, _I32(Hkv), _I32(Lk), _I32(D)),
-         shared_mem=smem)
+    kern = get_kernel("quant_v.cu", f"sparge::quantize_v<{T}, {'true' if fp8 else 'false'}, {D}>")
+    kern(_grid(nk, Hkv, B), (THREADS,),
+         (v.view(), amax, vt, _slot(nonfinite, 2), _I32(Hkv), _I32(Lk)))
     return vt, dv
 
 
@@ -353,13 +388,13 @@ class Quantized:
     dv: object               # None for pv="fp16"
 
 
-def quantize_operands(q, k, v, st, *, qk, rebalance, pv, with_q_dot_km):
+def quantize_operands(q, k, v, st, *, qk, rebalance, pv, with_q_dot_km, nonfinite=None):
     if pv == "fp8" and _compute_capability() < 89:
         raise ValueError("pv: 'fp8' needs compute capability 8.9 or newer (e4m3 tensor cores); "
                          "use pv='fp16' on this GPU")
     q_op, dq, k_op, dk, q_dot_km = quantize_qk(q, k, st, qk=qk, rebalance=rebalance,
                                                with_q_dot_km=with_q_dot_km)
-    vt, dv = quantize_v(v, pv=pv)
+    vt, dv = quantize_v(v, pv=pv, nonfinite=nonfinite)
     return Quantized(q_op, dq, k_op, dk, q_dot_km, vt, dv)
 
 
@@ -398,9 +433,9 @@ def run_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, r
 
 
 def attention(q, k, v, block_map, *, st, is_causal, scale, pvthreshd, qk, rebalance, pv,
-              return_lse, return_stats, out=None):
+              return_lse, return_stats, out=None, nonfinite=None):
     qz = quantize_operands(q, k, v, st, qk=qk, rebalance=rebalance, pv=pv,
-                           with_q_dot_km=return_lse)
+                           with_q_dot_km=return_lse, nonfinite=nonfinite)
     return run_attention(q, k, qz, block_map, is_causal=is_causal, scale=scale,
                          pvthreshd=pvthreshd, qk=qk, pv=pv, return_lse=return_lse,
                          return_stats=return_stats, out=out)
@@ -425,29 +460,42 @@ def _as_operands(layout, *arrays):
 def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
                       attention_sink):
     q, k = _as_operands(layout, q, k)
-    st = block_statistics(q, k, pooled=True)
-    return select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
-                  simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-                  attention_sink=attention_sink)
+    counter = nonfinite_counter()
+    st = block_statistics(q, k, pooled=True, nonfinite=counter)
+    block_map = select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
+                       simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+                       attention_sink=attention_sink)
+    check_counter(counter, q=q, k=k)
+    return block_map
+
+
+def _attend(q, k, v, block_map, st, counter, **options):
+    """:func:`attention` on operands whose Q and K statistics are done, then the call's one
+    non-finite check (``counter`` holds Q's and K's counts; quantize_v adds V's)."""
+    result = attention(q, k, v, block_map, st=st, nonfinite=counter, **options)
+    check_counter(counter, q=q, k=k, v=v)
+    return result
 
 
 def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd, qk, rebalance,
                       pv, return_lse, return_stats, out=None):
     q, k, v = _as_operands(layout, q, k, v)
-    st = block_statistics(q, k, pooled=False)
-    return attention(q, k, v, block_map, st=st, is_causal=is_causal, scale=scale,
-                     pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
-                     return_lse=return_lse, return_stats=return_stats, out=out)
+    counter = nonfinite_counter()
+    st = block_statistics(q, k, pooled=False, nonfinite=counter)
+    return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
+                   pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
+                   return_lse=return_lse, return_stats=return_stats, out=out)
 
 
 def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
                 attention_sink, pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None):
     """Prediction and attention sharing one statistics pass over Q and K."""
     q, k, v = _as_operands(layout, q, k, v)
-    st = block_statistics(q, k, pooled=True)
+    counter = nonfinite_counter()
+    st = block_statistics(q, k, pooled=True, nonfinite=counter)
     block_map = select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                        attention_sink=attention_sink)
-    return attention(q, k, v, block_map, st=st, is_causal=is_causal, scale=scale,
-                     pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
-                     return_lse=return_lse, return_stats=return_stats, out=out)
+    return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
+                   pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
+                   return_lse=return_lse, return_stats=return_stats, out=out)

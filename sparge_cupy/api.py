@@ -34,11 +34,9 @@ def _common(q, k, v, layout, is_causal, scale):
     shapes = ck.check_qkv(q, k, k if v is None else v, layout)
     ck.check_flag("is_causal", is_causal)
     scale = ck.check_scale(scale, shapes.D)
-    if xp_name == "numpy":
-        count = ck.count_nonfinite_numpy
-    else:
-        from ._gpu import count_nonfinite as count
-    ck.check_finite(count, **({"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}))
+    if xp_name == "numpy":      # CuPy inputs: counted inside the kernels, checked at the end
+        ck.check_finite(ck.count_nonfinite_numpy,
+                        **({"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}))
     return xp_name, shapes, scale
 
 

@@ -366,3 +366,131 @@ def test_torch_adapter_matches_mirror(dtype):
     check_attention(out.float().cpu().numpy(), m_out, dense, dtype)
     out2 = st.block_sparse_attn(tq, tk, tv, bmap, is_causal=True, pv=pv)
     assert torch.equal(out, out2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs: counted inside the kernels (k_block_sums, block_stats of Q, quantize_v), one
+# check at the end of each entry point, the NumPy path's error word for word.
+
+def _np_dtype(name):
+    import ml_dtypes
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def _gpu_operands(arrays, layout, dtype):
+    """NumPy arrays -> _gpu Operands (bf16 as uint16 storage, as the torch adapter passes it)."""
+    if dtype == "bfloat16":
+        return [_gpu.operand(cupy.asarray(x.view(np.uint16)), layout, "bfloat16") for x in arrays]
+    return [_gpu.operand(cupy.asarray(x), layout) for x in arrays]
+
+
+def _gpu_entry_kwargs(Hq, D, pv):
+    heads = lambda x: np.full(Hq, x, np.float32)  # noqa: E731
+    select = dict(simthreshd1=heads(0.5), cdfthreshd=heads(0.9), topk=None, attention_sink=True)
+    attn = dict(pvthreshd=heads(np.inf), qk="int8", rebalance=True, pv=pv, return_lse=False,
+                return_stats=False)
+    return dict(is_causal=True, scale=D ** -0.5), select, attn
+
+
+NONFINITE_VALUES = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+
+
+@pytest.mark.parametrize("value", list(NONFINITE_VALUES))
+@pytest.mark.parametrize("target", ["q", "k", "v"])
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_nonfinite_inputs_raise_the_cpu_error(dtype, layout, target, value):
+    B, Hq, Hkv, Lq, Lk, D = 1, 4, 2, 200, 150, 64
+    arrays = dict(zip("qkv", make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=_np_dtype(dtype), layout=layout,
+                                      seed=5)))
+    x = arrays[target]
+    L = x.shape[2] if layout == "HND" else x.shape[1]
+    for t, h, d in ((0, 0, 0), (L - 1, 1, D - 1), (L // 2, 1, 7)):   # first, last (tail block), inside
+        x[(0, h, t, d) if layout == "HND" else (0, t, h, d)] = NONFINITE_VALUES[value]
+    with pytest.raises(ValueError) as cpu:
+        sc.sparge_attn(arrays["q"], arrays["k"], arrays["v"], is_causal=True, layout=layout)
+    assert f"{target}: expected finite values, got 3 NaN or Inf of {x.size}" == str(cpu.value)
+
+    pv = "fp8" if FP8 else "fp16"
+    common, select, attn = _gpu_entry_kwargs(Hq, D, pv)
+    qo, ko, vo = _gpu_operands([arrays[n] for n in "qkv"], layout, dtype)
+    bmap = cupy.ones((B, Hq, -(-Lq // BQ), -(-Lk // BK)), dtype=cupy.bool_)
+    calls = [lambda: _gpu.sparge_attn(qo, ko, vo, layout=layout, **common, **select, **attn),
+             lambda: _gpu.block_sparse_attn(qo, ko, vo, bmap, layout=layout, **common, **attn)]
+    if target != "v":
+        calls.append(lambda: _gpu.predict_block_map(qo, ko, layout=layout, **common, **select))
+    for call in calls:
+        with pytest.raises(ValueError) as gpu:
+            call()
+        assert str(gpu.value) == str(cpu.value)
+
+
+def test_nonfinite_through_the_public_api_and_fp16_pv():
+    """The CuPy API (no separate pre-pass any more) and pv="fp16", where V is read only by
+    quantize_v; finite inputs still pass."""
+    (q, k, v), (qg, kg, vg) = _inputs((1, 2, 2, 130, 130, 64, "float16", "HND", False))
+    sc.sparge_attn(qg, kg, vg, pv="fp16")
+    for name in ("q", "k", "v"):
+        arrays = {"q": qg.copy(), "k": kg.copy(), "v": vg.copy()}
+        arrays[name][0, 1, 129, 63] = np.nan
+        with pytest.raises(ValueError, match=f"^{name}: expected finite values, got 1 NaN or Inf "
+                                             f"of {qg.size}$"):
+            sc.sparge_attn(arrays["q"], arrays["k"], arrays["v"], pv="fp16")
+
+
+def test_nonfinite_through_the_torch_adapter():
+    torch = pytest.importorskip("torch")
+    import sparge_cupy.torch as st
+    (q, k, v), _ = _inputs((1, 4, 2, 300, 333, 128, "float32", "NHD", True))
+    tq, tk, tv = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (q, k, v))
+    tv[0, 5, 1, 3] = float("inf")
+    with pytest.raises(ValueError, match=f"^v: expected finite values, got 1 NaN or Inf of {tv.numel()}$"):
+        st.sparge_attn(tq, tk, tv, is_causal=True, layout="NHD", pv="fp16")
+    tk[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^k: expected finite values, got 1 NaN"):
+        st.predict_block_map(tq, tk, is_causal=True, layout="NHD")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vector loads (rows aligned to 16 bytes) and the scalar fallback give the same bits.
+
+def _misaligned(xg, how):
+    """The same values with rows that are not 4-byte aligned: an array one element into a buffer
+    ("offset") or a view of every row's first D channels out of D + 1 ("row-stride")."""
+    if how == "offset":
+        flat = cupy.empty(xg.size + 1, dtype=xg.dtype)
+        out = flat[1:].reshape(xg.shape)
+    else:
+        out = cupy.zeros(xg.shape[:3] + (xg.shape[3] + 1,), dtype=xg.dtype)[..., :xg.shape[3]]
+    out[...] = xg
+    return out
+
+
+@pytest.mark.parametrize("how", ["offset", "row-stride"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_vector_and_scalar_loads_agree(dtype, layout, D, how):
+    B, Hq, Hkv, Lq, Lk = 1, 4, 2, 300, 200
+    arrays = make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=_np_dtype(dtype), layout=layout, seed=3)
+    aligned = _gpu_operands(arrays, layout, dtype)
+    skewed = [_gpu.operand(_misaligned(o.array, how), layout, o.dtype) for o in aligned]
+    assert all(int(o.view()["align"][0]) == 16 for o in aligned)
+    # element-aligned only: below every vector width of the kernels (4 to 16 bytes, 8 for fp32)
+    assert all(int(o.view()["align"][0]) == o.array.itemsize for o in skewed)
+    results = []
+    for qo, ko, vo in (aligned, skewed):
+        counter = _gpu.nonfinite_counter()
+        st = _gpu.block_statistics(qo, ko, pooled=True, nonfinite=counter)
+        q_op, dq, k_op, dk, qkm = _gpu.quantize_qk(qo, ko, st, qk="int8", rebalance=True,
+                                                   with_q_dot_km=True)
+        vt16, _ = _gpu.quantize_v(vo, pv="fp16", nonfinite=counter)
+        res = dict(km=st.km, q_amax=st.q_amax, k_amax=st.k_amax, qbar=st.qbar, q_sim=st.q_sim,
+                   kbar=st.kbar, k_sim=st.k_sim, q_op=q_op, dq=dq, k_op=k_op, dk=dk,
+                   q_dot_km=qkm, vt16=vt16, counter=counter)
+        if FP8:
+            res["vt8"], res["dv"] = _gpu.quantize_v(vo, pv="fp8")
+        results.append({key: val.get() for key, val in res.items()})
+    for key, val in results[0].items():
+        np.testing.assert_array_equal(results[1][key].view(np.uint8), val.view(np.uint8), err_msg=key)
+    assert not results[0]["counter"].any()
