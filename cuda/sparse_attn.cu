@@ -455,10 +455,11 @@ __device__ __forceinline__ constexpr int tile_offset(int row0, int ks) {
     return (ks * 32 / SW) * ROWS * SW + row0 * SW + (ks * 32) % SW;
 }
 
-// S = Q K^T for the warpgroup's 64 rows; q_lo: descriptor low word of its Q rows' tile start.
+// Issues S = Q K^T for the warpgroup's 64 rows (one commit group; the caller waits); q_lo, k_lo:
+// descriptor low words of its Q rows' and the K tile's start.
 template <int D, bool QK_INT8>
-__device__ __forceinline__ void wg_qk(typename Select<QK_INT8, int, float>::type (&acc)[32],
-                                      unsigned q_lo, unsigned k_lo) {
+__device__ __forceinline__ void wg_qk_issue(typename Select<QK_INT8, int, float>::type (&acc)[32],
+                                            unsigned q_lo, unsigned k_lo) {
     constexpr int QRB = D * (QK_INT8 ? 1 : 2), SW = QRB < 128 ? QRB : 128;
     wgmma_fence();
 #pragma unroll
@@ -469,8 +470,6 @@ __device__ __forceinline__ void wg_qk(typename Select<QK_INT8, int, float>::type
         else wgmma_f16_ss_n64(acc, da, db, ks > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(acc);
 }
 
 // acc[N / 2] (+)= P V^T[row0 .. row0 + N) for the 32-byte k step ks of P V (N output channels).
@@ -510,7 +509,14 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 #ifndef SPARGE_WG_MIN_BLOCKS
 #define SPARGE_WG_MIN_BLOCKS 2
 #endif
-template <int D> struct WgOccupancy { static constexpr int value = D <= 128 ? SPARGE_WG_MIN_BLOCKS : 1; };
+// SPARGE_WG_PIPELINE=1 builds the software-pipelined loop (one CTA per SM) at D <= 128.
+#ifndef SPARGE_WG_PIPELINE
+#define SPARGE_WG_PIPELINE 0
+#endif
+template <int D> struct WgPipelined { static constexpr bool value = SPARGE_WG_PIPELINE && D <= 128; };
+template <int D> struct WgOccupancy {
+    static constexpr int value = (D <= 128 && !WgPipelined<D>::value) ? SPARGE_WG_MIN_BLOCKS : 1;
+};
 
 // Dynamic shared memory the launcher gives sparse_attn_wg (1 KB for aligning the tiles).
 template <int D, bool QK_INT8, bool PV_FP8>
@@ -605,24 +611,9 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
     const float* dk_row = p.dk + ((size_t)b * p.Hkv + kvh) * p.nk;
     int visited = 0, skipped = 0;
 
-    int j = next_block(-1), stage = 0;
-    if (j <= j_last) {
-        load_tile_swizzled<BQ, QRB>(sQ, gQ, QRB, tid);
-        load_kv(j, 0);
-    }
-    cp_async_commit();
-
-    while (j <= j_last) {
-        cp_async_wait_all();
-        fence_proxy_async_smem();                    // cp.async wrote what the tensor cores read
-        __syncthreads();                             // K_j, V_j visible; stage ^ 1 is free
-        const int j_next = next_block(j);
-        if (j_next <= j_last) load_kv(j_next, stage ^ 1);
-        cp_async_commit();
-
-        AccT acc[32];                                // S = Q K_j^T (the first k step overwrites)
-        wg_qk<D, QK_INT8>(acc, q_lo, k_lo0 + stage * (Smem::K >> 4));
-
+    // One kept block's softmax: scores from the accumulator, Stage 2, online softmax, and P as
+    // the A fragments of P V. Returns whether the whole warpgroup skips the block's P V.
+    auto softmax_block = [&](AccT (&acc)[32], int j, unsigned (&pa)[PV_STEPS][4], float (&a_keep)[2]) {
         const float c = __fmul_rn(__fmul_rn(__fmul_rn(dq_i, dk_row[j]), p.scale), LOG2E);
         const bool need_mask = (j == p.nk - 1 && p.Lk % BK != 0) ||
                                (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
@@ -634,13 +625,10 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
         // into the exponent, p448 = exp2(s * c - m + log2 448), and the row sum l then counts
         // p448 (the epilogue divides by l448 = 448 l).
         float s[S_TILES][4];
-        float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
 #pragma unroll
         for (int n = 0; n < S_TILES; ++n) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[n][e] = (float)acc[4 * n + e];
-            }
+            for (int e = 0; e < 4; ++e) s[n][e] = (float)acc[4 * n + e];
         }
         if (need_mask) {                             // CTA-uniform: diagonal and tail blocks only
 #pragma unroll
@@ -650,13 +638,15 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
                     if (j * BK + n * 8 + 2 * t4 + (e & 1) > key_lim[e >> 1]) s[n][e] = -CUDART_INF_F;
             }
         }
+        float row_max[2];
 #pragma unroll
-        for (int n = 0; n < S_TILES; ++n) {
+        for (int r = 0; r < 2; ++r) {                // a tree, not a 16-long dependency chain
+            float x[4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) row_max[e >> 1] = fmaxf(row_max[e >> 1], s[n][e]);
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
+            for (int q = 0; q < 4; ++q)
+                x[q] = fmaxf(fmaxf(s[2 * q][2 * r], s[2 * q][2 * r + 1]),
+                             fmaxf(s[2 * q + 1][2 * r], s[2 * q + 1][2 * r + 1]));
+            row_max[r] = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
             row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
             row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
             row_max[r] = row_max[r] == -CUDART_INF_F ? -CUDART_INF_F : __fmul_rn(row_max[r], c);
@@ -677,8 +667,7 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
             wg_all_skip = wg_skip[4 * wg] && wg_skip[4 * wg + 1] && wg_skip[4 * wg + 2] && wg_skip[4 * wg + 3];
         }
 
-        unsigned pa[PV_STEPS][4];
-        float a_keep[2] = {1.f, 1.f};                // FP8: o's rescale, applied with the block's P V
+        a_keep[0] = a_keep[1] = 1.f;                 // FP8: o's rescale, applied with the block's P V
         if (!skip) {
             float bias[2], alpha[2];
             const float c_exp = fmaxf(c, 1.17549435e-38f);  // c underflowed to 0: -inf * 0 is NaN
@@ -690,17 +679,19 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
                 bias[r] = PV_FP8 ? LOG2_FP8_MAX - m_use : -m_use;
                 m[r] = m_new;
             }
-            float row_sum[2] = {0.f, 0.f};
 #pragma unroll
             for (int n = 0; n < S_TILES; ++n) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[n][e] = exp2f(fmaf(s[n][e], c_exp, bias[e >> 1]));
-                    row_sum[e >> 1] += s[n][e];
-                }
+                for (int e = 0; e < 4; ++e) s[n][e] = exp2f(fmaf(s[n][e], c_exp, bias[e >> 1]));
             }
 #pragma unroll
-            for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + row_sum[r];
+            for (int r = 0; r < 2; ++r) {            // row sums as a tree too
+                float x[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    x[q] = (s[2 * q][2 * r] + s[2 * q][2 * r + 1]) + (s[2 * q + 1][2 * r] + s[2 * q + 1][2 * r + 1]);
+                l[r] = l[r] * alpha[r] + ((x[0] + x[1]) + (x[2] + x[3]));
+            }
             if constexpr (PV_FP8) {
                 a_keep[0] = alpha[0];
                 a_keep[1] = alpha[1];
@@ -735,40 +726,139 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
 #pragma unroll
             for (int ks = 0; ks < PV_STEPS; ++ks) pa[ks][0] = pa[ks][1] = pa[ks][2] = pa[ks][3] = 0u;
         }
+        return wg_all_skip;
+    };
 
-        if (!wg_all_skip) {                          // O += P V_j (warpgroup-uniform branch)
-            if constexpr (PV_FP8) {
-                // Two-level accumulation: Hopper's e4m3 wgmma adds into its accumulator with about
-                // 13 mantissa bits (not float32), which over a long row loses the small terms. So
-                // the block's P V_j (64 keys) goes to a fresh accumulator, NC output channels at a
-                // time (registers), and is added to o in float32: o = o * alpha + P V_j.
-                constexpr int NC = SPARGE_WG_PV_CHUNK < D ? SPARGE_WG_PV_CHUNK : D;
+    // o = o * alpha + t (FP8 two-level accumulation: Hopper's e4m3 wgmma adds into its
+    // accumulator with about 13 mantissa bits, not float32, which over a long row loses the
+    // small terms; so each block's P V_j, 64 keys, goes to a fresh accumulator t first).
+    auto add_block = [&](const float* t, int first, int count, const float (&a_keep)[2]) {
 #pragma unroll
-                for (int c = 0; c < D / NC; ++c) {
-                    float t[NC / 2];
+        for (int x = 0; x < count; ++x) o[first + x] = fmaf(o[first + x], a_keep[(x >> 1) & 1], t[x]);
+    };
+
+    if constexpr (!WgPipelined<D>::value) {
+        // One block per iteration: S = Q K_j^T, softmax, P V_j, each waited before the next; the
+        // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two
+        // CTAs per SM at D <= 128).
+        int j = next_block(-1), stage = 0;
+        if (j <= j_last) {
+            load_tile_swizzled<BQ, QRB>(sQ, gQ, QRB, tid);
+            load_kv(j, 0);
+        }
+        cp_async_commit();
+        while (j <= j_last) {
+            cp_async_wait_all();
+            fence_proxy_async_smem();                // cp.async wrote what the tensor cores read
+            __syncthreads();                         // K_j, V_j visible; stage ^ 1 is free
+            const int j_next = next_block(j);
+            if (j_next <= j_last) load_kv(j_next, stage ^ 1);
+            cp_async_commit();
+
+            AccT acc[32];                            // S = Q K_j^T (the first k step overwrites)
+            wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + stage * (Smem::K >> 4));
+            wgmma_wait<0>();
+            fence_operands(acc);
+            unsigned pa[PV_STEPS][4];
+            float a_keep[2];
+            const bool wg_all_skip = softmax_block(acc, j, pa, a_keep);
+            if (!wg_all_skip) {                      // O += P V_j (warpgroup-uniform branch)
+                const unsigned v_lo = v_lo0 + stage * (Smem::V >> 4);
+                if constexpr (PV_FP8) {
+                    constexpr int NC = SPARGE_WG_PV_CHUNK < D ? SPARGE_WG_PV_CHUNK : D;
+#pragma unroll
+                    for (int c = 0; c < D / NC; ++c) {   // NC output channels at a time (registers)
+                        float t[NC / 2];
+                        wgmma_fence();
+#pragma unroll
+                        for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<NC, D, PV_FP8>(t, pa[ks], v_lo, c * NC, ks, ks > 0);
+                        wgmma_commit();
+                        wgmma_wait<0>();
+                        fence_operands(t);
+                        add_block(t, c * NC / 2, NC / 2, a_keep);
+                    }
+                } else {
                     wgmma_fence();
 #pragma unroll
-                    for (int ks = 0; ks < PV_STEPS; ++ks)
-                        wg_pv<NC, D, PV_FP8>(t, pa[ks], v_lo0 + stage * (Smem::V >> 4), c * NC, ks, ks > 0);
+                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(o, pa[ks], v_lo, 0, ks, 1);
                     wgmma_commit();
                     wgmma_wait<0>();
-                    fence_operands(t);
-#pragma unroll
-                    for (int x = 0; x < NC / 2; ++x)
-                        o[c * NC / 2 + x] = fmaf(o[c * NC / 2 + x], a_keep[(x >> 1) & 1], t[x]);
+                    fence_operands(o);
                 }
-            } else {
+            }
+            stage ^= 1;
+            j = j_next;
+        }
+    } else {
+        // Software-pipelined (one CTA per SM, registers for two score tiles): while the softmax
+        // of block j runs, the tensor cores already compute S' = Q K_{j'}^T of the next kept
+        // block j'; then P V_j. Shared memory: K_{j'} must be resident one block ahead, so the
+        // loads of iteration n are K of the block two ahead and V of the block one ahead; one
+        // barrier per block still frees both slots (K_j: its S was waited in the previous
+        // iteration; V_{j-1}: its P V too).
+        int j = next_block(-1);
+        int j1 = j <= j_last ? next_block(j) : j_last + 1;
+        if (j <= j_last) {
+            load_tile_swizzled<BQ, QRB>(sQ, gQ, QRB, tid);
+            load_tile_swizzled<BK, QRB>(sK0, gK + (size_t)j * BK * QRB, QRB, tid);
+            load_tile_swizzled<D, VRB>(sV0, gV + (size_t)j * VRB, v_row, tid);
+            if (j1 <= j_last) load_tile_swizzled<BK, QRB>(sK0 + Smem::K, gK + (size_t)j1 * BK * QRB, QRB, tid);
+        }
+        cp_async_commit();
+        cp_async_wait_all();
+        fence_proxy_async_smem();
+        __syncthreads();
+        AccT acc_a[32], acc_b[32];
+        if (j <= j_last) {
+            wg_qk_issue<D, QK_INT8>(acc_a, q_lo, k_lo0);
+            wgmma_wait<0>();
+            fence_operands(acc_a);
+        }
+        int par = 0;                                 // K_j and V_j sit in slot par
+        auto step = [&](AccT (&cur)[32], AccT (&nxt)[32]) {
+            const int j2 = j1 <= j_last ? next_block(j1) : j_last + 1;
+            if (j2 <= j_last)
+                load_tile_swizzled<BK, QRB>(sK0 + par * Smem::K, gK + (size_t)j2 * BK * QRB, QRB, tid);
+            if (j1 <= j_last)
+                load_tile_swizzled<D, VRB>(sV0 + (par ^ 1) * Smem::V, gV + (size_t)j1 * VRB, v_row, tid);
+            cp_async_commit();
+            if (j1 <= j_last) wg_qk_issue<D, QK_INT8>(nxt, q_lo, k_lo0 + (par ^ 1) * (Smem::K >> 4));
+            unsigned pa[PV_STEPS][4];
+            float a_keep[2];
+            const bool wg_all_skip = softmax_block(cur, j, pa, a_keep);
+            float t[PV_FP8 ? D / 2 : 1];
+            if (!wg_all_skip) {
+                const unsigned v_lo = v_lo0 + par * (Smem::V >> 4);
                 wgmma_fence();
+                if constexpr (PV_FP8) {
 #pragma unroll
-                for (int ks = 0; ks < PV_STEPS; ++ks)
-                    wg_pv<D, D, PV_FP8>(o, pa[ks], v_lo0 + stage * (Smem::V >> 4), 0, ks, 1);
+                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(t, pa[ks], v_lo, 0, ks, ks > 0);
+                } else {
+#pragma unroll
+                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(o, pa[ks], v_lo, 0, ks, 1);
+                }
                 wgmma_commit();
-                wgmma_wait<0>();
+            }
+            wgmma_wait<0>();
+            fence_operands(nxt);
+            if constexpr (PV_FP8) {
+                fence_operands(t);
+                if (!wg_all_skip) add_block(t, 0, D / 2, a_keep);
+            } else {
                 fence_operands(o);
             }
+            cp_async_wait_all();
+            fence_proxy_async_smem();
+            __syncthreads();                         // K_{j2}, V_{j1} visible; slots free
+            j = j1;
+            j1 = j2;
+            par ^= 1;
+        };
+        while (j <= j_last) {
+            step(acc_a, acc_b);
+            if (j > j_last) break;
+            step(acc_b, acc_a);
         }
-        stage ^= 1;
-        j = j_next;
     }
     cp_async_wait_all();
 
