@@ -509,14 +509,7 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 #ifndef SPARGE_WG_MIN_BLOCKS
 #define SPARGE_WG_MIN_BLOCKS 2
 #endif
-// SPARGE_WG_PIPELINE=1 builds the software-pipelined loop (one CTA per SM) at D <= 128.
-#ifndef SPARGE_WG_PIPELINE
-#define SPARGE_WG_PIPELINE 0
-#endif
-template <int D> struct WgPipelined { static constexpr bool value = SPARGE_WG_PIPELINE && D <= 128; };
-template <int D> struct WgOccupancy {
-    static constexpr int value = (D <= 128 && !WgPipelined<D>::value) ? SPARGE_WG_MIN_BLOCKS : 1;
-};
+template <int D> struct WgOccupancy { static constexpr int value = D <= 128 ? SPARGE_WG_MIN_BLOCKS : 1; };
 
 // Dynamic shared memory the launcher gives sparse_attn_wg (1 KB for aligning the tiles).
 template <int D, bool QK_INT8, bool PV_FP8>
@@ -737,128 +730,56 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
         for (int x = 0; x < count; ++x) o[first + x] = fmaf(o[first + x], a_keep[(x >> 1) & 1], t[x]);
     };
 
-    if constexpr (!WgPipelined<D>::value) {
-        // One block per iteration: S = Q K_j^T, softmax, P V_j, each waited before the next; the
-        // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two
-        // CTAs per SM at D <= 128).
-        int j = next_block(-1), stage = 0;
-        if (j <= j_last) {
-            load_tile_swizzled<BQ, QRB>(sQ, gQ, QRB, tid);
-            load_kv(j, 0);
-        }
+    // One block per iteration: S = Q K_j^T, softmax, P V_j, each waited before the next; the
+    // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two
+    // CTAs per SM at D <= 128).
+    int j = next_block(-1), stage = 0;
+    if (j <= j_last) {
+        load_tile_swizzled<BQ, QRB>(sQ, gQ, QRB, tid);
+        load_kv(j, 0);
+    }
+    cp_async_commit();
+    while (j <= j_last) {
+        cp_async_wait_all();
+        fence_proxy_async_smem();                // cp.async wrote what the tensor cores read
+        __syncthreads();                         // K_j, V_j visible; stage ^ 1 is free
+        const int j_next = next_block(j);
+        if (j_next <= j_last) load_kv(j_next, stage ^ 1);
         cp_async_commit();
-        while (j <= j_last) {
-            cp_async_wait_all();
-            fence_proxy_async_smem();                // cp.async wrote what the tensor cores read
-            __syncthreads();                         // K_j, V_j visible; stage ^ 1 is free
-            const int j_next = next_block(j);
-            if (j_next <= j_last) load_kv(j_next, stage ^ 1);
-            cp_async_commit();
 
-            AccT acc[32];                            // S = Q K_j^T (the first k step overwrites)
-            wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + stage * (Smem::K >> 4));
-            wgmma_wait<0>();
-            fence_operands(acc);
-            unsigned pa[PV_STEPS][4];
-            float a_keep[2];
-            const bool wg_all_skip = softmax_block(acc, j, pa, a_keep);
-            if (!wg_all_skip) {                      // O += P V_j (warpgroup-uniform branch)
-                const unsigned v_lo = v_lo0 + stage * (Smem::V >> 4);
-                if constexpr (PV_FP8) {
-                    constexpr int NC = SPARGE_WG_PV_CHUNK < D ? SPARGE_WG_PV_CHUNK : D;
+        AccT acc[32];                            // S = Q K_j^T (the first k step overwrites)
+        wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + stage * (Smem::K >> 4));
+        wgmma_wait<0>();
+        fence_operands(acc);
+        unsigned pa[PV_STEPS][4];
+        float a_keep[2];
+        const bool wg_all_skip = softmax_block(acc, j, pa, a_keep);
+        if (!wg_all_skip) {                      // O += P V_j (warpgroup-uniform branch)
+            const unsigned v_lo = v_lo0 + stage * (Smem::V >> 4);
+            if constexpr (PV_FP8) {
+                constexpr int NC = SPARGE_WG_PV_CHUNK < D ? SPARGE_WG_PV_CHUNK : D;
 #pragma unroll
-                    for (int c = 0; c < D / NC; ++c) {   // NC output channels at a time (registers)
-                        float t[NC / 2];
-                        wgmma_fence();
-#pragma unroll
-                        for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<NC, D, PV_FP8>(t, pa[ks], v_lo, c * NC, ks, ks > 0);
-                        wgmma_commit();
-                        wgmma_wait<0>();
-                        fence_operands(t);
-                        add_block(t, c * NC / 2, NC / 2, a_keep);
-                    }
-                } else {
+                for (int c = 0; c < D / NC; ++c) {   // NC output channels at a time (registers)
+                    float t[NC / 2];
                     wgmma_fence();
 #pragma unroll
-                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(o, pa[ks], v_lo, 0, ks, 1);
+                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<NC, D, PV_FP8>(t, pa[ks], v_lo, c * NC, ks, ks > 0);
                     wgmma_commit();
                     wgmma_wait<0>();
-                    fence_operands(o);
+                    fence_operands(t);
+                    add_block(t, c * NC / 2, NC / 2, a_keep);
                 }
-            }
-            stage ^= 1;
-            j = j_next;
-        }
-    } else {
-        // Software-pipelined (one CTA per SM, registers for two score tiles): while the softmax
-        // of block j runs, the tensor cores already compute S' = Q K_{j'}^T of the next kept
-        // block j'; then P V_j. Shared memory: K_{j'} must be resident one block ahead, so the
-        // loads of iteration n are K of the block two ahead and V of the block one ahead; one
-        // barrier per block still frees both slots (K_j: its S was waited in the previous
-        // iteration; V_{j-1}: its P V too).
-        int j = next_block(-1);
-        int j1 = j <= j_last ? next_block(j) : j_last + 1;
-        if (j <= j_last) {
-            load_tile_swizzled<BQ, QRB>(sQ, gQ, QRB, tid);
-            load_tile_swizzled<BK, QRB>(sK0, gK + (size_t)j * BK * QRB, QRB, tid);
-            load_tile_swizzled<D, VRB>(sV0, gV + (size_t)j * VRB, v_row, tid);
-            if (j1 <= j_last) load_tile_swizzled<BK, QRB>(sK0 + Smem::K, gK + (size_t)j1 * BK * QRB, QRB, tid);
-        }
-        cp_async_commit();
-        cp_async_wait_all();
-        fence_proxy_async_smem();
-        __syncthreads();
-        AccT acc_a[32], acc_b[32];
-        if (j <= j_last) {
-            wg_qk_issue<D, QK_INT8>(acc_a, q_lo, k_lo0);
-            wgmma_wait<0>();
-            fence_operands(acc_a);
-        }
-        int par = 0;                                 // K_j and V_j sit in slot par
-        auto step = [&](AccT (&cur)[32], AccT (&nxt)[32]) {
-            const int j2 = j1 <= j_last ? next_block(j1) : j_last + 1;
-            if (j2 <= j_last)
-                load_tile_swizzled<BK, QRB>(sK0 + par * Smem::K, gK + (size_t)j2 * BK * QRB, QRB, tid);
-            if (j1 <= j_last)
-                load_tile_swizzled<D, VRB>(sV0 + (par ^ 1) * Smem::V, gV + (size_t)j1 * VRB, v_row, tid);
-            cp_async_commit();
-            if (j1 <= j_last) wg_qk_issue<D, QK_INT8>(nxt, q_lo, k_lo0 + (par ^ 1) * (Smem::K >> 4));
-            unsigned pa[PV_STEPS][4];
-            float a_keep[2];
-            const bool wg_all_skip = softmax_block(cur, j, pa, a_keep);
-            float t[PV_FP8 ? D / 2 : 1];
-            if (!wg_all_skip) {
-                const unsigned v_lo = v_lo0 + par * (Smem::V >> 4);
-                wgmma_fence();
-                if constexpr (PV_FP8) {
-#pragma unroll
-                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(t, pa[ks], v_lo, 0, ks, ks > 0);
-                } else {
-#pragma unroll
-                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(o, pa[ks], v_lo, 0, ks, 1);
-                }
-                wgmma_commit();
-            }
-            wgmma_wait<0>();
-            fence_operands(nxt);
-            if constexpr (PV_FP8) {
-                fence_operands(t);
-                if (!wg_all_skip) add_block(t, 0, D / 2, a_keep);
             } else {
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(o, pa[ks], v_lo, 0, ks, 1);
+                wgmma_commit();
+                wgmma_wait<0>();
                 fence_operands(o);
             }
-            cp_async_wait_all();
-            fence_proxy_async_smem();
-            __syncthreads();                         // K_{j2}, V_{j1} visible; slots free
-            j = j1;
-            j1 = j2;
-            par ^= 1;
-        };
-        while (j <= j_last) {
-            step(acc_a, acc_b);
-            if (j > j_last) break;
-            step(acc_b, acc_a);
         }
+        stage ^= 1;
+        j = j_next;
     }
     cp_async_wait_all();
 
