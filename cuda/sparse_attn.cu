@@ -500,8 +500,11 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+// The 128 threads of warpgroup wg (0 or 1) meet at named barrier 1 + wg (0 is __syncthreads).
+// Immediate barrier ids: ptxas then reserves 3 barriers per CTA, not all 16.
+__device__ __forceinline__ void warpgroup_barrier_sync(int wg) {
+    if (wg == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    else asm volatile("bar.sync 2, 128;\n" ::: "memory");
 }
 
 // CTAs per SM the register allocation aims at (the launch bound): 2 at D <= 128 (16 warps per SM,
@@ -656,7 +659,7 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
             skip = group_real && delta <= -lambda;
             skipped += skip;
             if (lane == 0) wg_skip[warp] = skip;
-            named_barrier_sync(1 + wg, 128);
+            warpgroup_barrier_sync(wg);
             wg_all_skip = wg_skip[4 * wg] && wg_skip[4 * wg + 1] && wg_skip[4 * wg + 2] && wg_skip[4 * wg + 3];
         }
 
