@@ -1,8 +1,10 @@
-"""Figures of SpargeAttn, drawn from the NumPy reference (no GPU needed).
+"""Figures of SpargeAttn, drawn from the NumPy reference or from result CSVs (no GPU needed).
 
 - :mod:`.block_maps`: the predicted block map next to the true block attention mass, per head.
 - :mod:`.error_sparsity`: error against dense float64 as the thresholds sweep, with quantization
   on and off, so that quantization error and sparsity error are seen apart.
+- :mod:`.bench`: dense-equivalent TOPS per method against L and density, from the CSVs of
+  ``bench/run_bench.py`` (``python viz/bench.py CSV ... --out PNG``).
 
 Each module runs standalone on CPU (``python viz/block_maps.py [--out PATH]``), writes one PNG of
 the default input (``sparge_cupy.data.load_default_qkv``) and prints its path. The figures are
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["block_maps", "error_sparsity", "real_model"]
+__all__ = ["bench", "block_maps", "error_sparsity", "real_model"]
 
 
 def host(x):

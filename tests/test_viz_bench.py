@@ -1,0 +1,107 @@
+"""viz/bench.py on a small synthetic CSV of bench/run_bench.py: the figure is written, rows that
+failed their gate or raised are left out of every drawn series, and the series are the ok rows."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparge_cupy.viz.bench import bench_series, plot_bench, read_bench_csvs
+
+from test_cli_viz import assert_png, repo_env
+
+FIELDS = ["card", "method", "B", "H", "Hkv", "L", "D", "causal", "density", "dtype", "status",
+          "rel_l1", "ms", "tops", "predict_ms", "extra_mb"]
+CARD = "Test GPU 80GB"
+
+
+def row(method, L, D, causal, density, tops, status="ok"):
+    r = dict(card=CARD, method=method, B=2, H=4, Hkv=4, L=L, D=D, causal=causal, density=density,
+             dtype="float16", status=status, rel_l1=0.01 if status != "ERROR" else "")
+    if tops is not None:      # a FAIL row with a number: its status alone must leave it out
+        r.update(ms=1000.0 / tops, tops=tops)
+    return r
+
+
+def write_csv(path, rows, fields=FIELDS):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def bench_csv(tmp_path):
+    rows = []
+    for causal in (False, True):
+        for L in (1000, 4096, 8192):          # 1000: a length that is not a power of two
+            rows.append(row("sdpa_cudnn", L, 128, causal, 1.0, 500.0 + L / 100))
+            rows.append(row("sparge_int8_fp8", L, 128, causal, 1.0, 450.0 + L / 100))
+        for d in (0.5, 0.2512, 0.1):
+            rows.append(row("sparge_int8_fp8", 8192, 128, causal, d, 450.0 / d))
+    rows.append(row("sparge_int8_fp8", 8192, 64, False, 1.0, 300.0))
+    rows.append(row("sparge_int8_fp8", 8192, 64, False, 0.5, 560.0))
+    # a failed gate and an error: same panels, must not be drawn
+    rows.append(row("broken_fail", 8192, 128, False, 1.0, 9999.0, status="FAIL"))
+    rows.append(row("sparge_int8_fp8", 8192, 128, False, 0.25, 9999.0, status="FAIL"))
+    rows.append(row("flex_attention", 4096, 128, True, 1.0, None,
+                    status="ERROR RuntimeError: flex_attention setup failed"))
+    return write_csv(tmp_path / "bench_test_2026-01-02_Test_GPU.csv", rows)
+
+
+def test_figure_written_failed_rows_left_out(bench_csv, tmp_path, capsys):
+    drawn = plot_bench([bench_csv], path=tmp_path / "out" / "bench.png")
+    assert_png(drawn["path"])
+    series = drawn["series"]
+    assert {s["method"] for s in series} == {"sdpa_cudnn", "sparge_int8_fp8"}, series
+    assert all(9999.0 not in s["y"] for s in series), "a FAIL row's TOPS was drawn"
+    assert {(r["method"], r["status"].split()[0]) for r in drawn["left_out"]} == {
+        ("broken_fail", "FAIL"), ("sparge_int8_fp8", "FAIL"), ("flex_attention", "ERROR")}
+    printed = capsys.readouterr().out
+    assert printed.count("left out:") == 3 and "flex_attention setup failed" in printed
+
+    # panels: (D, causal) with D=128 first; L panel at density 1, density panel at the largest L
+    assert list(dict.fromkeys((s["D"], s["causal"]) for s in series)) == [
+        (128, False), (128, True), (64, False)]
+    by = {(s["D"], s["causal"], s["panel"], s["method"]): s for s in series}
+    ours_L = by[(128, False, "L", "sparge_int8_fp8")]
+    assert ours_L["x"] == [1000, 4096, 8192] and ours_L["y"] == [460.0, 490.96, 531.92]
+    ours_d = by[(128, False, "density", "sparge_int8_fp8")]
+    assert ours_d["L"] == 8192 and ours_d["x"] == [0.1, 0.2512, 0.5, 1.0]   # 0.25's FAIL row gone
+    assert ours_d["y"] == [4500.0, 450.0 / 0.2512, 900.0, 531.92] and not ours_d["dense_only"]
+    assert by[(128, True, "density", "sdpa_cudnn")]["dense_only"]
+    assert by[(64, False, "density", "sparge_int8_fp8")]["x"] == [0.5, 1.0]
+
+
+def test_rows_of_two_csvs_merge_and_the_last_one_wins(bench_csv, tmp_path):
+    rerun = write_csv(tmp_path / "bench_rerun_2026-01-03_Test_GPU.csv",
+                      [row("sparge_int8_fp8", 8192, 64, False, 1.0, 333.0)],
+                      fields=FIELDS + ["quant_ms"])       # a newer CSV: one more column
+    drawn = bench_series(read_bench_csvs([bench_csv, rerun]))
+    (s,) = [s for s in drawn["series"] if (s["D"], s["panel"]) == (64, "L")]
+    assert s["y"] == [333.0]
+
+
+def test_one_card_per_figure_and_named_columns(bench_csv, tmp_path):
+    other = write_csv(tmp_path / "other.csv", [dict(row("sdpa_cudnn", 8192, 128, False, 1.0, 1.0),
+                                                    card="Other GPU")])
+    with pytest.raises(ValueError, match="one card.*Other GPU, Test GPU 80GB"):
+        plot_bench([bench_csv, other], path=tmp_path / "x.png")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("card,method,L\nx,y,1\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: .*missing B, H, D, causal"):
+        plot_bench([bad], path=tmp_path / "x.png")
+
+
+def test_runs_standalone_as_a_file(bench_csv, tmp_path):
+    script = Path(__file__).resolve().parent.parent / "viz" / "bench.py"
+    out = tmp_path / "fig.png"
+    res = subprocess.run([sys.executable, str(script), str(bench_csv), "--out", str(out)],
+                         capture_output=True, text=True, env=repo_env(), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == str(out)
+    assert_png(out)
