@@ -2,7 +2,10 @@
 
 Rows: this package through ``sparge_cupy.torch`` (defaults: INT8 QK^T with channel rebalancing,
 FP8 P V; also ``qk="fp16"``) on fixed block maps of a given density and end-to-end with predicted
-maps, against PyTorch ``scaled_dot_product_attention`` (flash and cuDNN backends),
+maps; our default modes once more as the attention kernel alone (``sparge_int8_fp8_kernel``: the
+operands quantized once outside the timed region, with the statistics and quantization time of the
+same call path in ``quant_ms``, what the ``sparge_int8_fp8`` row pays on top of the kernel);
+against PyTorch ``scaled_dot_product_attention`` (flash and cuDNN backends),
 ``flex_attention`` (compiled) given the same block map as a ``BlockMask``, and ``sageattention``
 1.0.6 (Triton INT8), all measured in this one process on this one card.
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
+import gc
 import math
 import os
 import platform
@@ -145,6 +150,53 @@ def methods(q, k, v, bm_t, *, causal, scale, density):
     return m
 
 
+def kernel_only(q, k, v, bm_t, *, causal, scale):
+    """Our default modes (INT8 QK^T with rebalancing, FP8 P V, Stage 2 off) split where
+    ``sparge_cupy.torch.block_sparse_attn`` runs them, both on torch's current stream:
+
+    - ``quantize()``: the statistics and quantization passes of that call (``block_statistics``
+      without pooling, ``quantize_operands``, with the NaN/Inf counter they fill); not included are
+      the argument checks, the DLPack views and the one host read of the counter at the end;
+    - ``run()``: the attention kernel alone (``run_attention``: one launch, its parameter struct and
+      the upload of the per-head lambda) on the operands of the last ``quantize()``, into a fresh
+      torch output. The first ``run()`` quantizes (and checks the counter) first, so that a setup
+      error lands in the row like any other error and the timed runs find the operands ready.
+    """
+    import cupy
+    import torch
+
+    from sparge_cupy import _gpu
+    dev = q.device.index
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream, dev)
+    qo, ko, vo = (_gpu.operand(cupy.from_dlpack(t), "HND") for t in (q, k, v))
+    bmap = cupy.from_dlpack(bm_t.contiguous().view(torch.uint8)).view(cupy.bool_)
+    no_filter = np.full((q.shape[1],), np.inf, dtype=np.float32)   # pvthreshd=None: Stage 2 off
+    qz = None
+
+    def quantize():
+        nonlocal qz
+        with cupy.cuda.Device(dev), stream:
+            counter = _gpu.nonfinite_counter()
+            st = _gpu.block_statistics(qo, ko, pooled=False, nonfinite=counter)
+            qz = _gpu.quantize_operands(qo, ko, vo, st, qk="int8", rebalance=True, pv="fp8",
+                                        with_q_dot_km=False, nonfinite=counter)
+        return counter
+
+    def run():
+        if qz is None:
+            counter = quantize()
+            stream.synchronize()
+            _gpu.check_counter(counter, q=qo, k=ko, v=vo)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        with cupy.cuda.Device(dev), stream:
+            _gpu.run_attention(qo, ko, qz, bmap, is_causal=causal, scale=scale,
+                               pvthreshd=no_filter, qk="int8", pv="fp8", return_lse=False,
+                               return_stats=False, out=cupy.from_dlpack(out))
+        return out
+
+    return run, quantize
+
+
 def flex_block_mask(bm_t, Lq, Lk, causal):
     """Our block map as a flex_attention BlockMask, built from block indices (no L x L mask).
 
@@ -194,6 +246,27 @@ def peak_extra_bytes(fn):
     return torch.cuda.max_memory_allocated() - base + pool.total_bytes()
 
 
+def gate_and_time(row, fn, ref, gate, *, heads, rows, flops, reps_ms):
+    """Fill ``row`` for ``fn``: its error on the sampled rows against ``ref`` and, if within
+    ``GATE[gate]``, its median time, TOPS and peak extra memory. Returns whether it was timed."""
+    import torch
+    import triton.testing
+    try:
+        out = fn()
+        torch.cuda.synchronize()
+        err = rel_l1(out[0][heads][:, rows], ref)
+    except Exception as e:
+        row.update(status=f"ERROR {type(e).__name__}: {str(e)[:80]}")
+        return False
+    row["rel_l1"] = err
+    if not math.isfinite(err) or err > GATE[gate]:
+        row["status"] = "FAIL"
+        return False
+    ms = triton.testing.do_bench(fn, warmup=max(25, reps_ms // 4), rep=reps_ms, return_mode="median")
+    row.update(status="ok", ms=ms, tops=flops / (ms * 1e-3) / 1e12, extra_mb=peak_extra_bytes(fn) / 2 ** 20)
+    return True
+
+
 def bench_case(B, H, Hkv, L, D, causal, density, *, dtype, reps_ms, rows_sampled=256):
     import torch
     import triton.testing
@@ -212,33 +285,28 @@ def bench_case(B, H, Hkv, L, D, causal, density, *, dtype, reps_ms, rows_sampled
     heads = [0, H - 1]
     ref_dense = exact_rows(q, k, v, rows, heads, causal=causal, scale=scale)
     ref_sparse = exact_rows(q, k, v, rows, heads, causal=causal, scale=scale, block_map=bm_t)
+    case = dict(card=card_name(), B=B, H=H, Hkv=Hkv, L=L, D=D, causal=causal,
+                density=round(float(kept), 4), dtype=str(dtype).replace("torch.", ""))
+    timing = dict(heads=heads, rows=rows, flops=flops, reps_ms=reps_ms)
     results = []
     for name, (fn, gate, sparse) in methods(q, k, v, bm_t, causal=causal, scale=scale, density=density).items():
-        row = dict(card=card_name(), method=name, B=B, H=H, Hkv=Hkv, L=L, D=D, causal=causal,
-                   density=round(float(kept), 4), dtype=str(dtype).replace("torch.", ""))
-        try:
-            out = fn()
-            torch.cuda.synchronize()
-            err = rel_l1(out[0][heads][:, rows], ref_sparse if sparse else ref_dense)
-        except Exception as e:
-            row.update(status=f"ERROR {type(e).__name__}: {str(e)[:80]}")
-            results.append(row)
-            continue
-        row["rel_l1"] = err
-        if not math.isfinite(err) or err > GATE[gate]:
-            row["status"] = "FAIL"
-            results.append(row)
-            continue
-        ms = triton.testing.do_bench(fn, warmup=max(25, reps_ms // 4), rep=reps_ms, return_mode="median")
-        row.update(status="ok", ms=ms, tops=flops / (ms * 1e-3) / 1e12,
-                   extra_mb=peak_extra_bytes(fn) / 2 ** 20)
+        row = dict(case, method=name)
+        gate_and_time(row, fn, ref_sparse if sparse else ref_dense, gate, **timing)
         results.append(row)
+    # The kernel alone (extra_mb: its output plus the quantized operands it reads), then what the
+    # sparge_int8_fp8 row pays before it: statistics and quantization, in quant_ms.
+    run, quantize = kernel_only(q, k, v, bm_t, causal=causal, scale=scale)
+    row = dict(case, method="sparge_int8_fp8_kernel")
+    if gate_and_time(row, run, ref_sparse, "ours", **timing):
+        row["quant_ms"] = triton.testing.do_bench(quantize, warmup=25, rep=reps_ms, return_mode="median")
+    results.append(row)
+    del run, quantize   # they hold the quantized operands
     # end-to-end with a predicted map (prediction included) and prediction alone
     for name, kw in (("sparge_e2e_tau0.9", dict(cdfthreshd=0.9, simthreshd1=0.3)),):
         if density != 1.0:
             break
-        e2e = lambda: st.sparge_attn(q, k, v, is_causal=causal, scale=scale, **kw)  # noqa: E731
-        pred = lambda: st.predict_block_map(q, k, is_causal=causal, scale=scale, **kw)  # noqa: E731
+        e2e = functools.partial(st.sparge_attn, q, k, v, is_causal=causal, scale=scale, **kw)
+        pred = functools.partial(st.predict_block_map, q, k, is_causal=causal, scale=scale, **kw)
         pm = pred()
         kept_p = float(pm.float().mean() / (valid_blocks(L, L, causal).mean()))
         err = rel_l1(e2e()[0][heads][:, rows], exact_rows(q, k, v, rows, heads, causal=causal, scale=scale,
@@ -249,18 +317,16 @@ def bench_case(B, H, Hkv, L, D, causal, density, *, dtype, reps_ms, rows_sampled
                             density=round(kept_p, 4), dtype=str(dtype).replace("torch.", ""),
                             rel_l1=err, status="ok" if err <= GATE["ours"] else "FAIL", ms=ms,
                             tops=flops / (ms * 1e-3) / 1e12, predict_ms=ms_pred))
-    del q, k, v
-    torch.cuda.empty_cache()
     return results
 
 
 FIELDS = ["card", "method", "B", "H", "Hkv", "L", "D", "causal", "density", "dtype", "status", "rel_l1",
-          "ms", "tops", "predict_ms", "extra_mb"]
+          "ms", "tops", "predict_ms", "extra_mb", "quant_ms"]   # new columns go at the end
 
 
 def table(rows):
-    lines = ["| method | L | D | causal | density | rel L1 | ms | TOPS | x flash | x cuDNN | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | L | D | causal | density | rel L1 | ms | TOPS | x flash | x cuDNN | quant ms | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in rows:
         if r["method"] in ("sdpa_flash", "sdpa_cudnn") and "ms" in r:
@@ -269,11 +335,12 @@ def table(rows):
         key = (r["L"], r["D"], r["causal"])
         f, c = base.get(("sdpa_flash",) + key), base.get(("sdpa_cudnn",) + key)
         ms = r.get("ms")
-        lines.append("| {} | {} | {} | {} | {:.2f} | {} | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {} | {} | {:.2f} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["method"], r["L"], r["D"], "yes" if r["causal"] else "no", r["density"],
             f"{r['rel_l1']:.4f}" if "rel_l1" in r else "-", f"{ms:.3f}" if ms else "-",
             f"{r['tops']:.0f}" if ms else "-", f"{f / ms:.2f}" if ms and f else "-",
-            f"{c / ms:.2f}" if ms and c else "-", r["status"]))
+            f"{c / ms:.2f}" if ms and c else "-",
+            f"{r['quant_ms']:.3f}" if "quant_ms" in r else "-", r["status"]))
     return "\n".join(lines)
 
 
@@ -301,6 +368,8 @@ def main(argv=None):
                     print(f"L={L} D={D} causal={causal} density={d}", file=sys.stderr, flush=True)
                     rows += bench_case(args.B, args.H, args.Hkv or args.H, L, D, causal, d,
                                        dtype=torch.float16, reps_ms=args.reps_ms)
+                    gc.collect()               # the case's tensors (a failed flex setup keeps a
+                    torch.cuda.empty_cache()   # reference cycle through its traceback), then the cache
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
