@@ -17,6 +17,7 @@ before each run). Throughput is dense-equivalent, SPEC.md section 4: ``4 B H sum
 
     python bench/run_bench.py --L 8192 16384 --D 64 128 --density 1 0.5 0.25 0.1 --out bench/results
 
+``--methods`` runs some of the rows only (e.g. ``sdpa_cudnn sparge_int8_fp8 sparge_int8_fp8_kernel``).
 needs a CUDA GPU, torch and cupy; sageattention is optional (``pip install sageattention==1.0.6``).
 """
 from __future__ import annotations
@@ -38,6 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 BQ, BK = 128, 64
 GATE = {"ours": 0.08, "sage": 0.05, "fp16": 0.01}   # relative L1 on sampled rows, random inputs
+METHODS = ("sdpa_flash", "sdpa_cudnn", "sageattn_1.0.6", "flex_attention", "sparge_int8_fp8",
+           "sparge_fp16_fp8", "sparge_int8_fp16", "sparge_int8_fp8_kernel", "sparge_e2e_tau0.9")
 
 
 def visible_pairs(Lq, Lk, causal):
@@ -267,7 +270,8 @@ def gate_and_time(row, fn, ref, gate, *, heads, rows, flops, reps_ms):
     return True
 
 
-def bench_case(B, H, Hkv, L, D, causal, density, *, dtype, reps_ms, rows_sampled=256):
+def bench_case(B, H, Hkv, L, D, causal, density, *, dtype, reps_ms, rows_sampled=256, only=None):
+    """The rows of one case; ``only``: the method names to run (None: all)."""
     import torch
     import triton.testing
 
@@ -289,21 +293,28 @@ def bench_case(B, H, Hkv, L, D, causal, density, *, dtype, reps_ms, rows_sampled
                 density=round(float(kept), 4), dtype=str(dtype).replace("torch.", ""))
     timing = dict(heads=heads, rows=rows, flops=flops, reps_ms=reps_ms)
     results = []
+
+    def wanted(name):
+        return only is None or name in only
+
     for name, (fn, gate, sparse) in methods(q, k, v, bm_t, causal=causal, scale=scale, density=density).items():
+        if not wanted(name):
+            continue
         row = dict(case, method=name)
         gate_and_time(row, fn, ref_sparse if sparse else ref_dense, gate, **timing)
         results.append(row)
     # The kernel alone (extra_mb: its output plus the quantized operands it reads), then what the
     # sparge_int8_fp8 row pays before it: statistics and quantization, in quant_ms.
-    run, quantize = kernel_only(q, k, v, bm_t, causal=causal, scale=scale)
-    row = dict(case, method="sparge_int8_fp8_kernel")
-    if gate_and_time(row, run, ref_sparse, "ours", **timing):
-        row["quant_ms"] = triton.testing.do_bench(quantize, warmup=25, rep=reps_ms, return_mode="median")
-    results.append(row)
-    del run, quantize   # they hold the quantized operands
+    if wanted("sparge_int8_fp8_kernel"):
+        run, quantize = kernel_only(q, k, v, bm_t, causal=causal, scale=scale)
+        row = dict(case, method="sparge_int8_fp8_kernel")
+        if gate_and_time(row, run, ref_sparse, "ours", **timing):
+            row["quant_ms"] = triton.testing.do_bench(quantize, warmup=25, rep=reps_ms, return_mode="median")
+        results.append(row)
+        del run, quantize   # they hold the quantized operands
     # end-to-end with a predicted map (prediction included) and prediction alone
     for name, kw in (("sparge_e2e_tau0.9", dict(cdfthreshd=0.9, simthreshd1=0.3)),):
-        if density != 1.0:
+        if density != 1.0 or not wanted(name):
             break
         e2e = functools.partial(st.sparge_attn, q, k, v, is_causal=causal, scale=scale, **kw)
         pred = functools.partial(st.predict_block_map, q, k, is_causal=causal, scale=scale, **kw)
@@ -356,6 +367,8 @@ def main(argv=None):
     ap.add_argument("--reps-ms", type=int, default=200, help="do_bench's rep (ms of timed runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--tag", default="bench")
+    ap.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="NAME",
+                    help=f"run only these rows (default: all): {', '.join(METHODS)}")
     args = ap.parse_args(argv)
 
     import torch
@@ -367,7 +380,7 @@ def main(argv=None):
                 for d in args.density:
                     print(f"L={L} D={D} causal={causal} density={d}", file=sys.stderr, flush=True)
                     rows += bench_case(args.B, args.H, args.Hkv or args.H, L, D, causal, d,
-                                       dtype=torch.float16, reps_ms=args.reps_ms)
+                                       dtype=torch.float16, reps_ms=args.reps_ms, only=args.methods)
                     gc.collect()               # the case's tensors (a failed flex setup keeps a
                     torch.cuda.empty_cache()   # reference cycle through its traceback), then the cache
     out = Path(args.out)
