@@ -40,6 +40,24 @@ def test_defaults_and_topk(qkv):
     assert (topk.sum(-1) == 2).all()                             # floor(0.5 * 5 valid blocks)
 
 
+def test_mass_threshold_through_the_api(qkv):
+    """``mass_threshold`` replaces the default TopCdf (no need to pass cdfthreshd=None), reaches
+    the reference with the user's scale and layout, and sparge_attn runs the same map."""
+    q, k, v = qkv
+    kw = dict(is_causal=True, scale=0.1, simthreshd1=-1.0)
+    t = [0.5, 1.0, 2.0, np.inf]
+    bm = sc.predict_block_map(q, k, mass_threshold=t, **kw)
+    want = R.predict_block_map(q, k, mass_threshold=np.asarray(t, np.float32),
+                               simthreshd1=np.full(4, -1.0, np.float32), is_causal=True, scale=0.1)
+    assert_equal(bm, want, what="block map")
+    qn, kn = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (q, k))
+    assert_equal(sc.predict_block_map(qn, kn, layout="NHD", mass_threshold=t, **kw), bm, what="NHD")
+    assert (bm[0, 3].sum(-1) <= 2).all()                          # inf: the row's best and the sink
+    out, st = sc.sparge_attn(q, k, v, mass_threshold=t, return_stats=True, **kw)
+    assert_equal(out, sc.block_sparse_attn(q, k, v, bm, is_causal=True, scale=0.1), what="output")
+    assert st["stage1_sparsity"] > 0
+
+
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
 def test_dtypes_and_layouts(qkv, dtype):
     q, k, v = (x.astype(dtype) for x in qkv)
@@ -106,8 +124,17 @@ BAD_PRED = [
     ("tau nan", {"cdfthreshd": float("nan")}, ValueError, "cdfthreshd"),
     ("tau per head wrong length", {"cdfthreshd": [0.5, 0.9]}, ValueError, "4 values (one per query head), got shape (2)"),
     ("topk > 1", {"topk": 1.5}, ValueError, "topk"),
-    ("both", {"cdfthreshd": 0.9, "topk": 0.5}, ValueError, "exactly one of them, got both"),
-    ("neither", {"cdfthreshd": None}, ValueError, "got neither"),
+    ("both", {"cdfthreshd": 0.9, "topk": 0.5}, ValueError, "exactly one of them, got cdfthreshd and topk"),
+    ("neither", {"cdfthreshd": None}, ValueError, "exactly one of them, got none"),
+    ("cdf and mass", {"cdfthreshd": 0.9, "mass_threshold": 0.5}, ValueError,
+     "cdfthreshd, topk, mass_threshold: expected exactly one of them, got cdfthreshd and mass_threshold"),
+    ("topk and mass", {"topk": 0.5, "mass_threshold": 0.5}, ValueError, "got topk and mass_threshold"),
+    ("mass negative", {"mass_threshold": -0.1}, ValueError, "mass_threshold: expected values in [0.0, inf]"),
+    ("mass nan", {"mass_threshold": float("nan")}, ValueError, "mass_threshold: expected values"),
+    ("mass per head wrong length", {"mass_threshold": [0.5, 0.9, 1.0]}, ValueError,
+     "mass_threshold: expected a scalar or 4 values (one per query head), got shape (3)"),
+    ("mass str", {"mass_threshold": "0.5"}, TypeError, "mass_threshold"),
+    ("mass bool", {"mass_threshold": True}, TypeError, "mass_threshold: expected a number"),
     ("theta bool", {"simthreshd1": True}, TypeError, "simthreshd1"),
 ]
 BAD_ATTN = [
