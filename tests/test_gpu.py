@@ -399,3 +399,19 @@ def test_torch_adapter_matches_mirror(dtype):
     check_attention(out.float().cpu().numpy(), m_out, dense, dtype)
     out2 = st.block_sparse_attn(tq, tk, tv, bmap, is_causal=True, pv=pv)
     assert torch.equal(out, out2)
+
+
+def test_torch_adapter_mass_threshold():
+    """``mass_threshold`` through the torch adapter: the same map as the CuPy entry point, and
+    sparge_attn runs it."""
+    torch = pytest.importorskip("torch")
+    import sparge_cupy.torch as st
+    case = (1, 4, 2, 300, 333, 128, "float16", "HND", True)
+    (q, k, v), (qg, kg, vg) = _inputs(case)
+    tq, tk, tv = (torch.from_numpy(x).to("cuda") for x in (q, k, v))
+    t = [0.3, 1.0, 3.0, np.inf]
+    bmap = st.predict_block_map(tq, tk, is_causal=True, simthreshd1=-1.0, mass_threshold=t)
+    want = sc.predict_block_map(qg, kg, is_causal=True, simthreshd1=-1.0, mass_threshold=t).get()
+    np.testing.assert_array_equal(bmap.cpu().numpy(), want)
+    out = st.sparge_attn(tq, tk, tv, is_causal=True, simthreshd1=-1.0, mass_threshold=t, pv="fp16")
+    assert torch.equal(out, st.block_sparse_attn(tq, tk, tv, bmap, is_causal=True, pv="fp16"))
