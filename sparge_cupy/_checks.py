@@ -134,6 +134,17 @@ def check_thresholds(shapes, *, simthreshd1, cdfthreshd, topk, mass_threshold=No
     return theta, tau, kk, mt
 
 
+def check_predictor(predictor, xp_name):
+    """The Stage-1 estimate: "paper" everywhere, the others (reference.predict.PREDICTORS) on
+    NumPy arrays only (no kernel yet)."""
+    from .reference.predict import PREDICTORS
+    check_choice("predictor", predictor, PREDICTORS)
+    if predictor != "paper" and xp_name != "numpy":
+        raise ValueError(f"predictor: {predictor!r} runs in the NumPy reference only (the kernels "
+                         f"implement 'paper'); pass NumPy arrays, got {xp_name}")
+    return predictor
+
+
 def check_pvthreshd(pvthreshd, Hq):
     """lambda in log2 units, > 0 (``inf`` allowed); ``None`` turns the filter off (all ``inf``)."""
     if pvthreshd is None:

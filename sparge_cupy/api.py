@@ -78,7 +78,7 @@ def _ref_attention(q, k, v, block_map, *, layout, is_causal, scale, dtype, **opt
 
 def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
                       simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
-                      mass_threshold=None, attention_sink=True):
+                      mass_threshold=None, attention_sink=True, predictor="paper"):
     """Stage 1: which (query block, key block) pairs to compute.
 
     Args:
@@ -95,6 +95,9 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
         whole key sequence), one threshold for all rows, and each row's largest block; not in the
         paper (README, "Predictors beyond the paper"). Tune it with ``sparge-cupy tune --mode mass``.
         Exactly one of cdfthreshd, topk, mass_threshold applies.
+      predictor: the estimate the rule selects from: "paper" (the compressed map) or, on NumPy
+        arrays only, "qbar_keys" (each query block's pooled query against every smoothed key;
+        README, "Predictors beyond the paper").
       attention_sink: always keep key block 0.
     Returns:
       bool ``[B, Hq, ceil(Lq/128), ceil(Lk/64)]`` on the arrays' device.
@@ -102,13 +105,15 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
     xp_name, shapes, scale = _common(q, k, None, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     ck.check_flag("attention_sink", attention_sink)
+    predictor = ck.check_predictor(predictor, xp_name)
     if xp_name == "cupy":
         from . import _gpu
         return _gpu.predict_block_map(q, k, is_causal=is_causal, scale=scale, layout=layout,
                                       attention_sink=attention_sink, **sel)
     ref = _reference()
     return ref.predict_block_map(ref.to_hnd(q, layout), ref.to_hnd(k, layout), is_causal=is_causal,
-                                 scale=scale, attention_sink=attention_sink, **sel)
+                                 scale=scale, attention_sink=attention_sink, predictor=predictor,
+                                 **sel)
 
 
 def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout="HND",
@@ -141,8 +146,8 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout
 
 def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
                 simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
-                mass_threshold=None, pvthreshd=None, attention_sink=True, qk="int8", rebalance=True, pv="fp8", return_lse=False,
-                return_stats=False):
+                mass_threshold=None, pvthreshd=None, attention_sink=True, qk="int8",
+                rebalance=True, pv="fp8", return_lse=False, return_stats=False, predictor="paper"):
     """SpargeAttn: Stage 1 prediction, then quantized block-sparse attention with Stage 2.
 
     ``O ~ softmax(scale Q K^T + causal mask) V``. Keywords as in :func:`predict_block_map` and
@@ -152,6 +157,7 @@ def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
     xp_name, shapes, scale = _common(q, k, v, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     ck.check_flag("attention_sink", attention_sink)
+    predictor = ck.check_predictor(predictor, xp_name)
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
     if xp_name == "cupy":
         from . import _gpu
@@ -160,6 +166,6 @@ def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
     ref = _reference()
     block_map = ref.predict_block_map(ref.to_hnd(q, layout), ref.to_hnd(k, layout),
                                       is_causal=is_causal, scale=scale,
-                                      attention_sink=attention_sink, **sel)
+                                      attention_sink=attention_sink, predictor=predictor, **sel)
     return _ref_attention(q, k, v, block_map, layout=layout, is_causal=is_causal, scale=scale,
                           dtype=q.dtype, **opts)

@@ -119,6 +119,7 @@ class LayerTuning:
     attention_sink: bool = True
     mode: str = "cdf"
     mass_threshold: np.ndarray | None = None
+    predictor: str = "paper"
     thetas: tuple = DEFAULT_THETAS
     aggregate: str = "max over inputs"
     evaluator: str = "exact"
@@ -138,6 +139,8 @@ class LayerTuning:
               "attention_sink": self.attention_sink, "qk": self.qk, "pv": self.pv,
               "rebalance": self.rebalance}
         kw.update(_rule_kwargs(self.mode, self.threshold))
+        if self.predictor != "paper":
+            kw["predictor"] = self.predictor
         return kw
 
     @property
@@ -274,6 +277,9 @@ def to_hf_settings(results, meta=None):
         elif opts != options:
             raise ValueError(f"results: layer {name!r} was tuned with {opts}, another layer with {options}; "
                              "the hf settings hold one set of options")
+        if r.predictor != "paper":
+            raise ValueError(f"results: layer {name!r} was tuned with predictor {r.predictor!r}, "
+                             "which runs in the NumPy reference only; the hf integration runs 'paper'")
         if r.dense.all():
             layers[name] = {"dense": True}
             continue
@@ -392,10 +398,10 @@ def _stats_eval(x, out, stats):
 class _ExactEvaluator:
     name = "exact"
 
-    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink):
+    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper"):
         self.inputs, self.thetas, self.mode = inputs, np.asarray(thetas, F32), mode
         self.opts = dict(qk=qk, pv=pv, rebalance=rebalance)
-        self.sink = attention_sink
+        self.sink, self.predictor = attention_sink, predictor
         self.gpu = _xp(inputs[0].q) is not np
         self._maps = None
 
@@ -408,7 +414,8 @@ class _ExactEvaluator:
         else:
             from . import reference as R
             bm = R.predict_block_map(x.q, x.k, is_causal=x.is_causal, scale=x.scale,
-                                     simthreshd1=self.thetas[theta_idx], attention_sink=self.sink, **sel)
+                                     simthreshd1=self.thetas[theta_idx], attention_sink=self.sink,
+                                     predictor=self.predictor, **sel)
         if dense.any():                      # every block; the kernel ignores causally invalid ones
             bm[:, _xp(bm).asarray(np.flatnonzero(dense))] = True
         return bm
@@ -444,10 +451,11 @@ class _CurveInput:
     """The curves of one input; see the module docstring. Shapes: B batch, H query heads, nq query
     blocks, nk key blocks, A thetas, G rows per Stage-2 group, ng groups per query block."""
 
-    def __init__(self, x, *, thetas, mode, qk, pv, rebalance, attention_sink, cfg=CONFIG):
+    def __init__(self, x, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper",
+                 cfg=CONFIG):
         from . import reference as R
         self.x, self.mode, self.pv, self.cfg = x, mode, pv, cfg
-        self.thetas, self.sink = np.asarray(thetas, F32), attention_sink
+        self.thetas, self.sink, self.predictor = np.asarray(thetas, F32), attention_sink, predictor
         q, k, v = x.q, x.k, x.v
         B, H, Lq, D = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
@@ -479,7 +487,8 @@ class _CurveInput:
         for a, theta in enumerate(thetas):
             _, det = R.predict_block_map(q, k, is_causal=x.is_causal, scale=x.scale,
                                          simthreshd1=np.full(H, theta, F32), cdfthreshd=np.ones(H, F32),
-                                         attention_sink=attention_sink, return_details=True, cfg=cfg)
+                                         attention_sink=attention_sink, return_details=True,
+                                         predictor=predictor, cfg=cfg)
             p_hat, q_fix, k_fix = det["p_hat"], det["q_fix"], det["k_fix"]
             finite = self.valid & ~k_fix[:, :, None, :]
             b_a = (q_fix[..., None] | k_fix[:, :, None, :]) & self.valid
@@ -623,7 +632,7 @@ class _CurveInput:
         sel = _rule_kwargs(self.mode, thr)
         bm = R.predict_block_map(self.x.q, self.x.k, is_causal=self.x.is_causal, scale=self.x.scale,
                                  simthreshd1=self.thetas[theta_idx], attention_sink=self.sink,
-                                 cfg=self.cfg, **sel)
+                                 predictor=self.predictor, cfg=self.cfg, **sel)
         bm[:, dense] = True
         return bm & self.valid
 
@@ -709,12 +718,13 @@ class _CurveInput:
 class _CurveEvaluator:
     name = "curves"
 
-    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, log=None):
+    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper",
+                 log=None):
         self.inputs = []
         for n, x in enumerate(inputs):
             t = time.perf_counter()
             c = _CurveInput(x, thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance,
-                            attention_sink=attention_sink)
+                            attention_sink=attention_sink, predictor=predictor)
             self.inputs.append(c)
             if log:
                 log(f"  curves of input {n}: {time.perf_counter() - t:.1f} s")
@@ -847,7 +857,7 @@ def _prepare_inputs(qs, ks, vs, *, is_causal, scale, layout):
 def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05, pv_l1=0.06,
                layer="layer", mode="cdf", qk="int8", pv="fp8", rebalance=True, attention_sink=True,
                thetas=DEFAULT_THETAS, min_sparsity=0.1, stage2=True, evaluator=None, verify=True,
-               steps=STEPS, log=None):
+               steps=STEPS, predictor="paper", log=None):
     """Tune one layer's per-head thresholds on a few inputs (see the module docstring).
 
     Args:
@@ -855,7 +865,8 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
         (HND ``[B, H, L, D]`` or NHD); every input has the same query heads.
       is_causal, scale: one value, or one per input (scale None: D^-1/2).
       l1: bound on the relative L1 error with Stage 1 alone; pv_l1 (> l1): with Stage 2 on.
-      mode: "cdf" (tune tau), "topk" or "mass" (the mass threshold rule, ``mass_threshold``). qk, pv, rebalance, attention_sink: as the user will run
+      mode: "cdf" (tune tau), "topk" or "mass" (the mass threshold rule, ``mass_threshold``).
+      predictor: the Stage-1 estimate, "paper" or (NumPy inputs only) "qbar_keys". qk, pv, rebalance, attention_sink: as the user will run
         (qk = pv = "fp32", no quantization, exists on NumPy inputs only: for measurements).
       thetas: the theta grid. min_sparsity: heads below this total sparsity run dense.
       stage2: also tune lambda (else lambda = inf).
@@ -882,6 +893,7 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
     if not thetas or any(not -1.0 <= t <= 1.0 for t in thetas):
         raise ValueError(f"thetas: expected values in [-1, 1], got {thetas}")
     inputs, xp_name = _prepare_inputs(qs, ks, vs, is_causal=is_causal, scale=scale, layout=layout)
+    predictor = ck.check_predictor(predictor, xp_name)
     if evaluator is None:
         evaluator = "exact" if xp_name == "cupy" else "curves"
     evaluator = ck.check_choice("evaluator", evaluator, EVALUATORS)
@@ -891,7 +903,8 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
         raise ValueError(f"qk, pv: 'fp32' (no quantization) exists only in the NumPy reference, got "
                          f"qk={qk!r}, pv={pv!r} on CuPy arrays")
     H = inputs[0].q.shape[1]
-    common = dict(thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink)
+    common = dict(thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink,
+                  predictor=predictor)
     if log:
         log(f"tuning {layer}: {len(inputs)} input(s), {H} heads, {evaluator} evaluator on "
             f"{'GPU' if xp_name == 'cupy' else 'CPU'} (dense references {time.perf_counter() - t0:.1f} s)")
@@ -970,6 +983,7 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
         l1_bound=float(l1), pv_l1_bound=float(pv_l1), min_sparsity=float(min_sparsity),
         qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink, mode=mode, thetas=thetas,
         evaluator=evaluator, backend="gpu" if xp_name == "cupy" else "reference", verified=verified,
+        predictor=predictor,
         inputs=[{"tokens_q": int(x.q.shape[2]), "tokens_k": int(x.k.shape[2]), "batch": int(x.q.shape[0]),
                  "is_causal": x.is_causal, "scale": x.scale} for x in inputs],
         seconds=round(time.perf_counter() - t0, 2))
@@ -1009,6 +1023,8 @@ def add_arguments(p):
     p.add_argument("--l1", type=float, default=0.05, help="bound on relative L1 with Stage 1 alone")
     p.add_argument("--pv-l1", type=float, default=0.06, help="bound with Stage 2 on (>= --l1)")
     p.add_argument("--mode", choices=MODES, default="cdf", help="tune tau (cdf), topk, or the mass threshold t of the rule nk * P^ >= t (mass)")
+    p.add_argument("--predictor", choices=("paper", "qbar_keys"), default="paper",
+                   help="Stage-1 estimate (qbar_keys: CPU reference only)")
     p.add_argument("--qk", choices=ck.QK_MODES + ("fp32",), default="int8",
                    help="QK^T operands (fp32: unquantized, CPU reference only)")
     p.add_argument("--pv", choices=ck.PV_MODES + ("fp32",), default="fp8",
@@ -1061,7 +1077,8 @@ def run(args):
                         layer=args.layer, mode=args.mode, qk=args.qk, pv=args.pv,
                         rebalance=not args.no_rebalance, attention_sink=not args.no_sink,
                         thetas=thetas, min_sparsity=args.min_sparsity, stage2=not args.no_stage2,
-                        evaluator=args.evaluator, verify=not args.no_verify, log=log)
+                        evaluator=args.evaluator, verify=not args.no_verify,
+                        predictor=args.predictor, log=log)
     results = load_tuning(args.out) if Path(args.out).is_file() else {}
     results[args.layer] = result
     save_tuning(args.out, results)

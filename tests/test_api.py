@@ -58,6 +58,22 @@ def test_mass_threshold_through_the_api(qkv):
     assert st["stage1_sparsity"] > 0
 
 
+def test_qbar_keys_predictor_through_the_api(qkv):
+    """predictor="qbar_keys" reaches the reference on NumPy arrays; the kernels refuse it by name."""
+    from sparge_cupy import _checks
+    q, k, v = qkv
+    kw = dict(is_causal=True, scale=0.1, simthreshd1=-1.0, mass_threshold=1.0)
+    bm = sc.predict_block_map(q, k, predictor="qbar_keys", **kw)
+    want = R.predict_block_map(q, k, is_causal=True, scale=0.1, simthreshd1=np.full(4, -1.0, np.float32),
+                               mass_threshold=np.ones(4, np.float32), predictor="qbar_keys")
+    assert_equal(bm, want, what="block map")
+    out = sc.sparge_attn(q, k, v, predictor="qbar_keys", **kw)
+    assert_equal(out, sc.block_sparse_attn(q, k, v, bm, is_causal=True, scale=0.1), what="output")
+    with pytest.raises(ValueError, match="predictor: 'qbar_keys' runs in the NumPy reference only"):
+        _checks.check_predictor("qbar_keys", "cupy")
+    assert _checks.check_predictor("paper", "cupy") == "paper"
+
+
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
 def test_dtypes_and_layouts(qkv, dtype):
     q, k, v = (x.astype(dtype) for x in qkv)
@@ -135,6 +151,7 @@ BAD_PRED = [
      "mass_threshold: expected a scalar or 4 values (one per query head), got shape (3)"),
     ("mass str", {"mass_threshold": "0.5"}, TypeError, "mass_threshold"),
     ("mass bool", {"mass_threshold": True}, TypeError, "mass_threshold: expected a number"),
+    ("predictor", {"predictor": "quest"}, ValueError, "predictor: expected one of ('paper', 'qbar_keys')"),
     ("theta bool", {"simthreshd1": True}, TypeError, "simthreshd1"),
 ]
 BAD_ATTN = [

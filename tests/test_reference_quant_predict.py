@@ -191,6 +191,28 @@ def test_mass_threshold_map_against_brute_force(is_causal):
     assert maps[-1].sum() < maps[0].sum()
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_qbar_keys_predictor_matches_the_study_code(is_causal):
+    """predictor="qbar_keys" with theta = -1 and the mass threshold is the predictor study's
+    predict_block_map_v2 (float64 scores; independent selection code), up to blocks whose scaled
+    estimate lies within float32 rounding of the threshold."""
+    from sparge_cupy.reference import predictors as P
+    q, k, _ = make_qkv(1, 4, 2, 700, 900, 64, seed=41)
+    t = np.array([0.2, 0.7, 1.5, 4.0], F32)
+    got, d = R.predict_block_map(q, k, is_causal=is_causal, scale=0.125, simthreshd1=heads(-1, 4),
+                                 mass_threshold=t, predictor="qbar_keys", return_details=True)
+    want, dv2 = P.predict_block_map_v2(q, k, is_causal=is_causal, scale=0.125, threshold=t,
+                                       return_details=True)
+    nk = got.shape[-1]
+    near = np.abs(dv2["score"] * nk - t[None, :, None, None]) <= 1e-5 * t[None, :, None, None]
+    bad = (got != want) & ~near
+    assert not bad.any(), f"{int(bad.sum())} blocks differ: first {np.argwhere(bad)[:8].tolist()}"
+    np.testing.assert_allclose(d["p_hat"], np.where(d["valid"], dv2["score"], 0), rtol=1e-6, atol=1e-9)
+    paper = R.predict_block_map(q, k, is_causal=is_causal, scale=0.125, simthreshd1=heads(-1, 4),
+                                mass_threshold=t)
+    assert (paper != got).any(), "the two estimates should differ on structured input"
+
+
 def _predict(q, k, **kw):
     Hq = q.shape[1]
     kw.setdefault("simthreshd1", heads(0.3, Hq))
