@@ -3,7 +3,8 @@
 // Must match reference.predict.predict_block_map (after pool_blocks / block_self_similarity,
 // which block_stats.cu computes): compressed map S^_ij = scale * qbar_i . kbar_j (float32), -inf
 // for non-self-similar K columns and causally invalid blocks, P^ = softmax_j, then TopCdf
-// (select_topcdf) or TopK (select_topk), fix blocks, AND causal validity, attention sink.
+// (select_topcdf), TopK (select_topk) or the mass threshold (select_mass_threshold), fix blocks,
+// AND causal validity, attention sink.
 //
 // Grid: (query block i, query head h, batch b), 256 threads; one program builds one row of the
 // map. Dynamic shared memory (see select_smem_bytes in sparge_cupy/_gpu.py):
@@ -14,7 +15,10 @@
 // summation order), which the reference's float32 BLAS / np.exp / pairwise sum reach up to an
 // ulp. The sort and the cumulative sum are exact mirrors: P^ sorted by (value desc, index asc)
 // with one bitonic sort of 64-bit keys, and a sequential float32 cumsum like np.cumsum (one
-// thread, over values gathered in sorted order beforehand).
+// thread, over values gathered in sorted order beforehand). The mass
+// threshold needs neither: one correctly rounded float32 product nk * P^_j (__fmul_rn, as NumPy's
+// float32 multiply) compared with the threshold, and the row's smallest key (its largest P^,
+// lowest j on ties) where no block passes.
 #include "common.cuh"
 
 namespace sparge {
@@ -29,11 +33,12 @@ struct SelectParams {
     const float* theta;      // [Hq] self-similarity threshold
     const float* tau;        // [Hq] TopCdf threshold, or nullptr
     const float* topk;       // [Hq] TopK fraction, or nullptr
+    const float* mass_threshold;  // [Hq] threshold on nk * P^, or nullptr (exactly one of three)
     unsigned char* block_map;  // [B, Hq, nq, nk]
     int Hq, Hkv, nq, nk, D, Lq, Lk, causal, sink, nk_pow2;
     float scale;
 };
-static_assert(sizeof(SelectParams) == 112, "mirrored by SELECT_PARAMS in sparge_cupy/_gpu.py");
+static_assert(sizeof(SelectParams) == 120, "mirrored by SELECT_PARAMS in sparge_cupy/_gpu.py");
 
 // Causal block validity: block (i, j) holds a visible (query, key) pair (layout.valid_blocks).
 __device__ __forceinline__ bool block_valid(int i, int j, int Lq, int Lk, int causal) {
@@ -73,6 +78,25 @@ __device__ __forceinline__ float block_max(float x, float* part) {
     return m;
 }
 
+__device__ __forceinline__ unsigned long long block_min(unsigned long long x, unsigned long long* part) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long y = __shfl_xor_sync(0xffffffffu, x, o);
+        x = y < x ? y : x;
+    }
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = x;
+    __syncthreads();
+    unsigned long long m = ~0ull;
+    for (int w = 0; w < SELECT_THREADS / 32; ++w) m = part[w] < m ? part[w] : m;
+    __syncthreads();
+    return m;
+}
+
+// P^ >= 0, so its bits order like its value: keys ascending = value descending, then index ascending.
+__device__ __forceinline__ unsigned long long rank_key(float pj, int j) {
+    return ((unsigned long long)(0xffffffffu - __float_as_uint(pj)) << 32) | (unsigned)j;
+}
+
 __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int nk = p.nk;
@@ -84,6 +108,7 @@ __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectPara
     __shared__ double dpart[SELECT_THREADS / 32];
     __shared__ float fpart[SELECT_THREADS / 32];
     __shared__ int ipart[SELECT_THREADS / 32];
+    __shared__ unsigned long long upart[SELECT_THREADS / 32];
     __shared__ int n_keep_s;
 
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -127,61 +152,83 @@ __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectPara
         z += (double)e;
     }
     const float total = (float)block_sum(z, dpart);
-    for (int j = tid; j < p.nk_pow2; j += SELECT_THREADS) {
-        unsigned long long key = ~0ull;                              // padding sorts last
-        if (j < nk) {
-            const float pj = total > 0.f ? __fdiv_rn(prob[j], total) : 0.f;
-            prob[j] = pj;
-            // P^ >= 0, so its bits order like its value: descending value, then ascending index.
-            key = ((unsigned long long)(0xffffffffu - __float_as_uint(pj)) << 32) | (unsigned)j;
-        }
-        keys[j] = key;
-    }
-    __syncthreads();
 
-    // Bitonic sort of the keys, ascending.
-    for (int size = 2; size <= p.nk_pow2; size <<= 1) {
-        for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int a = tid; a < p.nk_pow2; a += SELECT_THREADS) {
-                const int c = a ^ stride;
-                if (c > a) {
-                    const unsigned long long ka = keys[a], kc = keys[c];
-                    if ((ka > kc) == ((a & size) == 0)) { keys[a] = kc; keys[c] = ka; }
+    if (p.mass_threshold) {
+        // Mass threshold: keep finite j with fl32(nk * P^_j) >= t (nk = all key blocks of the
+        // sequence, also in causal rows: mass relative to uniform attention over every key);
+        // where none passes, the row's largest P^ (lowest j on ties). No sort.
+        const float t = p.mass_threshold[h];
+        const float nk_f = (float)nk;                                 // exact: nk < 2^24
+        int n_kept = 0;
+        unsigned long long best = ~0ull;                               // ~0: no finite column
+        for (int j = tid; j < nk; j += SELECT_THREADS) {
+            const float pj = total > 0.f ? __fdiv_rn(prob[j], total) : 0.f;
+            const bool finite = block_valid(i, j, p.Lq, p.Lk, p.causal) && k_sim[j] > theta;
+            const bool on = finite && __fmul_rn(nk_f, pj) >= t;
+            keep[j] = on;
+            n_kept += on;
+            if (finite) best = min(best, rank_key(pj, j));
+        }
+        n_kept = block_count(n_kept, ipart);                          // syncs: keep[] is written
+        best = block_min(best, upart);
+        if (tid == 0 && n_kept == 0 && best != ~0ull) keep[best & 0xffffffffu] = 1;
+        __syncthreads();
+    } else {
+        for (int j = tid; j < p.nk_pow2; j += SELECT_THREADS) {
+            unsigned long long key = ~0ull;                              // padding sorts last
+            if (j < nk) {
+                const float pj = total > 0.f ? __fdiv_rn(prob[j], total) : 0.f;
+                prob[j] = pj;
+                key = rank_key(pj, j);
+            }
+            keys[j] = key;
+        }
+        __syncthreads();
+
+        // Bitonic sort of the keys, ascending.
+        for (int size = 2; size <= p.nk_pow2; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int a = tid; a < p.nk_pow2; a += SELECT_THREADS) {
+                    const int c = a ^ stride;
+                    if (c > a) {
+                        const unsigned long long ka = keys[a], kc = keys[c];
+                        if ((ka > kc) == ((a & size) == 0)) { keys[a] = kc; keys[c] = ka; }
+                    }
+                }
+                __syncthreads();
+            }
+        }
+
+        // How many sorted blocks to keep.
+        if (p.tau) {
+            // Gather P^ in sorted order (all threads), then one thread adds it up sequentially in
+            // float32 like np.cumsum: the same additions in the same order, so the same bits; only
+            // the dependent chain is left to the single thread (no key / index loads inside it).
+            for (int r = tid; r < nk; r += SELECT_THREADS) csum[r] = prob[keys[r] & 0xffffffffu];
+            __syncthreads();
+            if (tid == 0) {
+                float c = 0.f;
+#pragma unroll 8
+                for (int r = 0; r < nk; ++r) {
+                    c = __fadd_rn(c, csum[r]);
+                    csum[r] = c;
                 }
             }
             __syncthreads();
-        }
-    }
-
-    // How many sorted blocks to keep.
-    if (p.tau) {
-        // Gather P^ in sorted order (all threads), then one thread adds it up sequentially in
-        // float32 like np.cumsum: the same additions in the same order, so the same bits; only
-        // the dependent chain is left to the single thread (no key / index loads inside it).
-        for (int r = tid; r < nk; r += SELECT_THREADS) csum[r] = prob[keys[r] & 0xffffffffu];
-        __syncthreads();
-        if (tid == 0) {
-            float c = 0.f;
-#pragma unroll 8
-            for (int r = 0; r < nk; ++r) {
-                c = __fadd_rn(c, csum[r]);
-                csum[r] = c;
-            }
+            const float bound = __fmul_rn(p.tau[h], csum[nk - 1]);
+            int below = 0;
+            for (int r = tid; r < nk; r += SELECT_THREADS) below += csum[r] <= bound;
+            below = block_count(below, ipart);
+            if (tid == 0) n_keep_s = min(max(below, 1), n_finite);
+        } else if (tid == 0) {
+            const int k = (int)floorf(__fmul_rn(p.topk[h], (float)n_valid));
+            n_keep_s = min(n_valid > 0 ? max(k, 1) : 0, n_finite);
         }
         __syncthreads();
-        const float bound = __fmul_rn(p.tau[h], csum[nk - 1]);
-        int below = 0;
-        for (int r = tid; r < nk; r += SELECT_THREADS) below += csum[r] <= bound;
-        below = block_count(below, ipart);
-        if (tid == 0) n_keep_s = min(max(below, 1), n_finite);
-    } else if (tid == 0) {
-        const int k = (int)floorf(__fmul_rn(p.topk[h], (float)n_valid));
-        n_keep_s = min(n_valid > 0 ? max(k, 1) : 0, n_finite);
+        const int n_keep = n_keep_s;
+        for (int r = tid; r < nk; r += SELECT_THREADS) keep[keys[r] & 0xffffffffu] = r < n_keep;
+        __syncthreads();
     }
-    __syncthreads();
-    const int n_keep = n_keep_s;
-    for (int r = tid; r < nk; r += SELECT_THREADS) keep[keys[r] & 0xffffffffu] = r < n_keep;
-    __syncthreads();
 
     // Fix blocks (non-self-similar Q row, non-self-similar K columns), causal AND, sink.
     const bool q_fix = !(p.q_sim[row] > theta);

@@ -1,7 +1,7 @@
 """Stage 1: block pooling, self-similarity, the compressed map and block selection (SPEC.md section 1).
 
 Mirror of ``cuda/block_stats.cu`` (pooling, similarity) and ``cuda/select.cu`` (compressed map,
-TopCdf/TopK, fix blocks, causal, sink). Inputs are HND; thresholds are per query head arrays.
+TopCdf/TopK/mass threshold, fix blocks, causal, sink). Inputs are HND; thresholds are per query head arrays.
 """
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import numpy as np
 from ..config import CONFIG
 from .layout import num_blocks, valid_blocks
 from .quant import F32, _blocked, expand_kv_heads, smooth_k
+
+# The estimates Stage 1 can select from: the paper's compressed map (select.cu) and, in the
+# reference only, "qbar_keys" (predictors.estimate_block_mass: the pooled query of each query
+# block against every smoothed key; bench/results/predictor_study.md).
+PREDICTORS = ("paper", "qbar_keys")
 
 
 def _valid_rows(L, block):
@@ -75,32 +80,71 @@ def select_topk(p_hat, finite, n_valid, topk):
     return keep
 
 
+def select_mass_threshold(p_hat, finite, threshold):
+    """The mass threshold rule (README "Predictors beyond the paper"): keep the finite columns
+    whose P^ relative to uniform attention over all key blocks reaches the head's threshold,
+    ``fl32(nk * P^_ij) >= threshold`` with ``nk = p_hat.shape[-1]`` (the whole key sequence's
+    blocks, also in causal rows), and in a row where none does, its largest P^ (lowest j on ties).
+    One threshold per head is compared across all rows (no per-row sort): rows with a peaked
+    estimate keep few blocks, rows with a flat one many.
+
+    ``p_hat`` float32 ``[..., nq, nk]``, ``finite`` bool, ``threshold`` float32 broadcastable to
+    ``[..., nq, 1]``, >= 0 (0 keeps every finite column, inf one per row). The product is one
+    float32 multiplication (correctly rounded, as ``__fmul_rn`` in select.cu); a row without any
+    finite column selects nothing.
+    """
+    nk = p_hat.shape[-1]
+    scaled = (F32(nk) * p_hat).astype(F32)
+    keep = finite & (scaled >= threshold)
+    best = np.argmax(np.where(finite, p_hat, F32(-1)), axis=-1)[..., None]   # first max: lowest j
+    need = (finite.any(axis=-1) & ~keep.any(axis=-1))[..., None]
+    top = np.zeros_like(keep)
+    np.put_along_axis(top, best, True, axis=-1)
+    return keep | (top & need)
+
+
 def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, topk=None,
-                      attention_sink=True, return_details=False, cfg=CONFIG):
+                      mass_threshold=None, attention_sink=True, return_details=False,
+                      predictor="paper", cfg=CONFIG):
     """The Stage 1 block map, bool ``[B, Hq, nq, nk]``.
 
-    ``q``, ``k``: HND arrays. ``simthreshd1``, ``cdfthreshd``, ``topk``: float32 ``[Hq]`` (exactly
-    one of the last two given). With ``return_details`` also a dict of the intermediate arrays
+    ``q``, ``k``: HND arrays. ``simthreshd1``, ``cdfthreshd``, ``topk``, ``mass_threshold``:
+    float32 ``[Hq]`` (exactly one of the last three given). ``predictor``: "paper" (the compressed
+    map, as the kernels) or "qbar_keys" (reference only): P^ is then
+    ``predictors.estimate_block_mass`` with its defaults (each query block's pooled query against
+    every smoothed key, softmax over the keys it sees, summed per key block), rounded once to
+    float32, 0 on the columns that are not finite; the rules, fix blocks, causal validity and
+    sink are the same. With ``return_details`` also a dict of the intermediate arrays
     (similarities, self-similar flags, compressed map, selection) for tests and figures.
     """
     q = np.asarray(q, dtype=F32)
     Lq, Lk = q.shape[2], k.shape[2]
     _, ks = smooth_k(k)
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor: expected one of {PREDICTORS}, got {predictor!r}")
+    estimate = None
+    if predictor == "qbar_keys":
+        from .predictors import estimate_block_mass
+        estimate = estimate_block_mass(q, k, is_causal=is_causal, scale=scale, cfg=cfg).astype(F32)
     return select_blocks(pool_blocks(q, cfg.block_q), block_self_similarity(q, cfg.block_q, cfg),
                          pool_blocks(ks, cfg.block_k), block_self_similarity(ks, cfg.block_k, cfg),
                          valid_blocks(Lq, Lk, cfg.block_q, cfg.block_k, is_causal), scale=scale,
                          simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-                         attention_sink=attention_sink, return_details=return_details)
+                         mass_threshold=mass_threshold, attention_sink=attention_sink,
+                         return_details=return_details, p_hat=estimate)
 
 
 def select_blocks(qbar, q_sim, kbar, k_sim, valid, *, scale, simthreshd1, cdfthreshd=None,
-                  topk=None, attention_sink=True, return_details=False):
-    """Selection from the pooled statistics (``cuda/select.cu``): compressed map, TopCdf/TopK,
-    fix blocks, causal validity and sink.
+                  topk=None, mass_threshold=None, attention_sink=True, return_details=False,
+                  p_hat=None):
+    """Selection from the pooled statistics (``cuda/select.cu``): compressed map, TopCdf, TopK or
+    the mass threshold, fix blocks, causal validity and sink.
 
     ``qbar`` float32 ``[B, Hq, nq, D]`` and ``q_sim`` ``[B, Hq, nq]``; ``kbar`` ``[B, Hkv, nk, D]``
     and ``k_sim`` ``[B, Hkv, nk]`` (pooled smoothed K, per kv head); ``valid`` bool ``[nq, nk]``,
     the causal validity of these query blocks (a subset of rows is fine: sequence parallelism).
+    ``p_hat``: float32 ``[B, Hq, nq, nk]``, an estimate to select from instead of the compressed
+    map (reference-only predictors; its non-finite columns are set to 0).
     """
     B, Hq = qbar.shape[:2]
     head = (slice(None), None, None)                     # per-head value -> [Hq, 1, 1]
@@ -109,22 +153,27 @@ def select_blocks(qbar, q_sim, kbar, k_sim, valid, *, scale, simthreshd1, cdfthr
     q_ok = q_sim[..., :, None] > theta                                 # [B, Hq, nq, 1]
     k_ok = k_sim[..., None, :] > theta                                 # [B, Hq, 1, nk]
     kbar = expand_kv_heads(kbar, Hq)
-    # The compressed map's dot products, exponentials and softmax sum are taken in float64 and
-    # rounded once to float32 (select.cu does the same), so that P^ is defined to the last bit
-    # up to float64 summation order, and the sort and cumulative sum below are exact mirrors.
-    dots = np.matmul(qbar.astype(np.float64), kbar.astype(np.float64).swapaxes(-1, -2)).astype(F32)
     finite = valid & k_ok
-    s_hat = np.where(finite, F32(scale) * dots, -np.inf).astype(F32)
-    row_max = s_hat.max(axis=-1, keepdims=True)
-    row_max = np.where(np.isfinite(row_max), row_max, F32(0))
-    e = np.exp((s_hat - row_max).astype(np.float64)).astype(F32)
-    total = e.astype(np.float64).sum(axis=-1, keepdims=True).astype(F32)
-    p_hat = np.where(total > 0, e / np.where(total > 0, total, F32(1)), F32(0)).astype(F32)
+    if p_hat is not None:
+        p_hat = np.where(finite, p_hat, F32(0)).astype(F32)
+    else:
+        # The compressed map's dot products, exponentials and softmax sum are taken in float64
+        # and rounded once to float32 (select.cu does the same), so that P^ is defined to the
+        # last bit up to float64 summation order, and the selection below mirrors the kernel.
+        dots = np.matmul(qbar.astype(np.float64), kbar.astype(np.float64).swapaxes(-1, -2)).astype(F32)
+        s_hat = np.where(finite, F32(scale) * dots, -np.inf).astype(F32)
+        row_max = s_hat.max(axis=-1, keepdims=True)
+        row_max = np.where(np.isfinite(row_max), row_max, F32(0))
+        e = np.exp((s_hat - row_max).astype(np.float64)).astype(F32)
+        total = e.astype(np.float64).sum(axis=-1, keepdims=True).astype(F32)
+        p_hat = np.where(total > 0, e / np.where(total > 0, total, F32(1)), F32(0)).astype(F32)
 
-    if (cdfthreshd is None) == (topk is None):
-        raise ValueError("exactly one of cdfthreshd and topk must be given")
+    if sum(x is not None for x in (cdfthreshd, topk, mass_threshold)) != 1:
+        raise ValueError("cdfthreshd, topk, mass_threshold: exactly one of them must be given")
     if cdfthreshd is not None:
         selected = select_topcdf(p_hat, finite, np.asarray(cdfthreshd, dtype=F32)[head])
+    elif mass_threshold is not None:
+        selected = select_mass_threshold(p_hat, finite, np.asarray(mass_threshold, dtype=F32)[head])
     else:
         n_valid = np.broadcast_to(valid.sum(axis=-1), (B, Hq, valid.shape[0]))
         selected = select_topk(p_hat, finite, n_valid, np.asarray(topk, dtype=F32)[:, None])

@@ -99,6 +99,8 @@ def per_head(name, value, Hq, lo, hi, *, lo_open=False, allow_inf=False):
     [lo, hi] (``(lo, hi]`` with ``lo_open``)."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a number or a sequence of {Hq} numbers, got a bool")
+    if isinstance(value, (str, bytes)):             # np.asarray would parse "0.5"
+        raise TypeError(f"{name}: expected a number or a sequence of {Hq} numbers, got a string {value!r}")
     try:
         arr = np.asarray(value.get() if hasattr(value, "get") else value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -116,15 +118,31 @@ def per_head(name, value, Hq, lo, hi, *, lo_open=False, allow_inf=False):
     return np.broadcast_to(arr.astype(np.float32), (Hq,)).copy()
 
 
-def check_thresholds(shapes, *, simthreshd1, cdfthreshd, topk):
-    """Normalise (theta, tau, topk) to per-head float32 arrays; exactly one of tau/topk."""
-    if (cdfthreshd is None) == (topk is None):
-        raise ValueError("cdfthreshd, topk: expected exactly one of them, got "
-                         + ("both" if cdfthreshd is not None else "neither"))
+def check_thresholds(shapes, *, simthreshd1, cdfthreshd, topk, mass_threshold=None):
+    """Normalise (theta, tau, topk, mass threshold) to per-head float32 arrays; exactly one of the
+    three selection rules (the others None)."""
+    given = [n for n, x in (("cdfthreshd", cdfthreshd), ("topk", topk),
+                            ("mass_threshold", mass_threshold)) if x is not None]
+    if len(given) != 1:
+        raise ValueError("cdfthreshd, topk, mass_threshold: expected exactly one of them, got "
+                         + (" and ".join(given) if given else "none"))
     theta = per_head("simthreshd1", simthreshd1, shapes.Hq, -1.0, 1.0)
     tau = None if cdfthreshd is None else per_head("cdfthreshd", cdfthreshd, shapes.Hq, 0.0, 1.0, lo_open=True)
     kk = None if topk is None else per_head("topk", topk, shapes.Hq, 0.0, 1.0, lo_open=True)
-    return theta, tau, kk
+    mt = None if mass_threshold is None else per_head("mass_threshold", mass_threshold, shapes.Hq,
+                                                      0.0, np.inf, allow_inf=True)
+    return theta, tau, kk, mt
+
+
+def check_predictor(predictor, xp_name):
+    """The Stage-1 estimate: "paper" everywhere, the others (reference.predict.PREDICTORS) on
+    NumPy arrays only (no kernel yet)."""
+    from .reference.predict import PREDICTORS
+    check_choice("predictor", predictor, PREDICTORS)
+    if predictor != "paper" and xp_name != "numpy":
+        raise ValueError(f"predictor: {predictor!r} runs in the NumPy reference only (the kernels "
+                         f"implement 'paper'); pass NumPy arrays, got {xp_name}")
+    return predictor
 
 
 def check_pvthreshd(pvthreshd, Hq):

@@ -60,8 +60,8 @@ QUANTIZE_PARAMS = _struct([
     ("block", _I32), ("heads_per_kv", _I32), ("is_key", _I32)])
 SELECT_PARAMS = _struct([
     ("qbar", _PTR), ("q_sim", _PTR), ("kbar", _PTR), ("k_sim", _PTR), ("theta", _PTR),
-    ("tau", _PTR), ("topk", _PTR), ("block_map", _PTR), ("Hq", _I32), ("Hkv", _I32), ("nq", _I32),
-    ("nk", _I32), ("D", _I32), ("Lq", _I32), ("Lk", _I32), ("causal", _I32), ("sink", _I32),
+    ("tau", _PTR), ("topk", _PTR), ("mass_threshold", _PTR), ("block_map", _PTR), ("Hq", _I32),
+    ("Hkv", _I32), ("nq", _I32), ("nk", _I32), ("D", _I32), ("Lq", _I32), ("Lk", _I32), ("causal", _I32), ("sink", _I32),
     ("nk_pow2", _I32), ("scale", _F32)])
 ATTN_PARAMS = _struct([
     ("q", _PTR), ("k", _PTR), ("vt", _PTR), ("dq", _PTR), ("dk", _PTR), ("dv", _PTR),
@@ -316,22 +316,23 @@ def _set_smem(kern, nbytes, what):
         kern.max_dynamic_shared_size_bytes = nbytes
 
 
-def select(st, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, topk, attention_sink):
-    """The bool block map ``[B, Hq, nq, nk]`` from the pooled statistics."""
+def select(st, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, topk, attention_sink,
+           mass_threshold=None):
+    """The bool block map ``[B, Hq, nq, nk]`` from the pooled statistics; exactly one of
+    ``cdfthreshd``, ``topk``, ``mass_threshold`` is not None."""
     cp = _cupy()
     B, Hq, nq, D = st.qbar.shape
     Hkv, nk = st.kbar.shape[1], st.kbar.shape[2]
-    theta = cp.asarray(simthreshd1, dtype=cp.float32)
-    tau = None if cdfthreshd is None else cp.asarray(cdfthreshd, dtype=cp.float32)
-    kk = None if topk is None else cp.asarray(topk, dtype=cp.float32)
+    theta, tau, kk, mt = (None if x is None else cp.asarray(x, dtype=cp.float32)
+                          for x in (simthreshd1, cdfthreshd, topk, mass_threshold))
     block_map = cp.empty((B, Hq, nq, nk), dtype=cp.bool_)
     smem, pow2 = select_smem_bytes(nk)
     kern = get_kernel("select.cu", "sparge::select_blocks")
     _set_smem(kern, smem, f"k: {Lk} tokens ({nk} key blocks) in prediction")
     kern(_grid(nq, Hq, B), (THREADS,), (_params(
         SELECT_PARAMS, qbar=st.qbar, q_sim=st.q_sim, kbar=st.kbar, k_sim=st.k_sim, theta=theta,
-        tau=tau, topk=kk, block_map=block_map, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk, D=D, Lq=Lq, Lk=Lk,
-        causal=int(is_causal), sink=int(attention_sink), nk_pow2=pow2, scale=scale),),
+        tau=tau, topk=kk, mass_threshold=mt, block_map=block_map, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk,
+        D=D, Lq=Lq, Lk=Lk, causal=int(is_causal), sink=int(attention_sink), nk_pow2=pow2, scale=scale),),
         shared_mem=smem)
     return block_map
 
@@ -458,13 +459,13 @@ def _as_operands(layout, *arrays):
 
 
 def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
-                      attention_sink):
+                      attention_sink, mass_threshold=None):
     q, k = _as_operands(layout, q, k)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter)
     block_map = select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-                       attention_sink=attention_sink)
+                       mass_threshold=mass_threshold, attention_sink=attention_sink)
     check_counter(counter, q=q, k=k)
     return block_map
 
@@ -488,14 +489,15 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd
 
 
 def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
-                attention_sink, pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None):
+                attention_sink, pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None,
+                mass_threshold=None):
     """Prediction and attention sharing one statistics pass over Q and K."""
     q, k, v = _as_operands(layout, q, k, v)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter)
     block_map = select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-                       attention_sink=attention_sink)
+                       mass_threshold=mass_threshold, attention_sink=attention_sink)
     return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
                    pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
                    return_lse=return_lse, return_stats=return_stats, out=out)

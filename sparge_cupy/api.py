@@ -13,19 +13,28 @@ from .config import CONFIG
 
 
 class _Default:
-    """Marks ``cdfthreshd`` left at its default: CONFIG.cdfthreshd unless ``topk`` is given."""
+    """Marks ``cdfthreshd`` left at its default: CONFIG.cdfthreshd unless another selection rule
+    (``topk``, ``mass_threshold``) is given."""
 
     def __repr__(self):
-        return f"{CONFIG.cdfthreshd} (unless topk is given)"
+        return f"{CONFIG.cdfthreshd} (unless topk or mass_threshold is given)"
 
 
 DEFAULT_CDF = _Default()
 
 
-def _resolve_cdf(cdfthreshd, topk):
+def _resolve_cdf(cdfthreshd, topk, mass_threshold=None):
     if cdfthreshd is DEFAULT_CDF:
-        return None if topk is not None else CONFIG.cdfthreshd
+        return None if topk is not None or mass_threshold is not None else CONFIG.cdfthreshd
     return cdfthreshd
+
+
+def _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold):
+    """The checked per-head thresholds as the keyword arguments of both back ends."""
+    theta, tau, kk, mt = ck.check_thresholds(
+        shapes, simthreshd1=simthreshd1, cdfthreshd=_resolve_cdf(cdfthreshd, topk, mass_threshold),
+        topk=topk, mass_threshold=mass_threshold)
+    return dict(simthreshd1=theta, cdfthreshd=tau, topk=kk, mass_threshold=mt)
 
 
 def _common(q, k, v, layout, is_causal, scale):
@@ -67,7 +76,7 @@ def _ref_attention(q, k, v, block_map, *, layout, is_causal, scale, dtype, **opt
 
 def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
                       simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
-                      attention_sink=True):
+                      mass_threshold=None, attention_sink=True, predictor="paper"):
     """Stage 1: which (query block, key block) pairs to compute.
 
     Args:
@@ -76,25 +85,33 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
       simthreshd1: theta in [-1, 1], a scalar or one per query head: blocks with self-similarity
         <= theta are not trusted to their mean and kept whole (fix blocks).
       cdfthreshd: tau in (0, 1], per head: keep the key blocks holding this share of the
-        compressed attention map (default CONFIG.cdfthreshd unless ``topk`` is given).
+        compressed attention map (default CONFIG.cdfthreshd unless ``topk`` or
+        ``mass_threshold`` is given).
       topk: a fraction in (0, 1], per head: keep that share of each row's valid blocks instead.
+      mass_threshold: t >= 0 (inf allowed), per head: keep block (i, j) iff
+        ``ceil(Lk/64) * P^_ij >= t`` (its estimated mass relative to uniform attention over the
+        whole key sequence), one threshold for all rows, and each row's largest block; not in the
+        paper (README, "Predictors beyond the paper"). Tune it with ``sparge-cupy tune --mode mass``.
+        Exactly one of cdfthreshd, topk, mass_threshold applies.
+      predictor: the estimate the rule selects from: "paper" (the compressed map) or, on NumPy
+        arrays only, "qbar_keys" (each query block's pooled query against every smoothed key;
+        README, "Predictors beyond the paper").
       attention_sink: always keep key block 0.
     Returns:
       bool ``[B, Hq, ceil(Lq/128), ceil(Lk/64)]`` on the arrays' device.
     """
     xp_name, shapes, scale = _common(q, k, None, layout, is_causal, scale)
-    theta, tau, kk = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
-                                         cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
+    sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     ck.check_flag("attention_sink", attention_sink)
+    predictor = ck.check_predictor(predictor, xp_name)
     if xp_name == "cupy":
         from . import _gpu
         return _gpu.predict_block_map(q, k, is_causal=is_causal, scale=scale, layout=layout,
-                                      simthreshd1=theta, cdfthreshd=tau, topk=kk,
-                                      attention_sink=attention_sink)
+                                      attention_sink=attention_sink, **sel)
     ref = _reference()
     return ref.predict_block_map(ref.to_hnd(q, layout), ref.to_hnd(k, layout), is_causal=is_causal,
-                                 scale=scale, simthreshd1=theta, cdfthreshd=tau, topk=kk,
-                                 attention_sink=attention_sink)
+                                 scale=scale, attention_sink=attention_sink, predictor=predictor,
+                                 **sel)
 
 
 def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout="HND",
@@ -126,9 +143,9 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout
 
 
 def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
-                simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None, pvthreshd=None,
-                attention_sink=True, qk="int8", rebalance=True, pv="fp8", return_lse=False,
-                return_stats=False):
+                simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
+                mass_threshold=None, pvthreshd=None, attention_sink=True, qk="int8",
+                rebalance=True, pv="fp8", return_lse=False, return_stats=False, predictor="paper"):
     """SpargeAttn: Stage 1 prediction, then quantized block-sparse attention with Stage 2.
 
     ``O ~ softmax(scale Q K^T + causal mask) V``. Keywords as in :func:`predict_block_map` and
@@ -136,18 +153,17 @@ def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
     ``stats`` as requested.
     """
     xp_name, shapes, scale = _common(q, k, v, layout, is_causal, scale)
-    theta, tau, kk = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
-                                         cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
+    sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     ck.check_flag("attention_sink", attention_sink)
+    predictor = ck.check_predictor(predictor, xp_name)
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
     if xp_name == "cupy":
         from . import _gpu
         return _gpu.sparge_attn(q, k, v, is_causal=is_causal, scale=scale, layout=layout,
-                                simthreshd1=theta, cdfthreshd=tau, topk=kk,
-                                attention_sink=attention_sink, **opts)
+                                attention_sink=attention_sink, **sel, **opts)
     ref = _reference()
     block_map = ref.predict_block_map(ref.to_hnd(q, layout), ref.to_hnd(k, layout),
-                                      is_causal=is_causal, scale=scale, simthreshd1=theta,
-                                      cdfthreshd=tau, topk=kk, attention_sink=attention_sink)
+                                      is_causal=is_causal, scale=scale,
+                                      attention_sink=attention_sink, predictor=predictor, **sel)
     return _ref_attention(q, k, v, block_map, layout=layout, is_causal=is_causal, scale=scale,
                           dtype=q.dtype, **opts)

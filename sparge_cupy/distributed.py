@@ -314,8 +314,8 @@ def _options(shapes, *, simthreshd1, cdfthreshd, topk, attention_sink, pvthreshd
                 rebalance=ck.check_flag("rebalance", rebalance),
                 pv=ck.check_choice("pv", pv, ck.PV_MODES),
                 return_lse=ck.check_flag("return_lse", return_lse))
-    theta, tau, kk = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
-                                         cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
+    theta, tau, kk, _ = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
+                                            cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
     opts.update(simthreshd1=theta, cdfthreshd=tau, topk=kk,
                 attention_sink=ck.check_flag("attention_sink", attention_sink))
     return opts
@@ -489,7 +489,7 @@ def ring_predict_block_map(q, k, *, group=None, is_causal=False, scale=None, lay
     (Lk the global key length): rows ``offset_r / 128 ...`` of single-process
     :func:`sparge_cupy.predict_block_map`.
     """
-    sh, scale, ((theta, tau, kk), sink) = _agree(
+    sh, scale, ((theta, tau, kk, _), sink) = _agree(
         q, k, None, group=group, layout=layout, is_causal=is_causal, scale=scale,
         what="ring_predict_block_map",
         options=lambda shapes: (ck.check_thresholds(shapes, simthreshd1=simthreshd1,

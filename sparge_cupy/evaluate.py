@@ -9,6 +9,9 @@ measures per query head, against dense float64 attention on the same inputs (SPE
   tau 0.9 / 0.95 / 0.98; Stage 2 off; INT8 QK^T with rebalancing, FP8 P V (the API's defaults).
 - ``tuned``: :func:`sparge_cupy.tune.tune_layer` on this input (``--l1``, ``--pv-l1``), as two
   settings: ``stage 1`` (Stage 2 off) and ``stage 1+2``. The numbers are the tuner's exact ones.
+- ``tuned_mass``: the same with the mass threshold rule (``mode="mass"``: keep ``nk * P^ >= t``,
+  one threshold per head across rows; README "Predictors beyond the paper"); column
+  ``mass_threshold``.
 - ``oracle``: :func:`reference.oracle_block_map` at the same L1 bound: the sparsest map a
   predictor that saw the true attention could keep (float64, no quantization), and the same map
   run with INT8/FP8.
@@ -61,13 +64,14 @@ from pathlib import Path
 import numpy as np
 
 from .config import CONFIG
+from .tune import RULE_KEYWORDS
 
 GEMMA_LAYERS = (5, 11, 17)
 DEFAULT_TOKENS = (4096, 8192)
 DEFAULT_NAME = "gemma3_eval_pydoc"
-STEPS = ("presets", "tuned", "oracle", "floors", "sweep")
+STEPS = ("presets", "tuned", "tuned_mass", "oracle", "floors", "sweep")
 # group names each step writes (--merge replaces rows by (tokens, layer, group))
-STEP_GROUPS = {"presets": ("preset",), "tuned": ("tuned",), "oracle": ("oracle",),
+STEP_GROUPS = {"presets": ("preset",), "tuned": ("tuned",), "tuned_mass": ("tuned_mass",), "oracle": ("oracle",),
                "floors": ("floor",), "sweep": ("sweep", "oracle_frontier")}
 # (setting, theta, tau): the shipped defaults, then theta = -1 (no fix block) at three taus
 PRESETS = (("default", CONFIG.simthreshd1, CONFIG.cdfthreshd),
@@ -88,7 +92,8 @@ SWEEP_TAUS = tuple(float(t) for t in 1.0 - np.logspace(-0.3, -4.0, 19))   # 0.5 
 ORACLE_FRONTIER = (0.01, 0.02, 0.1, 0.2)
 COLUMNS = ("tokens", "layer", "head", "group", "setting", "theta", "tau", "lambda", "bound",
            "qk", "rebalance", "pv", "stage1_sparsity", "stage2_sparsity", "total_sparsity",
-           "rel_l1", "rel_l1_sparsity_only", "recall", "ppl", "ppl_tokens", "backend")
+           "rel_l1", "rel_l1_sparsity_only", "recall", "ppl", "ppl_tokens", "backend",
+           "mass_threshold")                     # last: CSVs written before it read as NaN
 _TEXT_COLUMNS = ("layer", "head", "group", "setting", "qk", "pv", "backend")
 F32 = np.float32
 
@@ -190,10 +195,11 @@ class _Layer:
         return self.l1(out)
 
     # -- the public API (GPU) or the reference ----------------------------------------------------
-    def predict(self, theta, tau):
+    def predict(self, theta, **rule):
+        """The block map of theta and one selection rule (``cdfthreshd=`` or ``mass_threshold=``)."""
         kw = dict(is_causal=self.is_causal, scale=self.scale,
                   simthreshd1=np.broadcast_to(np.asarray(theta, F32), (self.H,)).copy(),
-                  cdfthreshd=np.broadcast_to(np.asarray(tau, F32), (self.H,)).copy())
+                  **{n: np.broadcast_to(np.asarray(t, F32), (self.H,)).copy() for n, t in rule.items()})
         if self.use_gpu:
             from . import api
             return api.predict_block_map(self.dev[0], self.dev[1], **kw).get()
@@ -234,7 +240,7 @@ def _rows(ctx, head_values, **common):
 def step_presets(x, ctx):
     rows = []
     for name, theta, tau in PRESETS:
-        bm = x.predict(theta, tau)
+        bm = x.predict(theta, cdfthreshd=tau)
         s1 = x.sparsity(bm)
         rows += _rows(ctx, {"stage1_sparsity": s1, "stage2_sparsity": 0.0, "total_sparsity": s1,
                             "rel_l1": x.l1(x.attend(bm, **USER_QUANT)),
@@ -245,23 +251,25 @@ def step_presets(x, ctx):
 
 def tuned_block_map(x, tuning):
     """The Stage-1 map of a :class:`~sparge_cupy.tune.LayerTuning` (dense heads: every block)."""
-    tau = tuning.cdfthreshd if tuning.mode == "cdf" else None
-    if tau is None:
-        raise ValueError("tuning: the evaluation reads TopCdf (mode 'cdf') tunings only")
-    bm = x.predict(tuning.simthreshd1, tau)
+    if tuning.mode == "topk":
+        raise ValueError("tuning: the evaluation reads TopCdf ('cdf') and mass threshold ('mass') "
+                         "tunings, not 'topk'")
+    bm = x.predict(tuning.simthreshd1, **{RULE_KEYWORDS[tuning.mode]: tuning.threshold})
     bm[:, np.asarray(tuning.dense, bool)] = True
     return bm & x.valid
 
 
-def step_tuned(x, ctx, *, l1, pv_l1, thetas, log):
+def step_tuned(x, ctx, *, l1, pv_l1, thetas, log, mode="cdf"):
+    """Tune this layer with TopCdf (group "tuned") or the mass threshold (``mode="mass"``, group
+    "tuned_mass"); rows for Stage 1 alone and with Stage 2."""
     from .tune import tune_layer
     q, k, v = x.dev
     r = tune_layer([q], [k], [v], is_causal=x.is_causal, scale=x.scale, l1=l1, pv_l1=pv_l1,
-                   layer=str(ctx["layer"]), thetas=thetas, log=log, **USER_QUANT)
+                   layer=str(ctx["layer"]), thetas=thetas, log=log, mode=mode, **USER_QUANT)
     bm = tuned_block_map(x, r)
     lam = np.asarray(r.pvthreshd, F32)
-    common = dict(group="tuned", **USER_QUANT)
-    thresholds = {"theta": r.simthreshd1, "tau": r.cdfthreshd}
+    common = dict(group="tuned" if mode == "cdf" else "tuned_mass", **USER_QUANT)
+    thresholds = {"theta": r.simthreshd1, "tau" if mode == "cdf" else "mass_threshold": r.threshold}
     rows = _rows(ctx, {"stage1_sparsity": r.stage1_sparsity, "stage2_sparsity": 0.0,
                        "total_sparsity": r.stage1_sparsity, "rel_l1": r.stage1_l1,
                        "rel_l1_sparsity_only": x.l1_sparsity_only(bm), "recall": x.recall(bm),
@@ -509,8 +517,9 @@ def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05
         prog.done()
         return res
 
-    step_fns = {"presets": (step_presets, {}), "tuned": (step_tuned, dict(l1=l1, pv_l1=pv_l1, thetas=thetas,
-                                                                          log=prog.log)),
+    tuned_kw = dict(l1=l1, pv_l1=pv_l1, thetas=thetas, log=prog.log)
+    step_fns = {"presets": (step_presets, {}), "tuned": (step_tuned, tuned_kw),
+                "tuned_mass": (step_tuned, dict(tuned_kw, mode="mass")),
                 "oracle": (step_oracle, dict(l1=l1)), "floors": (step_floors, {}),
                 "sweep": (step_sweep, dict(l1=l1, frontier=frontier))}
     try:
@@ -526,8 +535,10 @@ def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05
                     prog.start(f"{n} tokens, layer {layer}: {step}")
                     fn, kw = step_fns[step]
                     res = timed(f"{n}/{layer}/{step}", fn, x, ctx, **kw)
-                    if step == "tuned":
-                        res, tunings[(n, layer)] = res
+                    if step in ("tuned", "tuned_mass"):
+                        res, tuning = res
+                        if step == "tuned":          # the perplexity runs the TopCdf tuning
+                            tunings[(n, layer)] = tuning
                     rows += res
                 del x, data            # free this layer before loading the next
             if n in ppl_at:
@@ -708,8 +719,11 @@ def summary(rows):
             t2 = pick("tuned", "stage 1+2")
             total = _mean(t2, "total_sparsity")
             floor = _mean(pick("floor", "int8+rebalance/fp8"), "rel_l1")
+            m1 = _mean(pick("tuned_mass", "stage 1"), "stage1_sparsity")
+            of_oracle = (lambda s: s / oracle if oracle and math.isfinite(oracle) and oracle > 0 else math.nan)
             d = {"tokens": n, "layer": layer, "oracle": oracle, "tuned_s1": t1,
-                 "ratio": t1 / oracle if oracle and math.isfinite(oracle) and oracle > 0 else math.nan,
+                 "ratio": of_oracle(t1), "mass_s1": m1, "mass_ratio": of_oracle(m1),
+                 "mass_total": _mean(pick("tuned_mass", "stage 1+2"), "total_sparsity"),
                  "tuned_total": total, "stage2_added": total - t1,
                  "tuned_l1_s1": _mean(pick("tuned", "stage 1"), "rel_l1"), "tuned_l1": _mean(t2, "rel_l1"),
                  "oracle_l1_quant": _mean(pick("oracle"), "rel_l1"), "floor_l1": floor,
@@ -726,13 +740,14 @@ def summary(rows):
 
 
 def summary_lines(rows):
-    lines = [f"{'tokens':>6} {'layer':>5} {'oracle':>7} {'tuned':>7} {'ratio':>6} {'+stage2':>8} "
-             f"{'total':>6} {'L1 s1':>7} {'L1':>7} {'floor':>7}  perplexity dense / sparge"]
+    lines = [f"{'tokens':>6} {'layer':>5} {'oracle':>7} {'tuned':>7} {'ratio':>6} {'mass':>6} {'ratio':>6} "
+             f"{'+stage2':>8} {'total':>6} {'L1 s1':>7} {'L1':>7} {'floor':>7}  perplexity dense / sparge"]
     for d in summary(rows):
         ppl = (f"{d['ppl_dense']:.3f} / {d['ppl_sparge']:.3f} (last {int(d['ppl_tokens'])})"
                if "ppl_dense" in d else "")
         lines.append(f"{d['tokens']:>6} {str(d['layer']):>5} {_f(d['oracle']):>7} {_f(d['tuned_s1']):>7} "
-                     f"{_f(d['ratio'], '.0%'):>6} {_f(d['stage2_added'], '+.3f'):>8} {_f(d['tuned_total']):>6} "
+                     f"{_f(d['ratio'], '.0%'):>6} {_f(d['mass_s1']):>6} {_f(d['mass_ratio'], '.0%'):>6} "
+                     f"{_f(d['stage2_added'], '+.3f'):>8} {_f(d['tuned_total']):>6} "
                      f"{_f(d['tuned_l1_s1'], '.4f'):>7} {_f(d['tuned_l1'], '.4f'):>7} "
                      f"{_f(d['floor_l1'], '.4f'):>7}  {ppl}")
     return lines
@@ -775,21 +790,25 @@ def report(rows, runs, *, figures=()):
               "P V products skipped) minus "
               "Stage 1; L1: tuned error with Stage 1 only / with Stage 2; floor: every block kept, "
               "INT8+rebalance/FP8 (quantization alone); default: Stage-1 sparsity at the shipped "
-              f"defaults (theta {CONFIG.simthreshd1}, tau {CONFIG.cdfthreshd}).", ""]
+              f"defaults (theta {CONFIG.simthreshd1}, tau {CONFIG.cdfthreshd}); mass s1, mass total: "
+              "the same tuning with the mass threshold rule instead of TopCdf (step tuned_mass), "
+              "its ratio to the oracle in brackets.", ""]
     body = []
     for d in summary(rows):
         body.append([d["tokens"], d["layer"] if d["layer"] != "mean" else "**mean**", _f(d["oracle"]),
                      _f(d["tuned_s1"]), _f(d["ratio"], ".0%"), _f(d["stage2_added"], "+.3f"),
                      _f(d["tuned_total"]), f"{_f(d['tuned_l1_s1'], '.4f')} / {_f(d['tuned_l1'], '.4f')}",
-                     _f(d["floor_l1"], ".4f"), _f(d["default_s1"])])
+                     _f(d["floor_l1"], ".4f"), _f(d["default_s1"]),
+                     f"{_f(d['mass_s1'])} ({_f(d['mass_ratio'], '.0%')})", _f(d["mass_total"])])
     lines += [_table(["tokens", "layer", "oracle", "tuned s1", "ratio", "+ Stage 2", "tuned total",
-                      "L1 s1 / s1+2", "floor L1", "default s1"], body), ""]
-    means = [d for d in summary(rows) if d["layer"] == "mean" and math.isfinite(d["ratio"])]
-    if means:
-        lines += ["Against issue 5's target (tuned Stage 1 at L1 <= 0.05 reaches 90% of the oracle, "
-                  "averaged over the full layers): " + "; ".join(
-                      f"{token_label(d['tokens'])} {d['ratio']:.0%}" for d in means)
-                  + (" (met)" if all(d["ratio"] >= 0.9 for d in means) else " (not met)") + ".", ""]
+                      "L1 s1 / s1+2", "floor L1", "default s1", "mass s1", "mass total"], body), ""]
+    for key, what in (("ratio", "TopCdf"), ("mass_ratio", "mass threshold")):
+        means = [d for d in summary(rows) if d["layer"] == "mean" and math.isfinite(d[key])]
+        if means:
+            lines += [f"Against issue 5's target (tuned Stage 1 at L1 <= 0.05 reaches 90% of the "
+                      f"oracle, averaged over the full layers), {what}: " + "; ".join(
+                          f"{token_label(d['tokens'])} {d[key]:.0%}" for d in means)
+                      + (" (met)" if all(d[key] >= 0.9 for d in means) else " (not met)") + ".", ""]
     ppl = [d for d in summary(rows) if "ppl_dense" in d]
     if ppl:
         lines += ["Perplexity of the last tokens (Gemma 3 270M on the CPU, the three full layers "

@@ -42,8 +42,9 @@ them (``load_settings`` / ``SpargeSettings.save``)::
 
 Layer keys are the layer index (``module.layer_idx``) as an int or a string, or a module name
 holding ``layers.<index>``. A layer's entry is complete on its own (keys it omits take the
-SpargeAttn defaults, not the ``default`` entry's); exactly one of ``cdfthreshd`` and ``topk``
-applies, ``cdfthreshd`` when neither is given. Each threshold is one number or one per query head;
+SpargeAttn defaults, not the ``default`` entry's); exactly one of ``cdfthreshd``, ``topk`` and
+``mass_threshold`` (the mass threshold rule, ``sparge-cupy tune --mode mass``) applies,
+``cdfthreshd`` when none is given. Each threshold is one number or one per query head;
 ``null`` in ``pvthreshd`` turns the Stage 2 filter off for that head.
 
 The module also loads the project's real model offline (:func:`load_gemma3_270m`, Gemma 3 270M from
@@ -69,7 +70,8 @@ from .config import CONFIG
 
 NAME = "sparge"
 SETTINGS_FORMAT = "sparge-cupy.hf-settings/1"
-_THRESHOLD_KEYS = ("simthreshd1", "cdfthreshd", "topk", "pvthreshd")
+_THRESHOLD_KEYS = ("simthreshd1", "cdfthreshd", "topk", "mass_threshold", "pvthreshd")
+_RULE_KEYS = ("cdfthreshd", "topk", "mass_threshold")      # the selection rules: at most one
 _OPTION_DEFAULTS = {"qk": "int8", "rebalance": True, "pv": "fp8", "attention_sink": True}
 
 
@@ -103,6 +105,7 @@ class LayerSettings:
     simthreshd1: float | tuple = CONFIG.simthreshd1
     cdfthreshd: float | tuple | None = CONFIG.cdfthreshd
     topk: float | tuple | None = None
+    mass_threshold: float | tuple | None = None
     pvthreshd: float | tuple | None = None
     dense: bool = False
 
@@ -114,29 +117,27 @@ class LayerSettings:
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of "
                              f"{list(_THRESHOLD_KEYS) + ['dense']}")
-        if d.get("cdfthreshd") is not None and d.get("topk") is not None:
-            raise ValueError(f"{where}: expected at most one of cdfthreshd and topk, got both")
+        rules = [n for n in _RULE_KEYS if d.get(n) is not None]
+        if len(rules) > 1:
+            raise ValueError(f"{where}: expected at most one of {', '.join(_RULE_KEYS)}, got "
+                             + " and ".join(rules))
         dense = d.get("dense", False)
         if not isinstance(dense, bool):
             raise TypeError(f"{where}.dense: expected true or false, got {dense!r}")
         kw = {"dense": dense}
         if "simthreshd1" in d:
             kw["simthreshd1"] = _per_head("simthreshd1", d["simthreshd1"], where, allow_null=False)
-        if d.get("topk") is not None:
-            kw["topk"] = _per_head("topk", d["topk"], where, allow_null=False)
+        if rules:
             kw["cdfthreshd"] = None
-        elif d.get("cdfthreshd") is not None:
-            kw["cdfthreshd"] = _per_head("cdfthreshd", d["cdfthreshd"], where, allow_null=False)
+            kw[rules[0]] = _per_head(rules[0], d[rules[0]], where, allow_null=False)
         if d.get("pvthreshd") is not None:
             kw["pvthreshd"] = _per_head("pvthreshd", d["pvthreshd"], where, allow_null=True)
         return cls(**kw)
 
     def to_dict(self):
         d = {"simthreshd1": self.simthreshd1}
-        if self.topk is not None:
-            d["topk"] = self.topk
-        else:
-            d["cdfthreshd"] = self.cdfthreshd
+        rule = self.rule
+        d[rule] = getattr(self, rule)
         d["pvthreshd"] = self.pvthreshd
         if self.dense:
             d["dense"] = True
@@ -147,16 +148,18 @@ class LayerSettings:
         pv = self.pvthreshd
         if isinstance(pv, tuple):          # null per head: filter off = lambda infinite
             pv = tuple(math.inf if x is None else x for x in pv)
-        kw = {"simthreshd1": self._arr(self.simthreshd1), "pvthreshd": self._arr(pv)}
-        if self.topk is not None:
-            kw["topk"] = self._arr(self.topk)
-        else:
-            kw["cdfthreshd"] = self._arr(self.cdfthreshd)
+        kw = {"simthreshd1": self._arr(self.simthreshd1), "pvthreshd": self._arr(pv),
+              self.rule: self._arr(getattr(self, self.rule))}
         for name, value in kw.items():
             if isinstance(value, np.ndarray) and value.shape != (n_heads,):
                 raise ValueError(f"{name}: expected one value per query head ({n_heads}), "
                                  f"got {value.shape[0]}")
         return kw
+
+    @property
+    def rule(self):
+        """The keyword of the selection rule in use: "topk", "mass_threshold" or "cdfthreshd"."""
+        return next((n for n in ("topk", "mass_threshold") if getattr(self, n) is not None), "cdfthreshd")
 
     @staticmethod
     def _arr(x):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 from . import _checks as ck
-from .api import DEFAULT_CDF, _attn_options, _resolve_cdf
+from .api import DEFAULT_CDF, _attn_options, _selection
 from .config import CONFIG
 
 
@@ -89,18 +89,16 @@ def _run_attention(fn, q, *args, **kw):
 
 def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
                       simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
-                      attention_sink=True):
+                      mass_threshold=None, attention_sink=True):
     """:func:`sparge_cupy.predict_block_map` for torch tensors; a torch bool tensor."""
     from . import _gpu
     shapes, scale = _check(q, k, None, layout, is_causal, scale)
-    theta, tau, kk = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
-                                         cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
+    sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     ck.check_flag("attention_sink", attention_sink)
     with _on_current_stream(q):
         qo, ko = _operands(layout, q, k)
         bmap = _gpu.predict_block_map(qo, ko, is_causal=is_causal, scale=scale, layout=layout,
-                                      simthreshd1=theta, cdfthreshd=tau, topk=kk,
-                                      attention_sink=attention_sink)
+                                      attention_sink=attention_sink, **sel)
         return _to_torch(bmap)
 
 
@@ -127,18 +125,16 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout
 
 
 def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
-                simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None, pvthreshd=None,
-                attention_sink=True, qk="int8", rebalance=True, pv="fp8", return_lse=False,
-                return_stats=False):
+                simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
+                mass_threshold=None, pvthreshd=None, attention_sink=True, qk="int8",
+                rebalance=True, pv="fp8", return_lse=False, return_stats=False):
     """:func:`sparge_cupy.sparge_attn` for torch tensors."""
     from . import _gpu
     shapes, scale = _check(q, k, v, layout, is_causal, scale)
-    theta, tau, kk = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
-                                         cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
+    sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     ck.check_flag("attention_sink", attention_sink)
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
     with _on_current_stream(q):
         qo, ko, vo = _operands(layout, q, k, v)
         return _run_attention(_gpu.sparge_attn, q, qo, ko, vo, is_causal=is_causal, scale=scale,
-                              layout=layout, simthreshd1=theta, cdfthreshd=tau, topk=kk,
-                              attention_sink=attention_sink, **opts)
+                              layout=layout, attention_sink=attention_sink, **sel, **opts)

@@ -13,9 +13,11 @@ evaluates a different candidate for every head):
 
 1. theta on a grid (``thetas``); for each theta, tau by bisection on ``x = -log10(1 - tau)`` over
    tau in [0.5, 0.9999] (some heads of real models need tau = 0.998; ``topk`` mode bisects topk in
-   [0.02, 1] linearly). Per head keep the theta and tau of highest Stage-1 sparsity that meet ``l1``.
-   A head that no (theta, tau) makes sparser within ``l1`` keeps every block (saved as theta = -1,
-   tau = 1, or topk = 1, which the API turns into exactly the full map).
+   [0.02, 1] linearly; ``mass`` mode, the mass threshold rule ``nk * P^ >= t`` of
+   :func:`reference.select_mass_threshold`, bisects ``log10 t`` over t in [1e-3, 1e3]). Per head
+   keep the theta and tau of highest Stage-1 sparsity that meet ``l1``. A head that no (theta,
+   tau) makes sparser within ``l1`` keeps every block (saved as theta = -1, tau = 1, topk = 1 or
+   mass threshold 0, which the API turns into exactly the full map).
 2. lambda by bisection on ``log2(lambda)`` over [0.5, 64] against ``pv_l1``, the Stage-1 map fixed;
    a head whose Stage 2 skips nothing keeps lambda = inf (filter off).
 3. A head whose total sparsity (SPEC.md section 4) stays below ``min_sparsity`` (default 0.1) runs
@@ -30,9 +32,9 @@ Two evaluators answer "error and sparsity of these per-head thresholds":
   reference-only ``qk = pv = "fp32"`` (no quantization) for measurements.
 - ``"curves"`` (NumPy only, the default there; the reference takes tens of seconds per call at 4K
   tokens). Per query block, keeping a set of key blocks gives ``O = sum_j N_j / sum_j l_j`` over
-  per-block partial sums, and for a fixed theta the blocks TopCdf/TopK keep grow as a prefix of one
-  order (the fix blocks, then the compressed map's ranking), so one pass over the data gives the
-  error of *every* tau at once; likewise the Stage 2 skips of a query row group grow as a prefix of
+  per-block partial sums, and for a fixed theta the blocks TopCdf/TopK/the mass threshold keep grow
+  as a prefix of one order (the fix blocks, then the compressed map's ranking), so one pass over the
+  data gives the error of *every* tau at once; likewise the Stage 2 skips of a query row group grow as a prefix of
   its blocks ordered by ``rowmax - running max``, so one more pass gives the error of every lambda.
   The maps, block counts and skip counts are exactly the reference's; the values differ from the
   reference only in where P is rounded to fp8/fp16 (relative to the row's final maximum instead of
@@ -62,10 +64,13 @@ from .config import CONFIG
 SCHEMA = "sparge-cupy/tuning"
 SCHEMA_VERSION = 1
 DEFAULT_THETAS = (-1.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
-MODES = ("cdf", "topk")
+MODES = ("cdf", "topk", "mass")
+RULE_KEYWORDS = {"cdf": "cdfthreshd", "topk": "topk", "mass": "mass_threshold"}   # API keyword per mode
 EVALUATORS = ("exact", "curves")
 TAU_RANGE = (0.5, 0.9999)          # bisected on x = -log10(1 - tau)
 TOPK_RANGE = (0.02, 1.0)           # bisected linearly
+MASS_RANGE = (1e-3, 1e3)           # bisected on log10(t); a full head saves t = 0
+FULL_THRESHOLD = {"cdf": 1.0, "topk": 1.0, "mass": 0.0}   # the value that keeps every valid block
 LAMBDA_RANGE = (0.5, 64.0)         # bisected on log2(lambda)
 STEPS = 12                         # bisection steps: x to 3.7 / 4096, log2(lambda) to 7 / 4096
 MAX_ROUNDS = 3                     # verify-and-tighten rounds of the curves evaluator
@@ -80,9 +85,10 @@ class LayerTuning:
     """Tuned thresholds of one layer, one entry per query head, and what they achieved.
 
     Thresholds (arrays [Hq], ready for :func:`sparge_cupy.sparge_attn`): ``simthreshd1``;
-    ``cdfthreshd`` (mode "cdf") or ``topk`` (mode "topk"), the other None; ``pvthreshd`` (inf = Stage
-    2 off). ``dense`` [Hq] bool: the head runs with every valid block and no filter (its thresholds
-    are then -1, 1, inf, which the API turns into exactly that). ``meets_bound``: the saved error is
+    ``cdfthreshd`` (mode "cdf"), ``topk`` (mode "topk") or ``mass_threshold`` (mode "mass"), the
+    others None; ``pvthreshd`` (inf = Stage 2 off). ``dense`` [Hq] bool: the head runs with every
+    valid block and no filter (its thresholds are then -1, 1 (mass: 0), inf, which the API turns
+    into exactly that). Files written before the mass mode have no ``mass_threshold`` field. ``meets_bound``: the saved error is
     within the bounds (False only where even the dense quantized head exceeds ``l1``: see
     ``quant_floor_l1``).
 
@@ -112,6 +118,8 @@ class LayerTuning:
     rebalance: bool = True
     attention_sink: bool = True
     mode: str = "cdf"
+    mass_threshold: np.ndarray | None = None
+    predictor: str = "paper"
     thetas: tuple = DEFAULT_THETAS
     aggregate: str = "max over inputs"
     evaluator: str = "exact"
@@ -130,11 +138,15 @@ class LayerTuning:
               "pvthreshd": None if np.isinf(self.pvthreshd).all() else self.pvthreshd.copy(),
               "attention_sink": self.attention_sink, "qk": self.qk, "pv": self.pv,
               "rebalance": self.rebalance}
-        if self.mode == "cdf":
-            kw["cdfthreshd"] = self.cdfthreshd.copy()
-        else:
-            kw["topk"] = self.topk.copy()
+        kw.update(_rule_kwargs(self.mode, self.threshold))
+        if self.predictor != "paper":
+            kw["predictor"] = self.predictor
         return kw
+
+    @property
+    def threshold(self):
+        """The selection rule's per-head thresholds (tau, topk or the mass threshold)."""
+        return getattr(self, RULE_KEYWORDS[self.mode])
 
     def to_json(self):
         """A dict of plain JSON values: per-head arrays as lists (float32 thresholds written with
@@ -152,7 +164,7 @@ class LayerTuning:
     @classmethod
     def from_json(cls, d):
         kw = dict(d)
-        for name in ("simthreshd1", "cdfthreshd", "topk"):
+        for name in ("simthreshd1", "cdfthreshd", "topk", "mass_threshold"):
             kw[name] = None if kw.get(name) is None else np.asarray(kw[name], dtype=F32)
         kw["pvthreshd"] = np.asarray([np.inf if x is None else x for x in kw["pvthreshd"]], dtype=F32)
         for name in ("dense", "meets_bound"):
@@ -166,10 +178,10 @@ class LayerTuning:
 
     def table(self):
         """A per-head text table."""
-        thr = self.cdfthreshd if self.mode == "cdf" else self.topk
+        thr = self.threshold
         lines = [f"layer {self.layer}: l1 <= {self.l1_bound}, pv_l1 <= {self.pv_l1_bound} "
                  f"({self.qk}/{self.pv}{', rebalanced' if self.rebalance else ''}; errors: {self.aggregate})",
-                 f"{'head':>4} {'theta':>6} {'tau' if self.mode == 'cdf' else 'topk':>8} {'lambda':>7} "
+                 f"{'head':>4} {'theta':>6} {({'cdf': 'tau', 'topk': 'topk', 'mass': 't'})[self.mode]:>8} {'lambda':>7} "
                  f"{'s1':>6} {'s2':>6} {'total':>6} {'l1_s1':>7} {'l1':>7} {'floor':>7}  note"]
         for h in range(self.heads):
             note = "dense" if self.dense[h] else ""
@@ -183,6 +195,11 @@ class LayerTuning:
                      f"total {self.total_sparsity.mean():.3f}  ({self.evaluator} evaluator on "
                      f"{self.backend}{', verified exactly' if self.verified else ''}, {self.seconds:.1f} s)")
         return "\n".join(lines)
+
+
+def _rule_kwargs(mode, thr):
+    """``{keyword: per-head float32 thresholds}`` of the selection rule of ``mode``."""
+    return {RULE_KEYWORDS[mode]: np.asarray(thr, F32).copy()}
 
 
 def _json_number(x):
@@ -244,8 +261,8 @@ HF_SETTINGS_FORMAT = "sparge-cupy.hf-settings/1"
 def to_hf_settings(results, meta=None):
     """The tuned layers in the settings format of :mod:`sparge_cupy.hf` (``load_settings``).
 
-    Per layer: the per-head thresholds (dense heads as theta = -1, tau = 1 or topk = 1, lambda null:
-    every block, no filter), or ``{"dense": true}`` when every head of the layer is dense (the
+    Per layer: the per-head thresholds (dense heads as theta = -1, tau = 1, topk = 1 or
+    mass_threshold = 0, lambda null: every block, no filter), or ``{"dense": true}`` when every head of the layer is dense (the
     integration then runs the model's own attention there). The options (``qk``, ``pv``,
     ``rebalance``, ``attention_sink``) are global in that format, so every layer must have been
     tuned with the same ones. Layer names must name an index (``"5"``, ``"model.layers.5.self_attn"``).
@@ -260,12 +277,14 @@ def to_hf_settings(results, meta=None):
         elif opts != options:
             raise ValueError(f"results: layer {name!r} was tuned with {opts}, another layer with {options}; "
                              "the hf settings hold one set of options")
+        if r.predictor != "paper":
+            raise ValueError(f"results: layer {name!r} was tuned with predictor {r.predictor!r}, "
+                             "which runs in the NumPy reference only; the hf integration runs 'paper'")
         if r.dense.all():
             layers[name] = {"dense": True}
             continue
         entry = {"simthreshd1": [_json_number(x) for x in r.simthreshd1]}
-        thr = r.cdfthreshd if r.mode == "cdf" else r.topk
-        entry["cdfthreshd" if r.mode == "cdf" else "topk"] = [_json_number(x) for x in thr]
+        entry[RULE_KEYWORDS[r.mode]] = [_json_number(x) for x in r.threshold]
         entry["pvthreshd"] = [_json_number(x) for x in r.pvthreshd]
         layers[name] = entry
     bounds = sorted({(r.l1_bound, r.pv_l1_bound) for r in results.values()})
@@ -379,15 +398,15 @@ def _stats_eval(x, out, stats):
 class _ExactEvaluator:
     name = "exact"
 
-    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink):
+    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper"):
         self.inputs, self.thetas, self.mode = inputs, np.asarray(thetas, F32), mode
         self.opts = dict(qk=qk, pv=pv, rebalance=rebalance)
-        self.sink = attention_sink
+        self.sink, self.predictor = attention_sink, predictor
         self.gpu = _xp(inputs[0].q) is not np
         self._maps = None
 
     def _map(self, x, theta_idx, thr, dense):
-        sel = {"cdfthreshd": np.asarray(thr, F32)} if self.mode == "cdf" else {"topk": np.asarray(thr, F32)}
+        sel = _rule_kwargs(self.mode, thr)
         if self.gpu:
             from . import api
             bm = api.predict_block_map(x.q, x.k, is_causal=x.is_causal, scale=x.scale,
@@ -395,7 +414,8 @@ class _ExactEvaluator:
         else:
             from . import reference as R
             bm = R.predict_block_map(x.q, x.k, is_causal=x.is_causal, scale=x.scale,
-                                     simthreshd1=self.thetas[theta_idx], attention_sink=self.sink, **sel)
+                                     simthreshd1=self.thetas[theta_idx], attention_sink=self.sink,
+                                     predictor=self.predictor, **sel)
         if dense.any():                      # every block; the kernel ignores causally invalid ones
             bm[:, _xp(bm).asarray(np.flatnonzero(dense))] = True
         return bm
@@ -431,10 +451,11 @@ class _CurveInput:
     """The curves of one input; see the module docstring. Shapes: B batch, H query heads, nq query
     blocks, nk key blocks, A thetas, G rows per Stage-2 group, ng groups per query block."""
 
-    def __init__(self, x, *, thetas, mode, qk, pv, rebalance, attention_sink, cfg=CONFIG):
+    def __init__(self, x, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper",
+                 cfg=CONFIG):
         from . import reference as R
         self.x, self.mode, self.pv, self.cfg = x, mode, pv, cfg
-        self.thetas, self.sink = np.asarray(thetas, F32), attention_sink
+        self.thetas, self.sink, self.predictor = np.asarray(thetas, F32), attention_sink, predictor
         q, k, v = x.q, x.k, x.v
         B, H, Lq, D = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
@@ -453,10 +474,12 @@ class _CurveInput:
             self.v_op = R.round_fp16(v) if pv == "fp16" else np.asarray(v, F32)
             self.v_scale = None
 
-        # Stage 1 per theta: the order in which TopCdf/TopK add blocks, and the fix blocks.
+        # Stage 1 per theta: the order in which the rule adds blocks, and the fix blocks. ``rank``:
+        # TopCdf's cumulative sum of the ranked P^; the mass threshold's ranked nk * P^ (-inf: not
+        # finite), non-increasing along the order, so the kept set is the prefix where rank >= t.
         A = len(thetas)
         self.order = np.empty((A, B, H, self.nq, self.nk), np.int64)
-        self.csum = np.empty((A, B, H, self.nq, self.nk), F32)
+        self.rank = np.empty((A, B, H, self.nq, self.nk), F32)
         self.n_finite = np.empty((A, B, H, self.nq), np.int64)
         self.kept_at = np.empty((A, B, H, self.nq, self.nk + 1), np.int64)  # kept blocks after c selected
         base = np.empty((A, B, H, self.nq, self.nk), bool)
@@ -464,15 +487,23 @@ class _CurveInput:
         for a, theta in enumerate(thetas):
             _, det = R.predict_block_map(q, k, is_causal=x.is_causal, scale=x.scale,
                                          simthreshd1=np.full(H, theta, F32), cdfthreshd=np.ones(H, F32),
-                                         attention_sink=attention_sink, return_details=True, cfg=cfg)
+                                         attention_sink=attention_sink, return_details=True,
+                                         predictor=predictor, cfg=cfg)
             p_hat, q_fix, k_fix = det["p_hat"], det["q_fix"], det["k_fix"]
             finite = self.valid & ~k_fix[:, :, None, :]
             b_a = (q_fix[..., None] | k_fix[:, :, None, :]) & self.valid
             if attention_sink:
                 b_a[..., 0] |= self.valid[:, 0]
-            order = np.argsort(-p_hat, axis=-1, kind="stable")           # as select_topcdf/topk
+            if mode == "mass":
+                # P^ descending, lower j first, finite columns first (a finite P^ = 0 kept at t = 0
+                # must not fall behind a masked one): the first is select_mass_threshold's argmax
+                order = np.argsort(np.where(finite, -p_hat, np.inf), axis=-1, kind="stable")
+                scaled = np.where(finite, (F32(self.nk) * p_hat).astype(F32), -np.inf).astype(F32)
+                self.rank[a] = np.take_along_axis(scaled, order, axis=-1)
+            else:
+                order = np.argsort(-p_hat, axis=-1, kind="stable")       # as select_topcdf/topk
+                self.rank[a] = np.cumsum(np.take_along_axis(p_hat, order, axis=-1), axis=-1, dtype=F32)
             self.order[a] = order
-            self.csum[a] = np.cumsum(np.take_along_axis(p_hat, order, axis=-1), axis=-1, dtype=F32)
             self.n_finite[a] = finite.sum(axis=-1)
             base[a] = b_a
             adds[a] = np.take_along_axis(self.valid & ~b_a, order, axis=-1)
@@ -565,16 +596,18 @@ class _CurveInput:
 
     # -- Stage 1 ----------------------------------------------------------------------------------
     def _selected(self, theta_idx, thr):
-        """Blocks TopCdf/TopK select per (b, h, query block): ``[B, H, nq]``, and the theta index
-        per head as a gather index."""
+        """Blocks the rule selects per (b, h, query block): ``[B, H, nq]``; ``theta_idx`` per head
+        as a gather index."""
         H = self.H
         hh = np.arange(H)
-        csum = self.csum[theta_idx, :, hh].transpose(1, 0, 2, 3)           # [B, H, nq, nk]
+        rank = self.rank[theta_idx, :, hh].transpose(1, 0, 2, 3)           # [B, H, nq, nk]
         n_fin = self.n_finite[theta_idx, :, hh].transpose(1, 0, 2)
         thr = np.asarray(thr, F32)[None, :, None]
         if self.mode == "cdf":
-            bound = (thr[..., None] * csum[..., -1:]).astype(F32)
-            n = np.maximum((csum <= bound).sum(axis=-1), 1)
+            bound = (thr[..., None] * rank[..., -1:]).astype(F32)
+            n = np.maximum((rank <= bound).sum(axis=-1), 1)
+        elif self.mode == "mass":
+            n = np.maximum((rank >= thr[..., None]).sum(axis=-1), 1)
         else:
             nv = self.n_valid_row[None, None, :]
             n = np.floor((thr * nv.astype(F32)).astype(F32)).astype(np.int64)
@@ -596,10 +629,10 @@ class _CurveInput:
     def block_map(self, theta_idx, thr, dense):
         """The exact Stage-1 map of these thresholds (the reference's predictor)."""
         from . import reference as R
-        sel = {"cdfthreshd": np.asarray(thr, F32)} if self.mode == "cdf" else {"topk": np.asarray(thr, F32)}
+        sel = _rule_kwargs(self.mode, thr)
         bm = R.predict_block_map(self.x.q, self.x.k, is_causal=self.x.is_causal, scale=self.x.scale,
                                  simthreshd1=self.thetas[theta_idx], attention_sink=self.sink,
-                                 cfg=self.cfg, **sel)
+                                 predictor=self.predictor, cfg=self.cfg, **sel)
         bm[:, dense] = True
         return bm & self.valid
 
@@ -685,12 +718,13 @@ class _CurveInput:
 class _CurveEvaluator:
     name = "curves"
 
-    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, log=None):
+    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper",
+                 log=None):
         self.inputs = []
         for n, x in enumerate(inputs):
             t = time.perf_counter()
             c = _CurveInput(x, thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance,
-                            attention_sink=attention_sink)
+                            attention_sink=attention_sink, predictor=predictor)
             self.inputs.append(c)
             if log:
                 log(f"  curves of input {n}: {time.perf_counter() - t:.1f} s")
@@ -728,6 +762,9 @@ def _thr(u, mode):
     if mode == "cdf":
         x_lo, x_hi = (-math.log10(1.0 - t) for t in TAU_RANGE)
         return (1.0 - 10.0 ** -(x_lo + u * (x_hi - x_lo))).astype(F32)
+    if mode == "mass":                 # u = 0: the largest threshold (sparsest)
+        y_hi, y_lo = (math.log10(t) for t in MASS_RANGE)
+        return (10.0 ** (y_lo + u * (y_hi - y_lo))).astype(F32)
     return (TOPK_RANGE[0] + u * (TOPK_RANGE[1] - TOPK_RANGE[0])).astype(F32)
 
 
@@ -820,7 +857,7 @@ def _prepare_inputs(qs, ks, vs, *, is_causal, scale, layout):
 def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05, pv_l1=0.06,
                layer="layer", mode="cdf", qk="int8", pv="fp8", rebalance=True, attention_sink=True,
                thetas=DEFAULT_THETAS, min_sparsity=0.1, stage2=True, evaluator=None, verify=True,
-               steps=STEPS, log=None):
+               steps=STEPS, predictor="paper", log=None):
     """Tune one layer's per-head thresholds on a few inputs (see the module docstring).
 
     Args:
@@ -828,7 +865,8 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
         (HND ``[B, H, L, D]`` or NHD); every input has the same query heads.
       is_causal, scale: one value, or one per input (scale None: D^-1/2).
       l1: bound on the relative L1 error with Stage 1 alone; pv_l1 (> l1): with Stage 2 on.
-      mode: "cdf" (tune tau) or "topk". qk, pv, rebalance, attention_sink: as the user will run
+      mode: "cdf" (tune tau), "topk" or "mass" (the mass threshold rule, ``mass_threshold``).
+      predictor: the Stage-1 estimate, "paper" or (NumPy inputs only) "qbar_keys". qk, pv, rebalance, attention_sink: as the user will run
         (qk = pv = "fp32", no quantization, exists on NumPy inputs only: for measurements).
       thetas: the theta grid. min_sparsity: heads below this total sparsity run dense.
       stage2: also tune lambda (else lambda = inf).
@@ -855,6 +893,7 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
     if not thetas or any(not -1.0 <= t <= 1.0 for t in thetas):
         raise ValueError(f"thetas: expected values in [-1, 1], got {thetas}")
     inputs, xp_name = _prepare_inputs(qs, ks, vs, is_causal=is_causal, scale=scale, layout=layout)
+    predictor = ck.check_predictor(predictor, xp_name)
     if evaluator is None:
         evaluator = "exact" if xp_name == "cupy" else "curves"
     evaluator = ck.check_choice("evaluator", evaluator, EVALUATORS)
@@ -864,7 +903,8 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
         raise ValueError(f"qk, pv: 'fp32' (no quantization) exists only in the NumPy reference, got "
                          f"qk={qk!r}, pv={pv!r} on CuPy arrays")
     H = inputs[0].q.shape[1]
-    common = dict(thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink)
+    common = dict(thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink,
+                  predictor=predictor)
     if log:
         log(f"tuning {layer}: {len(inputs)} input(s), {H} heads, {evaluator} evaluator on "
             f"{'GPU' if xp_name == 'cupy' else 'CPU'} (dense references {time.perf_counter() - t0:.1f} s)")
@@ -931,18 +971,19 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
 
     fl = judge.stage1(np.zeros(H, np.int64), np.ones(H, F32), all_full) if judge is not ev else floor
     dense = full & np.isinf(lam)
-    thr_saved = np.where(full, F32(1), thr).astype(F32)
+    thr_saved = np.where(full, F32(FULL_THRESHOLD[mode]), thr).astype(F32)
     theta_saved = np.where(full, F32(-1), np.asarray(thetas, F32)[ti]).astype(F32)
     meets = (r1.l1 <= l1) & (r2.l1 <= pv_l1)
     return LayerTuning(
         layer=layer, simthreshd1=theta_saved,
-        cdfthreshd=thr_saved if mode == "cdf" else None, topk=thr_saved if mode == "topk" else None,
+        **{RULE_KEYWORDS[m]: thr_saved if m == mode else None for m in MODES},
         pvthreshd=lam, dense=dense, meets_bound=meets,
         stage1_sparsity=r2.s1, stage2_sparsity=r2.s2, total_sparsity=r2.total,
         stage1_l1=r1.l1, l1=r2.l1, quant_floor_l1=fl.l1,
         l1_bound=float(l1), pv_l1_bound=float(pv_l1), min_sparsity=float(min_sparsity),
         qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink, mode=mode, thetas=thetas,
         evaluator=evaluator, backend="gpu" if xp_name == "cupy" else "reference", verified=verified,
+        predictor=predictor,
         inputs=[{"tokens_q": int(x.q.shape[2]), "tokens_k": int(x.k.shape[2]), "batch": int(x.q.shape[0]),
                  "is_causal": x.is_causal, "scale": x.scale} for x in inputs],
         seconds=round(time.perf_counter() - t0, 2))
@@ -981,7 +1022,9 @@ def add_arguments(p):
     p.add_argument("--out", default="tuning.json", help="JSON file; an existing file keeps its other layers")
     p.add_argument("--l1", type=float, default=0.05, help="bound on relative L1 with Stage 1 alone")
     p.add_argument("--pv-l1", type=float, default=0.06, help="bound with Stage 2 on (>= --l1)")
-    p.add_argument("--mode", choices=MODES, default="cdf", help="tune tau (cdf) or topk")
+    p.add_argument("--mode", choices=MODES, default="cdf", help="tune tau (cdf), topk, or the mass threshold t of the rule nk * P^ >= t (mass)")
+    p.add_argument("--predictor", choices=("paper", "qbar_keys"), default="paper",
+                   help="Stage-1 estimate (qbar_keys: CPU reference only)")
     p.add_argument("--qk", choices=ck.QK_MODES + ("fp32",), default="int8",
                    help="QK^T operands (fp32: unquantized, CPU reference only)")
     p.add_argument("--pv", choices=ck.PV_MODES + ("fp32",), default="fp8",
@@ -1034,7 +1077,8 @@ def run(args):
                         layer=args.layer, mode=args.mode, qk=args.qk, pv=args.pv,
                         rebalance=not args.no_rebalance, attention_sink=not args.no_sink,
                         thetas=thetas, min_sparsity=args.min_sparsity, stage2=not args.no_stage2,
-                        evaluator=args.evaluator, verify=not args.no_verify, log=log)
+                        evaluator=args.evaluator, verify=not args.no_verify,
+                        predictor=args.predictor, log=log)
     results = load_tuning(args.out) if Path(args.out).is_file() else {}
     results[args.layer] = result
     save_tuning(args.out, results)

@@ -67,10 +67,12 @@ def _near(a, b, rel):
     return np.abs(a - b) <= rel * np.maximum(np.abs(a), np.abs(b)) + 1e-30
 
 
-def unexplained_map_rows(gpu_map, ref_map, details, *, theta, tau=None, topk=None, rel=1e-5):
+def unexplained_map_rows(gpu_map, ref_map, details, *, theta, tau=None, topk=None,
+                         mass_threshold=None, rel=1e-5):
     """Rows (b, h, i) where the two maps differ for a reason other than a near-tie: a similarity
-    within ``rel`` of theta, two P^ values at the cut within ``rel`` of each other, or (TopCdf)
-    a cumulative sum within ``rel`` of its bound."""
+    within ``rel`` of theta, two P^ values at the cut within ``rel`` of each other, (TopCdf)
+    a cumulative sum within ``rel`` of its bound, or (mass threshold) an ``nk * P^`` within
+    ``rel`` of the threshold."""
     gpu_map, ref_map = np.asarray(gpu_map, bool), np.asarray(ref_map, bool)
     rows = np.argwhere((gpu_map != ref_map).any(axis=-1))
     p_hat, q_sim, k_sim = details["p_hat"], details["q_sim"], details["k_sim"]
@@ -81,7 +83,13 @@ def unexplained_map_rows(gpu_map, ref_map, details, *, theta, tau=None, topk=Non
         p = p_hat[b, h, i]
         order = np.argsort(-p, kind="stable")
         ps = p[order]
-        if tau is not None:
+        if mass_threshold is not None:
+            t = np.float32(mass_threshold[h])
+            scaled = np.float32(p.size) * ps
+            if np.isfinite(t) and _near(scaled, t, rel).any():
+                continue
+            cut = max(int((scaled >= t).sum()), 1)
+        elif tau is not None:
             csum = np.cumsum(ps, dtype=np.float32)
             bound = np.float32(tau[h]) * csum[-1]
             if _near(csum, bound, rel).any():
@@ -96,7 +104,9 @@ def unexplained_map_rows(gpu_map, ref_map, details, *, theta, tau=None, topk=Non
     return bad
 
 
-def reference_map(q, k, *, layout, is_causal, scale, theta, tau=None, topk=None, sink=True):
+def reference_map(q, k, *, layout, is_causal, scale, theta, tau=None, topk=None,
+                  mass_threshold=None, sink=True):
     return R.predict_block_map(R.to_hnd(q, layout), R.to_hnd(k, layout), is_causal=is_causal,
                                scale=scale, simthreshd1=theta, cdfthreshd=tau, topk=topk,
-                               attention_sink=sink, return_details=True)
+                               mass_threshold=mass_threshold, attention_sink=sink,
+                               return_details=True)

@@ -40,6 +40,40 @@ def test_defaults_and_topk(qkv):
     assert (topk.sum(-1) == 2).all()                             # floor(0.5 * 5 valid blocks)
 
 
+def test_mass_threshold_through_the_api(qkv):
+    """``mass_threshold`` replaces the default TopCdf (no need to pass cdfthreshd=None), reaches
+    the reference with the user's scale and layout, and sparge_attn runs the same map."""
+    q, k, v = qkv
+    kw = dict(is_causal=True, scale=0.1, simthreshd1=-1.0)
+    t = [0.5, 1.0, 2.0, np.inf]
+    bm = sc.predict_block_map(q, k, mass_threshold=t, **kw)
+    want = R.predict_block_map(q, k, mass_threshold=np.asarray(t, np.float32),
+                               simthreshd1=np.full(4, -1.0, np.float32), is_causal=True, scale=0.1)
+    assert_equal(bm, want, what="block map")
+    qn, kn = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (q, k))
+    assert_equal(sc.predict_block_map(qn, kn, layout="NHD", mass_threshold=t, **kw), bm, what="NHD")
+    assert (bm[0, 3].sum(-1) <= 2).all()                          # inf: the row's best and the sink
+    out, st = sc.sparge_attn(q, k, v, mass_threshold=t, return_stats=True, **kw)
+    assert_equal(out, sc.block_sparse_attn(q, k, v, bm, is_causal=True, scale=0.1), what="output")
+    assert st["stage1_sparsity"] > 0
+
+
+def test_qbar_keys_predictor_through_the_api(qkv):
+    """predictor="qbar_keys" reaches the reference on NumPy arrays; the kernels refuse it by name."""
+    from sparge_cupy import _checks
+    q, k, v = qkv
+    kw = dict(is_causal=True, scale=0.1, simthreshd1=-1.0, mass_threshold=1.0)
+    bm = sc.predict_block_map(q, k, predictor="qbar_keys", **kw)
+    want = R.predict_block_map(q, k, is_causal=True, scale=0.1, simthreshd1=np.full(4, -1.0, np.float32),
+                               mass_threshold=np.ones(4, np.float32), predictor="qbar_keys")
+    assert_equal(bm, want, what="block map")
+    out = sc.sparge_attn(q, k, v, predictor="qbar_keys", **kw)
+    assert_equal(out, sc.block_sparse_attn(q, k, v, bm, is_causal=True, scale=0.1), what="output")
+    with pytest.raises(ValueError, match="predictor: 'qbar_keys' runs in the NumPy reference only"):
+        _checks.check_predictor("qbar_keys", "cupy")
+    assert _checks.check_predictor("paper", "cupy") == "paper"
+
+
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
 def test_dtypes_and_layouts(qkv, dtype):
     q, k, v = (x.astype(dtype) for x in qkv)
@@ -106,8 +140,18 @@ BAD_PRED = [
     ("tau nan", {"cdfthreshd": float("nan")}, ValueError, "cdfthreshd"),
     ("tau per head wrong length", {"cdfthreshd": [0.5, 0.9]}, ValueError, "4 values (one per query head), got shape (2)"),
     ("topk > 1", {"topk": 1.5}, ValueError, "topk"),
-    ("both", {"cdfthreshd": 0.9, "topk": 0.5}, ValueError, "exactly one of them, got both"),
-    ("neither", {"cdfthreshd": None}, ValueError, "got neither"),
+    ("both", {"cdfthreshd": 0.9, "topk": 0.5}, ValueError, "exactly one of them, got cdfthreshd and topk"),
+    ("neither", {"cdfthreshd": None}, ValueError, "exactly one of them, got none"),
+    ("cdf and mass", {"cdfthreshd": 0.9, "mass_threshold": 0.5}, ValueError,
+     "cdfthreshd, topk, mass_threshold: expected exactly one of them, got cdfthreshd and mass_threshold"),
+    ("topk and mass", {"topk": 0.5, "mass_threshold": 0.5}, ValueError, "got topk and mass_threshold"),
+    ("mass negative", {"mass_threshold": -0.1}, ValueError, "mass_threshold: expected values in [0.0, inf]"),
+    ("mass nan", {"mass_threshold": float("nan")}, ValueError, "mass_threshold: expected values"),
+    ("mass per head wrong length", {"mass_threshold": [0.5, 0.9, 1.0]}, ValueError,
+     "mass_threshold: expected a scalar or 4 values (one per query head), got shape (3)"),
+    ("mass str", {"mass_threshold": "0.5"}, TypeError, "mass_threshold"),
+    ("mass bool", {"mass_threshold": True}, TypeError, "mass_threshold: expected a number"),
+    ("predictor", {"predictor": "quest"}, ValueError, "predictor: expected one of ('paper', 'qbar_keys')"),
     ("theta bool", {"simthreshd1": True}, TypeError, "simthreshd1"),
 ]
 BAD_ATTN = [

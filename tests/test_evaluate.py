@@ -56,6 +56,8 @@ def test_block_mass_matches_the_reference():
 
 def test_every_step_gives_one_row_per_head_and_setting(rows):
     expected = {("preset", p[0]) for p in ev.PRESETS} | {("tuned", "stage 1"), ("tuned", "stage 1+2"),
+                                                          ("tuned_mass", "stage 1"),
+                                                          ("tuned_mass", "stage 1+2"),
                                                           ("oracle", "l1<=0.05")}
     expected |= {("floor", f[0]) for f in ev.FLOORS}
     expected |= {("sweep", f"theta=-1 tau={t:.6g}") for t in ev.SWEEP_TAUS}
@@ -93,13 +95,16 @@ def test_numbers_agree_with_each_other(rows):
             assert oracle["rel_l1_sparsity_only"] <= 0.05 + 1e-12, oracle
             # the oracle map with quantization adds at most about the quantization floor
             assert oracle["rel_l1"] <= oracle["rel_l1_sparsity_only"] + 2 * floor["int8+rebalance/fp8"]
-            s1 = pick(rows, group="tuned", setting="stage 1", **key)[0]
-            s12 = pick(rows, group="tuned", setting="stage 1+2", **key)[0]
-            assert s1["rel_l1"] <= 0.05 and s12["rel_l1"] <= 0.06, (s1, s12)
-            assert s12["stage1_sparsity"] == s1["stage1_sparsity"]
-            assert s12["total_sparsity"] >= s1["total_sparsity"] - 1e-12
-            # the sparsity-only error of the tuned map sits near its quantized error
-            assert s1["rel_l1_sparsity_only"] <= s1["rel_l1"] + 2 * floor["int8+rebalance/fp8"]
+            for group in ("tuned", "tuned_mass"):
+                s1 = pick(rows, group=group, setting="stage 1", **key)[0]
+                s12 = pick(rows, group=group, setting="stage 1+2", **key)[0]
+                assert s1["rel_l1"] <= 0.05 and s12["rel_l1"] <= 0.06, (s1, s12)
+                assert s12["stage1_sparsity"] == s1["stage1_sparsity"]
+                assert s12["total_sparsity"] >= s1["total_sparsity"] - 1e-12
+                # the sparsity-only error of the tuned map sits near its quantized error
+                assert s1["rel_l1_sparsity_only"] <= s1["rel_l1"] + 2 * floor["int8+rebalance/fp8"]
+                rule, other = ("tau", "mass_threshold") if group == "tuned" else ("mass_threshold", "tau")
+                assert s1[rule] >= 0 and s1.get(other) is None, s1
             sweep = sorted(pick(rows, group="sweep", **key), key=lambda r: r["tau"])
             sp = [r["stage1_sparsity"] for r in sweep]
             assert all(a >= b for a, b in zip(sp, sp[1:])), f"sweep sparsity rises with tau: {sp}"
@@ -115,7 +120,10 @@ def test_command_writes_csv_report_and_figures_and_merges(tmp_path, synthetic, c
     csv_rows = ev.read_csv(out / "gemma3_eval_test.csv")
     assert len(pick(csv_rows, group="tuned", setting="stage 1+2")) == 4
     report = (out / "gemma3_eval_test.md").read_text()
-    for needle in ("## Summary", "| tokens | layer | oracle | tuned s1 | ratio", "## Runs",
+    assert len(pick(csv_rows, group="tuned_mass", setting="stage 1")) == 4
+    assert all(r["mass_threshold"] >= 0 for r in pick(csv_rows, group="tuned_mass"))
+    for needle in ("## Summary", "| tokens | layer | oracle | tuned s1 | ratio", "mass s1 | mass total |",
+                   "oracle, averaged over the full layers), mass threshold: ", "## Runs",
                    "sparge-cupy eval --tokens 300", "## Quantization floor", "## Timings"):
         assert needle in report, f"report lacks {needle!r}"
     for what in ("maps", "sweep", "length", "stages"):

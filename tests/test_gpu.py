@@ -123,21 +123,23 @@ def test_v_fp8_bit_identical(case):
 # ---------------------------------------------------------------------------------------------
 # Stage 1: the block map.
 
-@pytest.mark.parametrize("select", ["cdf", "topk"])
+@pytest.mark.parametrize("select", ["cdf", "topk", "mass"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_block_map_matches_reference(case, select, record_property):
     (q, k, _), (qg, kg, _) = _inputs(case)
     Hq, layout, causal, D = case[1], case[7], case[8], case[5]
     theta = np.linspace(0.2, 0.8, Hq).astype(np.float32)   # per head, to catch head mix-ups
-    tau = np.linspace(0.7, 0.99, Hq).astype(np.float32) if select == "cdf" else None
-    topk = np.linspace(0.2, 0.6, Hq).astype(np.float32) if select == "topk" else None
+    rule = {"cdf": {"tau": np.linspace(0.7, 0.99, Hq)}, "topk": {"topk": np.linspace(0.2, 0.6, Hq)},
+            "mass": {"mass_threshold": np.geomspace(0.3, 3.0, Hq)}}[select]
+    rule = {n: x.astype(np.float32) for n, x in rule.items()}
+    api_rule = {{"tau": "cdfthreshd"}.get(n, n): x for n, x in rule.items()}
     scale = 1.3 / np.sqrt(D)
     got = sc.predict_block_map(qg, kg, is_causal=causal, scale=scale, layout=layout,
-                               simthreshd1=theta, cdfthreshd=tau, topk=topk).get()
+                               simthreshd1=theta, **api_rule).get()
     want, details = reference_map(q, k, layout=layout, is_causal=causal, scale=scale,
-                                  theta=theta, tau=tau, topk=topk)
+                                  theta=theta, **rule)
     assert got.shape == want.shape and got.dtype == bool
-    bad = unexplained_map_rows(got, want, details, theta=theta, tau=tau, topk=topk)
+    bad = unexplained_map_rows(got, want, details, theta=theta, **rule)
     assert not bad, f"block map rows differ beyond near-ties: {bad[:8]}"
     rows = got.shape[0] * got.shape[1] * got.shape[2]
     differing = int((got != want).any(axis=-1).sum())
@@ -157,6 +159,37 @@ def test_block_map_sink_off_and_full_selection():
                             theta=np.full(4, -1.0, np.float32), topk=np.full(4, 0.01, np.float32),
                             sink=False)
     np.testing.assert_array_equal(nosink, want)
+
+
+def test_block_map_mass_threshold_limits_and_ties():
+    """The mass threshold rule (no sort): t = 0 keeps every valid block, t = inf the row's largest
+    P^ (lowest j on ties) and the sink; rows of equal P^ (identical keys) tie exactly, so the
+    kernel's map must equal the reference's bit for bit; sparge_attn runs the same map."""
+    (q, k, v), (qg, kg, vg) = _inputs(CASES[3])
+    kw = dict(is_causal=True, layout="NHD", simthreshd1=-1.0)
+    valid = R.valid_blocks(1000, 1000, BQ, BK, True)
+    full = sc.predict_block_map(qg, kg, mass_threshold=0.0, **kw).get()
+    np.testing.assert_array_equal(full, np.broadcast_to(valid, full.shape))
+    scale = 80 ** -0.5
+    theta = np.full(4, -1.0, np.float32)
+    for t, sink in ((np.inf, False), (np.inf, True), (1.0, False)):
+        mt = np.full(4, t, np.float32)
+        got = sc.predict_block_map(qg, kg, mass_threshold=t, attention_sink=sink, **kw).get()
+        want, details = reference_map(q, k, layout="NHD", is_causal=True, scale=scale, theta=theta,
+                                      mass_threshold=mt, sink=sink)
+        bad = unexplained_map_rows(got, want, details, theta=theta, mass_threshold=mt)
+        assert not bad, f"t={t} sink={sink}: map rows differ beyond near-ties: {bad[:8]}"
+    kt = np.concatenate([k[:, :64]] * 15, axis=1)     # NHD, 960 keys: 15 identical key blocks
+    kt_g = cupy.asarray(kt)
+    got = sc.predict_block_map(qg, kt_g, mass_threshold=np.inf, attention_sink=False, **kw).get()
+    want, _ = reference_map(q, kt, layout="NHD", is_causal=True, scale=scale, theta=theta,
+                            mass_threshold=np.full(4, np.inf, np.float32), sink=False)
+    np.testing.assert_array_equal(got, want)
+    assert (got.sum(-1) == 1).all() and (got.argmax(-1) == 0).all(), "ties must go to the lowest j"
+    bm = sc.predict_block_map(qg, kg, mass_threshold=1.0, **kw)
+    out = sc.sparge_attn(qg, kg, vg, mass_threshold=1.0, pv="fp16", **kw)
+    np.testing.assert_array_equal(out.get(), sc.block_sparse_attn(qg, kg, vg, bm, is_causal=True,
+                                                                  layout="NHD", pv="fp16").get())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,3 +527,19 @@ def test_vector_and_scalar_loads_agree(dtype, layout, D, how):
     for key, val in results[0].items():
         np.testing.assert_array_equal(results[1][key].view(np.uint8), val.view(np.uint8), err_msg=key)
     assert not results[0]["counter"].any()
+
+
+def test_torch_adapter_mass_threshold():
+    """``mass_threshold`` through the torch adapter: the same map as the CuPy entry point, and
+    sparge_attn runs it."""
+    torch = pytest.importorskip("torch")
+    import sparge_cupy.torch as st
+    case = (1, 4, 2, 300, 333, 128, "float16", "HND", True)
+    (q, k, v), (qg, kg, vg) = _inputs(case)
+    tq, tk, tv = (torch.from_numpy(x).to("cuda") for x in (q, k, v))
+    t = [0.3, 1.0, 3.0, np.inf]
+    bmap = st.predict_block_map(tq, tk, is_causal=True, simthreshd1=-1.0, mass_threshold=t)
+    want = sc.predict_block_map(qg, kg, is_causal=True, simthreshd1=-1.0, mass_threshold=t).get()
+    np.testing.assert_array_equal(bmap.cpu().numpy(), want)
+    out = st.sparge_attn(tq, tk, tv, is_causal=True, simthreshd1=-1.0, mass_threshold=t, pv="fp16")
+    assert torch.equal(out, st.block_sparse_attn(tq, tk, tv, bmap, is_causal=True, pv="fp16"))

@@ -129,12 +129,96 @@ def test_topk_counts():
     assert_equal(R.select_topk(p, fin, nv, F32(1.0)), fin)                                  # finite only
 
 
+def _brute_mass_threshold(p, finite, t):
+    """Scalar loops: keep finite j with float32(nk * p_j) >= t; a row where none passes keeps its
+    first largest finite p."""
+    keep = np.zeros(p.shape, bool)
+    nk = p.shape[-1]
+    for idx in np.ndindex(p.shape[:-1]):
+        cols = [j for j in range(nk) if finite[idx + (j,)]]
+        for j in cols:
+            keep[idx + (j,)] = F32(F32(nk) * p[idx + (j,)]) >= F32(t)
+        if cols and not keep[idx].any():
+            best = cols[0]
+            for j in cols:
+                if p[idx + (j,)] > p[idx + (best,)]:
+                    best = j
+            keep[idx + (best,)] = True
+    return keep
+
+
+def test_mass_threshold_against_brute_force(rng):
+    p = rng.dirichlet(np.full(7, 0.3), size=(3, 5)).astype(F32)
+    p[0, 1] = 1 / 7                                      # a uniform row: nk * p = 1 (up to rounding)
+    p[1, 2, 3:] = p[1, 2, 2]                             # ties
+    finite = rng.random(p.shape) < 0.8
+    finite[2, 0] = False                                 # a row without any finite column
+    finite[2, 1] = True
+    for t in (0.0, 0.25, 1.0, 1.0000001, 2.5, 7.0, np.inf):
+        got = R.select_mass_threshold(p, finite, F32(t))
+        assert_equal(got, _brute_mass_threshold(p, finite, t), what=f"threshold {t}")
+    assert_equal(R.select_mass_threshold(p, finite, F32(0)), finite, what="t = 0: every finite column")
+    top = R.select_mass_threshold(p, finite, F32(np.inf))
+    assert_equal(top.sum(-1), finite.any(-1).astype(int), what="t = inf: one per row with a finite column")
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_mass_threshold_map_against_brute_force(is_causal):
+    """The whole map (fix blocks, causal, sink) rebuilt from the details with scalar loops; the kept
+    set per row is a prefix of TopCdf's ranking (what the tuner's curves rely on); raising the
+    threshold never adds blocks."""
+    q, k, _ = make_qkv(2, 4, 2, 700, 900, 64, seed=37)
+    nk = R.num_blocks(900, 64)
+    t = np.array([0.3, 1.0, 3.0, 12.0], F32)
+    m, d = _predict(q, k, mass_threshold=t, is_causal=is_causal, simthreshd1=heads(0.4, 4),
+                    return_details=True)
+    valid, p = d["valid"], d["p_hat"]
+    finite = valid & ~d["k_fix"][:, :, None, :]
+    sel = _brute_mass_threshold(p, finite, 0) & False
+    for h in range(4):
+        sel[:, h] = _brute_mass_threshold(p[:, h], finite[:, h], t[h])
+    want = (sel | d["q_fix"][..., None] | d["k_fix"][:, :, None, :]) & valid
+    want[..., 0] |= valid[:, 0]
+    assert_equal(m, want, what="map")
+    order = np.argsort(-p, axis=-1, kind="stable")
+    ranked = np.take_along_axis(sel, order, axis=-1)
+    n = sel.sum(-1, keepdims=True)
+    assert_equal(ranked, np.arange(nk) < n, what="kept set as a prefix of the ranking")
+    maps = [_predict(q, k, mass_threshold=x, is_causal=is_causal) for x in (0.0, 0.5, 1.0, 2.0, 8.0, np.inf)]
+    assert_equal(maps[0], np.broadcast_to(valid, maps[0].shape), what="t = 0 keeps every valid block")
+    for hi, lo in zip(maps, maps[1:]):
+        assert not (lo & ~hi).any()
+    assert maps[-1].sum() < maps[0].sum()
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_qbar_keys_predictor_matches_the_study_code(is_causal):
+    """predictor="qbar_keys" with theta = -1 and the mass threshold is the predictor study's
+    predict_block_map_v2 (float64 scores; independent selection code), up to blocks whose scaled
+    estimate lies within float32 rounding of the threshold."""
+    from sparge_cupy.reference import predictors as P
+    q, k, _ = make_qkv(1, 4, 2, 700, 900, 64, seed=41)
+    t = np.array([0.2, 0.7, 1.5, 4.0], F32)
+    got, d = R.predict_block_map(q, k, is_causal=is_causal, scale=0.125, simthreshd1=heads(-1, 4),
+                                 mass_threshold=t, predictor="qbar_keys", return_details=True)
+    want, dv2 = P.predict_block_map_v2(q, k, is_causal=is_causal, scale=0.125, threshold=t,
+                                       return_details=True)
+    nk = got.shape[-1]
+    near = np.abs(dv2["score"] * nk - t[None, :, None, None]) <= 1e-5 * t[None, :, None, None]
+    bad = (got != want) & ~near
+    assert not bad.any(), f"{int(bad.sum())} blocks differ: first {np.argwhere(bad)[:8].tolist()}"
+    np.testing.assert_allclose(d["p_hat"], np.where(d["valid"], dv2["score"], 0), rtol=1e-6, atol=1e-9)
+    paper = R.predict_block_map(q, k, is_causal=is_causal, scale=0.125, simthreshd1=heads(-1, 4),
+                                mass_threshold=t)
+    assert (paper != got).any(), "the two estimates should differ on structured input"
+
+
 def _predict(q, k, **kw):
     Hq = q.shape[1]
     kw.setdefault("simthreshd1", heads(0.3, Hq))
     kw.setdefault("scale", q.shape[-1] ** -0.5)
     kw.setdefault("is_causal", False)
-    for name in ("cdfthreshd", "topk"):
+    for name in ("cdfthreshd", "topk", "mass_threshold"):
         if np.isscalar(kw.get(name)):
             kw[name] = heads(kw[name], Hq)
     return R.predict_block_map(q, k, **kw)

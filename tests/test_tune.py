@@ -159,13 +159,14 @@ def test_oracle_is_at_least_as_sparse_as_tuned_stage1(case, minilm, causal_gqa, 
     assert info["sparsity"].mean() >= tuned.stage1_sparsity.mean()
 
 
-def test_curves_reproduce_the_reference_counts_and_errors(causal_gqa):
+@pytest.mark.parametrize("mode", ["cdf", "mass"])
+def test_curves_reproduce_the_reference_counts_and_errors(causal_gqa, mode):
     """The curves evaluator gives the reference's exact block and skip counts for any per-head
     thresholds, and its errors agree with the reference's to a small part of the quantization
     floor (they differ only in where P is rounded to fp8)."""
     q, k, v, scale = causal_gqa
     inputs, _ = T._prepare_inputs([q], [k], [v], is_causal=True, scale=scale, layout="HND")
-    common = dict(thetas=(-1.0, 0.5, 0.8), mode="cdf", qk="int8", pv="fp8", rebalance=True,
+    common = dict(thetas=(-1.0, 0.5, 0.8), mode=mode, qk="int8", pv="fp8", rebalance=True,
                   attention_sink=True)
     curves, exact = T._CurveEvaluator(inputs, **common), T._ExactEvaluator(inputs, **common)
     H = q.shape[1]
@@ -173,7 +174,8 @@ def test_curves_reproduce_the_reference_counts_and_errors(causal_gqa):
     rng = np.random.default_rng(0)
     for _ in range(2):
         ti = rng.integers(0, 3, H)
-        tau = rng.uniform(0.5, 0.999, H).astype(F32)
+        tau = (rng.uniform(0.5, 0.999, H) if mode == "cdf" else
+               np.r_[0.0, 10.0 ** rng.uniform(-2, 1, H - 2), np.inf]).astype(F32)
         full = rng.random(H) < 0.25
         lam = (2.0 ** rng.uniform(-1, 6, H)).astype(F32)
         a, b = curves.stage1(ti, tau, full), exact.stage1(ti, tau, full)
@@ -247,16 +249,72 @@ def test_topk_mode_and_two_inputs(minilm):
     assert (worst <= PV_L1).all()
 
 
+@pytest.fixture(scope="module")
+def causal_mass_tuned(causal_gqa):
+    q, k, v, scale = causal_gqa
+    return T.tune_layer([q], [k], [v], is_causal=True, scale=scale, l1=L1, pv_l1=PV_L1,
+                        layer="gqa_mass", mode="mass")
+
+
+def test_mass_mode_meets_the_bounds_and_beats_topcdf(causal_gqa, causal_mass_tuned, causal_tuned):
+    """The mass threshold rule, tuned, re-run through the public API against the float64 truth;
+    its thresholds lie in the searched range (or 0 for a head that keeps every block)."""
+    q, k, v, scale = causal_gqa
+    tuned = causal_mass_tuned
+    assert tuned.mode == "mass" and tuned.cdfthreshd is None and tuned.topk is None
+    assert tuned.verified and tuned.meets_bound.all()
+    t = tuned.mass_threshold
+    assert t.dtype == F32 and (((t >= T.MASS_RANGE[0]) & (t <= T.MASS_RANGE[1])) | (t == 0)).all(), t
+    l1_s1, _ = _reevaluate(tuned, q, k, v, is_causal=True, scale=scale, stage2=False)
+    l1_s2, stats = _reevaluate(tuned, q, k, v, is_causal=True, scale=scale, stage2=True)
+    assert (l1_s1 <= L1).all() and (l1_s2 <= PV_L1).all(), (l1_s1, l1_s2)
+    np.testing.assert_allclose(l1_s2, tuned.l1, rtol=1e-6, err_msg="saved L1 is the exact one")
+    s1 = 1 - stats["kept_blocks"].sum(0) / stats["valid_blocks"].sum(0)
+    np.testing.assert_allclose(s1, tuned.stage1_sparsity, err_msg="saved Stage-1 sparsity")
+    assert tuned.stage1_sparsity.mean() > 0.1
+    assert tuned.stage1_sparsity.mean() >= causal_tuned.stage1_sparsity.mean()   # 0.165 vs 0.110
+
+
+def test_qbar_keys_predictor_tunes_and_reevaluates(causal_gqa, causal_mass_tuned):
+    """The tuner on the reference-only qbar_keys estimate: its kwargs carry the predictor, the
+    bounds hold through the public API, and the hf settings refuse it (no kernel)."""
+    q, k, v, scale = causal_gqa
+    tuned = T.tune_layer([q], [k], [v], is_causal=True, scale=scale, l1=L1, pv_l1=PV_L1,
+                         layer="qk", mode="mass", predictor="qbar_keys", thetas=(-1.0, 0.5))
+    assert tuned.predictor == "qbar_keys" and tuned.kwargs()["predictor"] == "qbar_keys"
+    assert tuned.verified and tuned.meets_bound.all()
+    l1_s2, stats = _reevaluate(tuned, q, k, v, is_causal=True, scale=scale, stage2=True)
+    assert (l1_s2 <= PV_L1).all(), l1_s2
+    np.testing.assert_allclose(l1_s2, tuned.l1, rtol=1e-6)
+    assert T.LayerTuning.from_json(tuned.to_json()).predictor == "qbar_keys"
+    assert causal_mass_tuned.predictor == "paper" and "predictor" not in causal_mass_tuned.kwargs()
+    with pytest.raises(ValueError, match="predictor 'qbar_keys'"):
+        T.to_hf_settings([tuned])
+
+
+def test_mass_mode_full_head_keeps_every_block():
+    """A head that cannot be sparse saves mass_threshold 0 and theta -1: the full map."""
+    q, k, v = make_qkv(B=1, Hq=2, Lq=600, D=32, seed=2)
+    q[:, 0] = 0
+    tuned = T.tune_layer([q], [k], [v], is_causal=True, scale=0.25, thetas=(-1.0, 0.5), mode="mass")
+    assert tuned.dense[0] and (tuned.simthreshd1[0], tuned.mass_threshold[0]) == (-1.0, 0.0)
+    bm = sparge_cupy.predict_block_map(q, k, is_causal=True, scale=0.25,
+                                       **{n: tuned.kwargs()[n] for n in ("simthreshd1", "mass_threshold")})
+    assert (bm[0, 0] == R.valid_blocks(600, 600, CONFIG.block_q, CONFIG.block_k, True)).all()
+
+
 # ------------------------------------------------------------------------------------ the file
 
-def test_save_load_round_trip(tmp_path, minilm_tuned, causal_tuned):
+def test_save_load_round_trip(tmp_path, minilm_tuned, causal_tuned, causal_mass_tuned):
     path = tmp_path / "tuning.json"
-    T.save_tuning(path, [minilm_tuned, causal_tuned])
+    T.save_tuning(path, [minilm_tuned, causal_tuned, causal_mass_tuned])
     doc = json.loads(path.read_text())
     assert doc["schema"] == T.SCHEMA and doc["version"] == T.SCHEMA_VERSION
     loaded = T.load_tuning(path)
-    assert set(loaded) == {"minilm", "gqa"}
-    for orig in (minilm_tuned, causal_tuned):
+    assert set(loaded) == {"minilm", "gqa", "gqa_mass"}
+    assert loaded["gqa_mass"].kwargs().keys() >= {"mass_threshold"}
+    assert "cdfthreshd" not in loaded["gqa_mass"].kwargs()
+    for orig in (minilm_tuned, causal_tuned, causal_mass_tuned):
         back = loaded[orig.layer]
         for f in T.fields(T.LayerTuning):
             a, b = getattr(orig, f.name), getattr(back, f.name)
@@ -274,6 +332,17 @@ def test_save_load_round_trip(tmp_path, minilm_tuned, causal_tuned):
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="version"):
         T.load_tuning(path)
+
+
+def test_files_written_before_the_mass_mode_still_load():
+    """The shipped tuning file (no mass_threshold field) loads as a TopCdf tuning."""
+    from importlib import resources
+    path = resources.files("sparge_cupy.data") / "minilm_l6_tuning.json"
+    assert "mass_threshold" not in path.read_text()
+    (layer,) = T.load_tuning(path).values()
+    assert layer.mode == "cdf" and layer.mass_threshold is None
+    kw = layer.kwargs()
+    assert "mass_threshold" not in kw and kw["cdfthreshd"].dtype == F32
 
 
 def test_command_line_writes_and_merges_layers(tmp_path, minilm, capsys):
@@ -313,3 +382,20 @@ def test_hf_settings_are_read_by_the_integration(minilm_tuned):
     for name in ("simthreshd1", "cdfthreshd", "pvthreshd"):
         expected = np.full(tuned.heads, np.inf, F32) if want[name] is None else want[name]
         np.testing.assert_array_equal(np.asarray(kw[name], F32), expected, err_msg=name)
+
+
+def test_hf_settings_carry_the_mass_threshold(causal_mass_tuned):
+    hf = pytest.importorskip("sparge_cupy.hf")
+    tuned = T.LayerTuning.from_json(causal_mass_tuned.to_json())
+    tuned.layer = "7"
+    doc = T.to_hf_settings([tuned])
+    assert set(doc["layers"]["7"]) == {"simthreshd1", "mass_threshold", "pvthreshd"}
+    settings = hf.SpargeSettings.from_dict(json.loads(json.dumps(doc)))
+    kw = settings.layers[7].kwargs(tuned.heads)
+    assert "cdfthreshd" not in kw and "topk" not in kw
+    np.testing.assert_array_equal(np.asarray(kw["mass_threshold"], F32), tuned.mass_threshold)
+    np.testing.assert_array_equal(np.asarray(settings.layers[7].to_dict()["mass_threshold"], F32),
+                                  tuned.mass_threshold)
+    with pytest.raises(ValueError, match="expected at most one of cdfthreshd, topk, mass_threshold, "
+                                         "got cdfthreshd and mass_threshold"):
+        hf.LayerSettings.from_dict({"cdfthreshd": 0.9, "mass_threshold": 1.0}, where="layers.7")
