@@ -34,7 +34,7 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
     "wgmma": ("wgmma", None),
     "wgmma-1cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=1",)),
     "wgmma-1cta-c128": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=1", "-DSPARGE_WG_PV_CHUNK=128")),
-    "wgmma-2cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=2",)),
+    "wgmma-3cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=3",)),
 }
 
 

@@ -507,16 +507,14 @@ __device__ __forceinline__ void warpgroup_barrier_sync(int wg) {
     else asm volatile("bar.sync 2, 128;\n" ::: "memory");
 }
 
-// CTAs per SM the register allocation aims at (the launch bound): 3 at D = 64 with FP8 P V (80
-// registers, 24 warps per SM: 1.56 vs 1.83 ms with 2 on the H100, bench/NOTES.md; fp16 P V would
-// spill ~450 bytes there, so it keeps 2), 2 at D = 128 (128 registers; 3 spills heavily), 1 at
-// D = 256. SPARGE_WG_MIN_BLOCKS overrides the choice at D <= 128 (benchmarks).
-template <int D, bool PV_FP8> struct WgOccupancy {
-#ifdef SPARGE_WG_MIN_BLOCKS
-    static constexpr int value = D <= 128 ? SPARGE_WG_MIN_BLOCKS : 1;
-#else
-    static constexpr int value = (D == 64 && PV_FP8) ? 3 : D <= 128 ? 2 : 1;
+// CTAs per SM the register allocation aims at (the launch bound): 2 at D <= 128 (16 warps per SM,
+// 128 registers), 1 at D = 256. SPARGE_WG_MIN_BLOCKS overrides the D <= 128 choice (benchmarks;
+// 3 at D = 64 was not reliably faster, bench/NOTES.md).
+#ifndef SPARGE_WG_MIN_BLOCKS
+#define SPARGE_WG_MIN_BLOCKS 2
 #endif
+template <int D, bool PV_FP8> struct WgOccupancy {
+    static constexpr int value = D <= 128 ? SPARGE_WG_MIN_BLOCKS : 1;
 };
 
 // Dynamic shared memory the launcher gives sparse_attn_wg (1 KB for aligning the tiles).
