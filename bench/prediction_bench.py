@@ -189,6 +189,11 @@ def bench_shape(B, H, L, D, reps, causal=True):
     def select():
         _gpu.select(st, Lq=L, Lk=L, **common, **sel)
 
+    mass = dict(sel, cdfthreshd=None, mass_threshold=np.ones(H, np.float32))
+
+    def select_mass():
+        _gpu.select(st, Lq=L, Lk=L, **common, **mass)
+
     def quant():
         _gpu.quantize_operands(qo, ko, vo, st, qk="int8", rebalance=True, pv=pv,
                                with_q_dot_km=False, nonfinite=_gpu.nonfinite_counter())
@@ -215,6 +220,7 @@ def bench_shape(B, H, L, D, reps, causal=True):
     regions = [
         ("block_statistics (k_block_sums, k_mean, block_stats Q, K)", stats),
         ("select", select),
+        ("select, mass threshold rule (no sort)", select_mass),
         ("quantize_operands (Q, K, V)", quant),
         ("prediction = statistics + selection + quantization", prediction),
         ("attention kernel, predicted map", lambda: _gpu.run_attention(qo, ko, qz, bmap, **common, **attn)),
