@@ -65,10 +65,11 @@ single-process ones. Any Lq, Lk and shard lengths (at least one token each).
 * Merge in float32, online over the partials: ``lse = log sum_i exp(lse_i)``,
   ``o = sum_i exp(lse_i - lse) o_i``; a row no partial reaches outputs zeros and LSE ``-inf``.
 * Causal: bottom-right on global indices (query t sees key u iff ``u <= t + Lk - Lq``). A shard
-  pair is skipped, run without mask, or run causally; for the last kind the key shard is cut (keys
-  no local query sees) or padded with zero keys in blocks left out of the map, so that the engine's
-  own bottom-right rule lands on the global diagonal. Causal work is uneven across ranks (rank r
-  computes r + 1 of W shards when Lq == Lk), as in plain ring attention.
+  pair is skipped, run without mask, or run causally; for the last kind the key shard is cut
+  after the last key block any local query sees, and zero keys or zero query rows are appended
+  in blocks left out of the map (:func:`_fit`), so that the engine's own bottom-right rule lands
+  on the global diagonal. Causal work is uneven across ranks (rank r computes r + 1 of W shards
+  when Lq == Lk), as in plain ring attention.
 
 Errors: every rank checks its own input first; a summary of all checks is all-gathered, so a bad
 input on one rank raises on every rank (``ValueError``/``TypeError``) instead of leaving the others
@@ -646,7 +647,7 @@ def ring_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HND",
     _check_ring_shards(sh)
     q32, k32, v32 = (_hnd(t, layout).float() for t in (q, k, v))
     km = _k_mean(k32, sh)
-    block_map = _ring_predict(q, k, sh, layout=layout, is_causal=is_causal, scale=scale,
+    block_map = _ring_predict(q32, k32, sh, layout="HND", is_causal=is_causal, scale=scale,
                               simthreshd1=opts["simthreshd1"], cdfthreshd=opts["cdfthreshd"],
                               topk=opts["topk"], attention_sink=opts["attention_sink"], km=km)
     quant_stats = _ring_quant_stats(q32, k32, v32, km, sh)

@@ -519,8 +519,9 @@ def test_bad_input_on_one_rank_stops_every_rank(results):
 
 def test_causal_shard_pairs_land_on_the_global_diagonal():
     """Every (query shard, key shard) pair: skipped pairs see nothing, unmasked pairs see all, and
-    for causal ones the engine's bottom-right rule on (shard queries, ``keys`` keys) is the global
-    rule, the keys cut off seen by no query of the shard."""
+    for causal ones the engine's bottom-right rule on the shapes of ``_fit`` (whole key blocks,
+    zero keys or zero query rows appended) is the global rule, the keys cut off seen by no query
+    of the shard."""
     for Lq, Lk in ((300, 300), (300, 520), (500, 450), (130, 700)):
         mask = R.token_mask(np.arange(Lq), Lq, Lk, True)
         q_cuts = sorted(set(range(0, Lq, 128)) | {Lq})
@@ -535,10 +536,15 @@ def test_causal_shard_pairs_land_on_the_global_diagonal():
                     elif kind == "full":
                         assert want.all() and keys == kb - ka, (Lq, Lk, qa, qb, ka, kb)
                     else:
-                        n = min(keys, kb - ka)
-                        local = R.token_mask(np.arange(qb - qa), qb - qa, keys, True)[:, :n]
-                        assert_equal(local, want[:, :n], what=f"{(Lq, Lk, qa, qb, ka, kb)}")
-                        assert not want[:, n:].any()
+                        where = f"{(Lq, Lk, qa, qb, ka, kb)}"
+                        kept, pad_k, pad_q = sd._fit(keys, kb - ka)
+                        rows = qb - qa + pad_q
+                        local = R.token_mask(np.arange(rows), rows, kept + pad_k, True)
+                        assert_equal(local[:qb - qa, :kept], want[:, :kept], what=where)
+                        assert not want[:, kept:].any(), where
+                        # whole key blocks; zero rows only after a query shard of whole blocks
+                        assert kept % 64 == 0 or kept == kb - ka, where
+                        assert pad_q == 0 or (pad_q < 64 and (qb - qa) % 128 == 0), where
 
 
 def test_without_process_group():
