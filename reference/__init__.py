@@ -18,8 +18,8 @@ __all__ = [
     "PV_MODES", "QK_MODES", "QuantStats", "block_attention_mass", "block_self_similarity",
     "block_sparse_attention", "channel_scales", "cosine_similarity", "dense_attention",
     "dequantize_int8_per_block", "error_metrics", "expand_block_map", "from_hnd", "num_blocks",
-    "pool_blocks", "predict_block_map", "quantize_int8_per_block", "quantize_v_fp8",
-    "quant_stats", "quantized_operands", "relative_l1", "rmse", "round_e4m3", "round_fp16", "select_blocks",
-    "select_topcdf",
-    "select_topk", "smooth_k", "sparsity_stats", "to_hnd", "token_mask", "valid_blocks",
+    "pool_blocks", "predict_block_map", "quantize_int8_per_block", "quantize_v_fp8", "quant_stats",
+    "quantized_operands", "relative_l1", "rmse", "round_e4m3", "round_fp16", "select_blocks",
+    "select_topcdf", "select_topk", "smooth_k", "sparsity_stats", "to_hnd", "token_mask",
+    "valid_blocks",
 ]

@@ -30,22 +30,22 @@ def _pad_tokens(x, block):
     return np.concatenate([x, np.zeros(x.shape[:2] + (pad, x.shape[3]), dtype=x.dtype)], axis=2)
 
 
-def quantized_operands(q, k, *, scale, qk, rebalance, cfg=CONFIG, stats=None):
+def quantized_operands(q, k, *, scale, qk, rebalance, cfg=CONFIG, quant_stats=None):
     """What the kernel multiplies in QK^T: Q and K as float32 holding the exact operand values, and
     per-block factors that turn the product into log2-domain logits ``s``.
 
     Returns ``(q_op [B,Hq,Lq,D], dq [B,Hq,nq], k_op [B,Hkv,Lk,D], dk [B,Hkv,nk], km)``; the logit of
     (t, u) is ``(q_op[t] . k_op[u]) * dq[i] * dk[j] * scale * log2(e)``. For ``qk="int8"`` the operands
     are the INT8 values; their products summed in float32 are exact integers (|sum| <= 127^2 D <
-    2^24 for D <= 1040), so this is the kernel's int32 accumulation. ``stats``: a
+    2^24 for D <= 1040), so this is the kernel's int32 accumulation. ``quant_stats``: a
     :class:`~reference.quant.QuantStats` whose fields replace the K mean and channel maxima of
     ``q`` and ``k`` (None: Q's and K's own).
     """
-    stats = stats or QuantStats()
+    st = quant_stats or QuantStats()
     q = np.asarray(q, dtype=F32)
-    km, ks = smooth_k(k, stats.km)
+    km, ks = smooth_k(k, st.km)
     if rebalance:
-        s_c = channel_scales(q, ks, q_amax=stats.q_amax, k_amax=stats.k_amax)
+        s_c = channel_scales(q, ks, q_amax=st.q_amax, k_amax=st.k_amax)
         q = q * expand_kv_heads(s_c, q.shape[1])
         ks = ks / s_c
     if qk == "int8":
@@ -96,7 +96,7 @@ def block_sparse_attention(q, k, v, block_map, *, is_causal, scale, pvthreshd, q
 
     quant_stats = quant_stats or QuantStats()
     q_op, dq, k_op, dk, km = quantized_operands(q, k, scale=scale, qk=qk, rebalance=rebalance,
-                                                cfg=cfg, stats=quant_stats)
+                                                cfg=cfg, quant_stats=quant_stats)
     if pv == "fp8":
         v_op, dv = quantize_v_fp8(v, cfg, amax=quant_stats.v_amax)
     else:

@@ -14,10 +14,14 @@ The pipeline (one launch per line; kernels in ``cuda/``):
     v_channel_amax, quantize_v    V^T in e4m3 (or fp16), dv                    quant_v.cu
     sparse_attn                   the attention loop and Stage 2               sparse_attn.cu
 
-Non-finite inputs are detected on the way: k_block_sums, block_stats (Q) and quantize_v count the
-NaN / Inf of K, Q and V into a three-element device counter, and each entry point reads it once,
-at its end, raising the API's ValueError (whatever the kernels computed from such inputs is
-discarded; they still terminate).
+Ring attention's partials (:mod:`sparge_cupy.distributed`) pass the whole sequence's K mean and
+channel maxima (``quant_stats``, a :class:`reference.QuantStats`): k_block_sums, k_mean and
+v_channel_amax are then skipped, and the kernels read the given arrays through the same pointers.
+
+Non-finite inputs are detected on the way: k_block_sums (block_stats of K when the K mean is
+given), block_stats (Q) and quantize_v count the NaN / Inf of K, Q and V into a three-element
+device counter, and each entry point reads it once, at its end, raising the API's ValueError
+(whatever the kernels computed from such inputs is discarded; they still terminate).
 
 Head dims other than 64, 128, 256 are zero-padded here to the next of them (exact: zero channels
 add nothing to any dot product, maximum or similarity); the kernels use the caller's scale and

@@ -226,7 +226,7 @@ def test_shard_quantized_with_global_stats_is_a_slice_of_the_whole():
     (q0, q1), (k0, k1) = (128, 256), (64, 192)
     kw = dict(scale=1.0, qk="int8", rebalance=True)
     whole = R.quantized_operands(q, k, **kw)
-    part = R.quantized_operands(q[:, :, q0:q1], k[:, :, k0:k1], stats=stats, **kw)
+    part = R.quantized_operands(q[:, :, q0:q1], k[:, :, k0:k1], quant_stats=stats, **kw)
     for g, w, what in zip(part, (whole[0][:, :, q0:q1], whole[1][:, :, q0 // 128: q1 // 128],
                                  whole[2][:, :, k0:k1], whole[3][:, :, k0 // 64: k1 // 64],
                                  whole[4]), ("q_op", "dq", "k_op", "dk", "km")):
