@@ -14,8 +14,8 @@ import numpy as np
 
 from ..config import CONFIG
 from .layout import num_blocks, valid_blocks
-from .quant import (F32, channel_scales, expand_kv_heads, quantize_int8_per_block, quantize_v_fp8,
-                    round_e4m3, round_fp16, smooth_k)
+from .quant import (F32, QuantStats, channel_scales, expand_kv_heads, quantize_int8_per_block,
+                    quantize_v_fp8, round_e4m3, round_fp16, smooth_k)
 from .stats import sparsity_stats
 
 QK_MODES = ("int8", "fp16", "fp32")  # "fp32" (no rounding) exists only in the reference
@@ -30,19 +30,22 @@ def _pad_tokens(x, block):
     return np.concatenate([x, np.zeros(x.shape[:2] + (pad, x.shape[3]), dtype=x.dtype)], axis=2)
 
 
-def quantized_operands(q, k, *, scale, qk, rebalance, cfg=CONFIG):
+def quantized_operands(q, k, *, scale, qk, rebalance, cfg=CONFIG, quant_stats=None):
     """What the kernel multiplies in QK^T: Q and K as float32 holding the exact operand values, and
     per-block factors that turn the product into log2-domain logits ``s``.
 
     Returns ``(q_op [B,Hq,Lq,D], dq [B,Hq,nq], k_op [B,Hkv,Lk,D], dk [B,Hkv,nk], km)``; the logit of
     (t, u) is ``(q_op[t] . k_op[u]) * dq[i] * dk[j] * scale * log2(e)``. For ``qk="int8"`` the operands
     are the INT8 values; their products summed in float32 are exact integers (|sum| <= 127^2 D <
-    2^24 for D <= 1040), so this is the kernel's int32 accumulation.
+    2^24 for D <= 1040), so this is the kernel's int32 accumulation. ``quant_stats``: a
+    :class:`~reference.quant.QuantStats` whose fields replace the K mean and channel maxima of
+    ``q`` and ``k`` (None: Q's and K's own).
     """
+    st = quant_stats or QuantStats()
     q = np.asarray(q, dtype=F32)
-    km, ks = smooth_k(k)
+    km, ks = smooth_k(k, st.km)
     if rebalance:
-        s_c = channel_scales(q, ks)
+        s_c = channel_scales(q, ks, q_amax=st.q_amax, k_amax=st.k_amax)
         q = q * expand_kv_heads(s_c, q.shape[1])
         ks = ks / s_c
     if qk == "int8":
@@ -59,7 +62,7 @@ def quantized_operands(q, k, *, scale, qk, rebalance, cfg=CONFIG):
 
 def block_sparse_attention(q, k, v, block_map, *, is_causal, scale, pvthreshd, qk="int8",
                            rebalance=True, pv="fp8", pv_group_rows=None, return_lse=False,
-                           return_stats=False, cfg=CONFIG):
+                           return_stats=False, quant_stats=None, cfg=CONFIG):
     """Quantized block-sparse attention with the Stage 2 filter, float32 HND output.
 
     Args:
@@ -69,6 +72,9 @@ def block_sparse_attention(q, k, v, block_map, *, is_causal, scale, pvthreshd, q
       pvthreshd: float32 ``[Hq]``, lambda in log2 units; ``inf`` turns the filter off.
       qk: "int8" | "fp16" | "fp32"; pv: "fp8" | "fp16" | "fp32" ("fp32": no rounding, reference only).
       pv_group_rows: rows per Stage 2 group (run with the kernel's value, CONFIG.pv_group_rows).
+      quant_stats: a :class:`~reference.quant.QuantStats` of the whole sequence when q, k, v are
+        part of it (ring attention): the K mean and channel maxima to quantize with (None: their
+        own, the single-process computation).
     Returns:
       ``out`` float32 HND, then ``lse`` float32 ``[B, Hq, Lq]`` (natural log) and the stats dict of
       :func:`reference.stats.sparsity_stats`, as requested.
@@ -88,9 +94,11 @@ def block_sparse_attention(q, k, v, block_map, *, is_causal, scale, pvthreshd, q
     log2e = F32(cfg.log2e)
     lam = np.broadcast_to(np.asarray(pvthreshd, dtype=F32), (Hq,))
 
-    q_op, dq, k_op, dk, km = quantized_operands(q, k, scale=scale, qk=qk, rebalance=rebalance, cfg=cfg)
+    quant_stats = quant_stats or QuantStats()
+    q_op, dq, k_op, dk, km = quantized_operands(q, k, scale=scale, qk=qk, rebalance=rebalance,
+                                                cfg=cfg, quant_stats=quant_stats)
     if pv == "fp8":
-        v_op, dv = quantize_v_fp8(v, cfg)
+        v_op, dv = quantize_v_fp8(v, cfg, amax=quant_stats.v_amax)
     else:
         v_op = round_fp16(v) if pv == "fp16" else np.asarray(v, dtype=F32)
         dv = None

@@ -7,6 +7,8 @@ tensors and scales.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import ml_dtypes
 import numpy as np
 
@@ -17,30 +19,66 @@ F32 = np.float32
 E4M3 = ml_dtypes.float8_e4m3fn
 
 
-def smooth_k(k):
+@dataclass(frozen=True)
+class QuantStats:
+    """The quantization statistics taken over the whole sequence, each float32 ``[B, Hkv, D]``.
+
+    Every other quantization statistic is per block. A caller holding only part of the sequence
+    (ring attention, :mod:`sparge_cupy.distributed`) computes these over all of it and passes them
+    in, so that its quantizers are the single-process ones. A field left None is taken from the
+    operands at hand, as without ``QuantStats``. :func:`quant_stats` is the definition.
+    """
+    km: object = None        # K mean over the tokens
+    q_amax: object = None    # channel max |Q| over the tokens of every query head of the kv head
+    k_amax: object = None    # channel max |K - km|
+    v_amax: object = None    # channel max |V| (pv="fp8": dv = v_amax / 448)
+
+
+def quant_stats(q, k, v):
+    """The :class:`QuantStats` of HND ``q``, ``k``, ``v``: what the quantizers take when given none."""
+    km, ks = smooth_k(k)
+    return QuantStats(km=km[:, :, 0], q_amax=_group_amax(np.asarray(q, dtype=F32), ks.shape[1]),
+                      k_amax=np.abs(ks).max(axis=2), v_amax=np.abs(np.asarray(v, F32)).max(axis=2))
+
+
+def _given(x):
+    """A ``[B, Hkv, D]`` QuantStats field as float32 ``[B, Hkv, 1, D]``."""
+    return np.asarray(x, dtype=F32)[:, :, None]
+
+
+def _group_amax(q, Hkv):
+    """Channel max |Q| over the tokens of all query heads sharing each kv head, ``[B, Hkv, D]``."""
+    B, Hq, Lq, D = q.shape
+    return np.abs(q).reshape(B, Hkv, (Hq // Hkv) * Lq, D).max(axis=2)
+
+
+def smooth_k(k, km=None):
     """``km = mean_t K`` per (b, kv head) and the smoothed ``K - km``.
 
     The mean is taken in float64 and rounded once to float32 (the kernels sum in float32 in
     another order, so km agrees to rounding, not bit for bit). Softmax is unchanged by smoothing:
-    every logit of a row shifts by ``q . km``.
+    every logit of a row shifts by ``q . km``. ``km``: a given mean ``[B, Hkv, D]``
+    (:class:`QuantStats`), used instead of K's own.
     """
-    km = np.asarray(k, dtype=np.float64).mean(axis=2, keepdims=True).astype(F32)
+    if km is None:
+        km = np.asarray(k, dtype=np.float64).mean(axis=2, keepdims=True).astype(F32)
+    else:
+        km = _given(km)
     return km, (np.asarray(k, dtype=F32) - km)
 
 
-def channel_scales(q, ks):
+def channel_scales(q, ks, *, q_amax=None, k_amax=None):
     """Per-channel rebalancing scales ``s_c = sqrt(amax_t|K_c| / amax_t|Q_c|)``, ``[B, Hkv, 1, D]``.
 
     ``q``: float32 ``[B, Hq, Lq, D]``; ``ks``: smoothed K, float32 ``[B, Hkv, Lk, D]``. The Q
     maximum runs over every query head that shares the kv head. ``q . k = sum_c (q_c s_c)(k_c / s_c)``
     exactly, and after scaling both operands have the same per-channel maximum
     ``sqrt(amaxQ_c amaxK_c)``, so one INT8 scale per block no longer rounds small channels away.
-    A zero channel on either side keeps ``s_c = 1``.
+    A zero channel on either side keeps ``s_c = 1``. ``q_amax``, ``k_amax``: given maxima
+    ``[B, Hkv, D]`` (:class:`QuantStats`), used instead of those of ``q`` and ``ks``.
     """
-    B, Hq, Lq, D = q.shape
-    Hkv = ks.shape[1]
-    amax_q = np.abs(q).reshape(B, Hkv, (Hq // Hkv) * Lq, D).max(axis=2, keepdims=True)
-    amax_k = np.abs(ks).max(axis=2, keepdims=True)
+    amax_q = _given(_group_amax(q, ks.shape[1]) if q_amax is None else q_amax)
+    amax_k = np.abs(ks).max(axis=2, keepdims=True) if k_amax is None else _given(k_amax)
     ok = (amax_q > 0) & (amax_k > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         s = np.sqrt(amax_k / np.where(ok, amax_q, F32(1)))
@@ -89,13 +127,15 @@ def round_e4m3(x):
     return np.clip(np.asarray(x, dtype=F32), -448.0, 448.0).astype(E4M3).astype(F32)
 
 
-def quantize_v_fp8(v, cfg=CONFIG):
+def quantize_v_fp8(v, cfg=CONFIG, *, amax=None):
     """V per channel to e4m3: ``dv_d = amax_t|V[:, d]| / 448`` (1 for a zero channel).
 
-    Returns ``(v_e4m3 as float32 [B, Hkv, L, D], dv float32 [B, Hkv, 1, D])``.
+    ``amax``: given channel maxima ``[B, Hkv, D]`` (:class:`QuantStats` ``v_amax``, at least those
+    of ``v``), used instead of V's own. Returns ``(v_e4m3 as float32 [B, Hkv, L, D], dv float32
+    [B, Hkv, 1, D])``.
     """
     v = np.asarray(v, dtype=F32)
-    amax = np.abs(v).max(axis=2, keepdims=True)
+    amax = np.abs(v).max(axis=2, keepdims=True) if amax is None else _given(amax)
     dv = np.where(amax > 0, amax / F32(cfg.fp8_max), F32(1)).astype(F32)
     return round_e4m3(v / dv), dv
 

@@ -14,10 +14,14 @@ The pipeline (one launch per line; kernels in ``cuda/``):
     v_channel_amax, quantize_v    V^T in e4m3 (or fp16), dv                    quant_v.cu
     sparse_attn                   the attention loop and Stage 2               sparse_attn.cu
 
-Non-finite inputs are detected on the way: k_block_sums, block_stats (Q) and quantize_v count the
-NaN / Inf of K, Q and V into a three-element device counter, and each entry point reads it once,
-at its end, raising the API's ValueError (whatever the kernels computed from such inputs is
-discarded; they still terminate).
+Ring attention's partials (:mod:`sparge_cupy.distributed`) pass the whole sequence's K mean and
+channel maxima (``quant_stats``, a :class:`reference.QuantStats`): k_block_sums, k_mean and
+v_channel_amax are then skipped, and the kernels read the given arrays through the same pointers.
+
+Non-finite inputs are detected on the way: k_block_sums (block_stats of K when the K mean is
+given), block_stats (Q) and quantize_v count the NaN / Inf of K, Q and V into a three-element
+device counter, and each entry point reads it once, at its end, raising the API's ValueError
+(whatever the kernels computed from such inputs is discarded; they still terminate).
 
 Head dims other than 64, 128, 256 are zero-padded here to the next of them (exact: zero channels
 add nothing to any dot product, maximum or similarity); the kernels use the caller's scale and
@@ -193,29 +197,52 @@ class Stats:
     q_sim: object = None     # [B, Hq, nq]
     kbar: object = None      # [B, Hkv, nk, Dp] pooled smoothed K
     k_sim: object = None     # [B, Hkv, nk]
+    v_amax: object = None    # [B, Hkv, Dp] given channel max |V|, or None: quantize_v's own
 
 
 def _grid(nb, H, B):
     return (int(nb), int(H), int(B))
 
 
-def block_statistics(q, k, *, pooled, nonfinite=None):
+def _given_channels(x, Dp):
+    """A given :class:`reference.QuantStats` field (``[B, Hkv, D]``, any float dtype) as the
+    kernels read it: a new contiguous float32 ``[B, Hkv, Dp]`` array, zero for the padded
+    channels (the statistics of zero channels); None stays None."""
+    if x is None:
+        return None
+    cp = _cupy()
+    x = cp.asarray(x, dtype=cp.float32)
+    out = cp.zeros(x.shape[:2] + (Dp,), dtype=cp.float32)
+    out[..., :x.shape[2]] = x
+    return out
+
+
+def block_statistics(q, k, *, pooled, nonfinite=None, quant_stats=None):
     """K mean, channel maxima and (with ``pooled``) pooled blocks and similarities of Q and K.
 
-    ``nonfinite``: a :func:`nonfinite_counter` to count the NaN / Inf of Q and K into, or None."""
+    ``nonfinite``: a :func:`nonfinite_counter` to count the NaN / Inf of Q and K into, or None.
+    ``quant_stats``: a :class:`reference.QuantStats` of CuPy ``[B, Hkv, D]`` arrays (ring
+    attention: the whole sequence's). A given ``km`` replaces the K mean (K is then smoothed with
+    it, and its NaN / Inf counted by block_stats instead of k_block_sums); given maxima replace
+    ``q_amax``, ``k_amax`` (the kernel's own atomic maxima go to scratch) and fill ``v_amax``.
+    The per-block maxima stay those of q and k."""
     cp = _cupy()
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
     nq, nk = -(-Lq // BQ), -(-Lk // BK)
     f32 = cp.float32
     T = ELEMENT_TYPES[q.dtype]
+    given = {f: _given_channels(getattr(quant_stats, f, None), D)
+             for f in ("km", "q_amax", "k_amax", "v_amax")}
 
-    sums = cp.empty((B, Hkv, nk, D), dtype=cp.float64)
-    get_kernel("block_stats.cu", f"sparge::k_block_sums<{T}, {D}>")(
-        _grid(nk, Hkv, B), (THREADS,), (k.view(), sums, _slot(nonfinite, 1), _I32(Hkv), _I32(Lk)))
-    km = cp.empty((B, Hkv, D), dtype=f32)
-    get_kernel("block_stats.cu", "sparge::k_mean")(
-        (Hkv, B), (D,), (sums, km, _I32(Hkv), _I32(Lk), _I32(D)))
+    km, k_count = given["km"], _slot(nonfinite, 1)
+    if km is None:                # K's NaN / Inf counted here, not again by block_stats
+        sums = cp.empty((B, Hkv, nk, D), dtype=cp.float64)
+        get_kernel("block_stats.cu", f"sparge::k_block_sums<{T}, {D}>")(
+            _grid(nk, Hkv, B), (THREADS,), (k.view(), sums, k_count, _I32(Hkv), _I32(Lk)))
+        km, k_count = cp.empty((B, Hkv, D), dtype=f32), None
+        get_kernel("block_stats.cu", "sparge::k_mean")(
+            (Hkv, B), (D,), (sums, km, _I32(Hkv), _I32(Lk), _I32(D)))
 
     st = Stats(km=km, q_amax=cp.zeros((B, Hkv, D), f32), k_amax=cp.zeros((B, Hkv, D), f32),
                q_block_amax=cp.empty((B, Hq, nq, D), f32), k_block_amax=cp.empty((B, Hkv, nk, D), f32))
@@ -223,15 +250,17 @@ def block_statistics(q, k, *, pooled, nonfinite=None):
         st.qbar, st.q_sim = cp.empty((B, Hq, nq, D), f32), cp.empty((B, Hq, nq), f32)
         st.kbar, st.k_sim = cp.empty((B, Hkv, nk, D), f32), cp.empty((B, Hkv, nk), f32)
     kern = get_kernel("block_stats.cu", f"sparge::block_stats<{T}, {D}>")
-    # K's NaN / Inf were counted by k_block_sums; Q's are counted here.
     for x, km_, bar, sim, bamax, amax, H, L, block, hpk, nb, count in (
             (q, None, st.qbar, st.q_sim, st.q_block_amax, st.q_amax, Hq, Lq, BQ, Hq // Hkv, nq,
              _slot(nonfinite, 0)),
-            (k, km, st.kbar, st.k_sim, st.k_block_amax, st.k_amax, Hkv, Lk, BK, 1, nk, None)):
+            (k, km, st.kbar, st.k_sim, st.k_block_amax, st.k_amax, Hkv, Lk, BK, 1, nk, k_count)):
         kern(_grid(nb, H, B), (THREADS,), (_params(
             BLOCK_STATS_PARAMS, x=x.view(), km=km_, pooled=bar, sim=sim, block_amax=bamax,
             head_amax=amax, nonfinite=count, H=H, L=L, block=block, heads_per_kv=hpk,
             sim_eps=CONFIG.sim_eps),))
+    for f in ("q_amax", "k_amax", "v_amax"):
+        if given[f] is not None:
+            setattr(st, f, given[f])
     return st
 
 
@@ -262,20 +291,23 @@ def quantize_qk(q, k, st, *, qk, rebalance, with_q_dot_km):
     return q_op, dq, k_op, dk, q_dot_km
 
 
-def quantize_v(v, *, pv, nonfinite=None):
+def quantize_v(v, *, pv, nonfinite=None, amax=None):
     """V^T ``[B, Hkv, Dp, nk*BK]`` in e4m3 (keys permuted within each 32) or fp16, and ``dv``
     ``[B, Hkv, Dp]`` (FP8 only, else None). ``nonfinite``: a :func:`nonfinite_counter` to count
-    the NaN / Inf of V into, or None."""
+    the NaN / Inf of V into, or None. ``amax``: given channel maxima of |V|, float32
+    ``[B, Hkv, Dp]`` (:attr:`Stats.v_amax`, at least V's own), or None to take V's."""
     cp = _cupy()
     B, Hkv, Lk, D = v.shape
     nk = -(-Lk // BK)
     T = ELEMENT_TYPES[v.dtype]
     fp8 = pv == "fp8"
-    amax = cp.zeros((B, Hkv, D), cp.float32)
     dv = None
+    if amax is None:
+        amax = cp.zeros((B, Hkv, D), cp.float32)
+        if fp8:
+            get_kernel("quant_v.cu", f"sparge::v_channel_amax<{T}, {D}>")(
+                _grid(nk, Hkv, B), (THREADS,), (v.view(), amax, _I32(Hkv), _I32(Lk)))
     if fp8:
-        get_kernel("quant_v.cu", f"sparge::v_channel_amax<{T}, {D}>")(
-            _grid(nk, Hkv, B), (THREADS,), (v.view(), amax, _I32(Hkv), _I32(Lk)))
         dv = cp.empty_like(amax)
         get_kernel("quant_v.cu", "sparge::v_scales")(
             (-(-amax.size // THREADS),), (THREADS,), (amax, dv, _I32(amax.size)))
@@ -395,7 +427,7 @@ def quantize_operands(q, k, v, st, *, qk, rebalance, pv, with_q_dot_km, nonfinit
                          "use pv='fp16' on this GPU")
     q_op, dq, k_op, dk, q_dot_km = quantize_qk(q, k, st, qk=qk, rebalance=rebalance,
                                                with_q_dot_km=with_q_dot_km)
-    vt, dv = quantize_v(v, pv=pv, nonfinite=nonfinite)
+    vt, dv = quantize_v(v, pv=pv, nonfinite=nonfinite, amax=st.v_amax)
     return Quantized(q_op, dq, k_op, dk, q_dot_km, vt, dv)
 
 
@@ -479,10 +511,11 @@ def _attend(q, k, v, block_map, st, counter, **options):
 
 
 def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd, qk, rebalance,
-                      pv, return_lse, return_stats, out=None):
+                      pv, return_lse, return_stats, out=None, quant_stats=None):
+    """``quant_stats``: see :func:`block_statistics` (private: the ring's partials)."""
     q, k, v = _as_operands(layout, q, k, v)
     counter = nonfinite_counter()
-    st = block_statistics(q, k, pooled=False, nonfinite=counter)
+    st = block_statistics(q, k, pooled=False, nonfinite=counter, quant_stats=quant_stats)
     return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
                    pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
                    return_lse=return_lse, return_stats=return_stats, out=out)

@@ -30,22 +30,46 @@ single-process ones. Any Lq, Lk and shard lengths (at least one token each).
   whole row of key blocks and selects (TopCdf/TopK over the whole row, fix blocks, causal, sink)
   exactly as one process does: the same block map rows. The only freedom left is the float64
   summation order of ``km``, which the single-process kernels and reference do not share either.
-* Partials: ``block_sparse_attn(q_shard, k_shard, v_shard, map columns of that shard, return_lse)``
-  of the engine, in float32 so that nothing is rounded to fp16/bf16 before the merge. That call
-  smooths, rebalances and quantizes with the statistics of the shards it sees, and starts its
-  online softmax (and the Stage 2 filter's running max) afresh at every shard: each partial is an
-  honest SpargeAttn computation of its keys, with the rounding of its own scales, not of the global
-  ones. The public functions take no external scales or running max, so the ring output is *not*
-  bit-comparable to one process: it agrees to quantization noise (the tests bound its error
-  against float64 by twice the single-process error), and to float32 merge rounding once the
-  quantizers are taken out (the reference's unrounded modes, in the tests).
+* Quantization is the single process's. The statistics that one process takes over the whole
+  sequence are global here too: the K mean ``km`` (the prediction's), and the channel maxima of
+  |Q| (over the query heads of each kv head), of |K - km| and of |V|, one MAX all-reduce of
+  ``3 B Hkv D`` floats (:class:`reference.QuantStats`). Every other scale is per block, and blocks
+  do not straddle ranks (a causal pair ending inside a key block keeps the whole block and appends
+  zero query rows instead, :func:`_fit`). So each partial smooths, rebalances (``s_c``) and
+  quantizes with the single process's numbers: its INT8 (or fp16) Q and K operands and scales and
+  its FP8 (or fp16) V operand and ``dv`` are the single process's bit for bit (given the same
+  ``km``: see its summation order above), and so are the logits ``s`` (INT8 products are summed
+  exactly).
+* Partials: the engine's block-sparse attention of (query shard, key shard, the map's columns of
+  that shard), in float32 so that nothing is rounded to fp16/bf16 before the merge. Each starts
+  its online softmax afresh at its key shard, with a running maximum ``m'`` that is at most the
+  single process's ``m`` at the same block. What that leaves different:
+
+  - float32 rounding of ``exp2(s - m)``, the rescalings and the merge: with P V unrounded (the
+    reference's ``pv="fp32"``, in the tests) out and LSE equal one process's to a few float32
+    ulps (measured at most 4.3 ulps of max|V|, within a derived bound of about ``9 n`` ulps for
+    ``n`` visited blocks);
+  - the rounding of P for the P V product, which is relative to the running maximum:
+    ``p' = p 2^(m - m')`` is rounded to fp16 (relative ``u = 2^-11``) or, times 448, to e4m3
+    (``u = 2^-4``, 3 significand bits). Unless ``m - m'`` is an integer, the two runs round
+    unrelated values, so ``|dO| <= 2 u sum_u a_u |v_u| <= 2 u max|v|`` (``a`` the softmax
+    weights; plus subnormal terms): ``pv="fp16"`` measured 480 ulps of max|V| (relative L1 5e-6
+    to one process); ``pv="fp8"``, the default, is a different draw of the same rounding: its
+    error against float64 is the single process's (measured relative L1 0.01288 against 0.01291,
+    the same maximum error), and the ring's output lies at relative L1 6e-4 from one process's
+    (1.6e-2 when each shard used its own statistics). The LSE takes ``l`` from the unrounded p,
+    so it agrees to float32 rounding in every mode. Removing this would mean starting each
+    partial from the running maximum of the keys before it, which serialises the ring;
+  - the Stage 2 filter compares a block's scores with ``m'``, so a partial skips a subset of the
+    P V products that one process skips: with ``pvthreshd`` set the ring computes a little more.
 * Merge in float32, online over the partials: ``lse = log sum_i exp(lse_i)``,
   ``o = sum_i exp(lse_i - lse) o_i``; a row no partial reaches outputs zeros and LSE ``-inf``.
 * Causal: bottom-right on global indices (query t sees key u iff ``u <= t + Lk - Lq``). A shard
-  pair is skipped, run without mask, or run causally; for the last kind the key shard is cut (keys
-  no local query sees) or padded with zero keys in blocks left out of the map, so that the engine's
-  own bottom-right rule lands on the global diagonal. Causal work is uneven across ranks (rank r
-  computes r + 1 of W shards when Lq == Lk), as in plain ring attention.
+  pair is skipped, run without mask, or run causally; for the last kind the key shard is cut
+  after the last key block any local query sees, and zero keys or zero query rows are appended
+  in blocks left out of the map (:func:`_fit`), so that the engine's own bottom-right rule lands
+  on the global diagonal. Causal work is uneven across ranks (rank r computes r + 1 of W shards
+  when Lq == Lk), as in plain ring attention.
 
 Errors: every rank checks its own input first; a summary of all checks is all-gathered, so a bad
 input on one rank raises on every rank (``ValueError``/``TypeError``) instead of leaving the others
@@ -63,6 +87,7 @@ from .api import DEFAULT_CDF, _resolve_cdf
 from .config import CONFIG
 
 BQ, BK = CONFIG.block_q, CONFIG.block_k
+_STATS_FIELDS = ("km", "q_amax", "k_amax", "v_amax")   # reference.QuantStats, in order
 _DTYPES = ck.DTYPES                       # ("float16", "bfloat16", "float32"): index = wire code
 
 
@@ -109,9 +134,15 @@ class _Reference:
         return cls._call(sparge_attn, q, k, v, **kw)
 
     @classmethod
-    def block_sparse_attn(cls, q, k, v, block_map, **kw):
-        from .api import block_sparse_attn
-        return cls._call(block_sparse_attn, q, k, v, block_map, **kw)
+    def block_sparse_attn(cls, q, k, v, block_map, *, quant_stats, **kw):
+        """The reference's block-sparse attention on checked inputs (``kw``: ``_options``'s), with
+        the torch :class:`QuantStats` ``quant_stats`` of the whole sequence."""
+        from .api import _ref_attention
+        from .reference import QuantStats
+        given = QuantStats(*(cls.to_numpy(getattr(quant_stats, f)) for f in _STATS_FIELDS))
+        return cls._call(lambda *a: _ref_attention(*a, dtype=np.float32, return_stats=False,
+                                                   quant_stats=given, **kw),
+                         q, k, v, block_map)
 
     @classmethod
     def block_stats(cls, x, block):
@@ -160,9 +191,20 @@ class _Cuda:
         return st.sparge_attn(q, k, v, **kw)
 
     @staticmethod
-    def block_sparse_attn(q, k, v, block_map, **kw):
-        from . import torch as st
-        return st.block_sparse_attn(q, k, v, block_map, **kw)
+    def block_sparse_attn(q, k, v, block_map, *, quant_stats, layout, **kw):
+        """The kernels on checked inputs (``kw``: ``_options``'s), with the torch
+        :class:`QuantStats` ``quant_stats`` of the whole sequence (DLPack views)."""
+        import cupy
+        from . import _gpu
+        from .reference import QuantStats
+        from .torch import _on_current_stream, _operands, _run_attention, _to_cupy
+        with _on_current_stream(q):
+            given = QuantStats(*(cupy.from_dlpack(getattr(quant_stats, f).contiguous())
+                                 for f in _STATS_FIELDS))
+            qo, ko, vo = _operands(layout, q, k, v)
+            bmap = _to_cupy(block_map.contiguous(), "block_map")[0]
+            return _run_attention(_gpu.block_sparse_attn, q, qo, ko, vo, bmap, layout=layout,
+                                  return_stats=False, quant_stats=given, **kw)
 
     block_stats = staticmethod(_block_stats_torch)
 
@@ -376,14 +418,18 @@ def _gather_heads(y, heads, lens, sh):
     return torch.cat(parts, dim=1)
 
 
-def _group_q_amax(q, sh):
-    """Channel max of |Q| over all tokens and all query heads of each kv head, ``[B, Hkv, D]``
-    (all-reduced): what channel rebalancing takes over the group."""
-    dist = _dist()
+def _local_q_amax(q, sh):
+    """Channel max of |Q| over this rank's tokens of all query heads of each kv head (HND ``q``),
+    float32 ``[B, Hkv, D]``: what channel rebalancing takes over the group, before the
+    all-reduce (:func:`_all_max`)."""
     g = sh.Hq // sh.Hkv
-    amax = q.abs().float().reshape(sh.B, sh.Hkv, g * q.shape[2], sh.D).amax(dim=2)
-    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=sh.group)
-    return amax
+    return q.abs().float().reshape(sh.B, sh.Hkv, g * q.shape[2], sh.D).amax(dim=2)
+
+
+def _all_max(x, sh):
+    dist = _dist()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=sh.group)
+    return x
 
 
 def ulysses_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HND",
@@ -417,7 +463,7 @@ def ulysses_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HN
     prefix = BQ if shared_kv and opts["rebalance"] else 0
     q_all = _scatter_heads(qh, q_heads, sh.lq, sh, prefix=prefix)
     if prefix:
-        amax = _group_q_amax(qh, sh)[:, kv_heads[sh.rank]]            # [B, 1, D]
+        amax = _all_max(_local_q_amax(qh, sh), sh)[:, kv_heads[sh.rank]]   # [B, 1, D]
         q_all[:, :, 0] = amax.to(q_all.dtype)
     k_all = _scatter_heads(kh, kv_heads, sh.lk, sh)
     v_all = _scatter_heads(vh, kv_heads, sh.lk, sh)
@@ -452,19 +498,38 @@ def _check_ring_shards(sh):
                 "ulysses_attn")
 
 
+def _k_mean(kh, sh):
+    """The K mean over every rank's tokens, float32 ``[B, Hkv, D]``: float64 sums all-reduced and
+    divided, rounded once (reference.quant.smooth_k)."""
+    torch, dist = _torch(), _dist()
+    ksum = kh.to(torch.float64).sum(dim=2)
+    dist.all_reduce(ksum, group=sh.group)
+    return (ksum / sum(sh.lk)).float()
+
+
+def _ring_quant_stats(qh, kh, vh, km, sh):
+    """The :class:`reference.QuantStats` of the whole sequence (torch float32 ``[B, Hkv, D]``, on
+    the shards' device) from the HND float32 shards and the global ``km``: the channel maxima of
+    |Q| (over the kv head's query heads), |K - km| and |V|, one MAX all-reduce for the three. Every
+    value is one a single process computes from the same float32 numbers, and a maximum does not
+    depend on the order, so the result is the single process's bit for bit."""
+    from .reference import QuantStats
+    amax = _torch().stack([_local_q_amax(qh, sh), (kh - km[:, :, None]).abs().amax(dim=2),
+                           vh.abs().amax(dim=2)])
+    return QuantStats(km, *_all_max(amax, sh).unbind(0))
+
+
 def _ring_predict(q, k, sh, *, layout, is_causal, scale, simthreshd1, cdfthreshd, topk,
-                  attention_sink):
-    """This rank's rows of the single-process block map, ``[B, Hq, nq_r, nk]`` (torch bool)."""
+                  attention_sink, km=None):
+    """This rank's rows of the single-process block map, ``[B, Hq, nq_r, nk]`` (torch bool).
+    ``km``: the global K mean if already known (:func:`_k_mean`)."""
     torch, dist = _torch(), _dist()
     qh = _hnd(q, layout).float()
     kh = _hnd(k, layout).float()
     Lq, Lk = sum(sh.lq), sum(sh.lk)
-    # km = mean over all tokens (float64 sum, rounded once to float32: reference.quant.smooth_k)
-    ksum = kh.to(torch.float64).sum(dim=2)
-    dist.all_reduce(ksum, group=sh.group)
-    km = (ksum / Lk).float()[:, :, None]
+    km = _k_mean(kh, sh) if km is None else km
     qbar, q_sim = sh.engine.block_stats(qh, BQ)
-    kbar, k_sim = sh.engine.block_stats(kh - km, BK)
+    kbar, k_sim = sh.engine.block_stats(kh - km[:, :, None], BK)
     # all-gather the key statistics (padded to the largest shard's block count)
     nks = [-(-n // BK) for n in sh.lk]
     width = max(nks)
@@ -513,6 +578,20 @@ def _pair(q0, q_end, k0, k_end, c):
     return "causal", q_end + c - k0
 
 
+def _fit(keys, n):
+    """The shapes a pair of :func:`_pair` runs with: ``(kept, pad_k, pad_q)``, the first ``kept``
+    of the key shard's ``n`` keys, then ``pad_k`` zero keys, and ``pad_q`` zero query rows after
+    the shard's, so that the engine's diagonal offset ``kept + pad_k - (rows + pad_q)`` is
+    ``keys - rows``. Key blocks stay whole: a block cut short would take its INT8 scale over part
+    of its keys (the single process takes it over all 64). ``pad_k > 0`` only for a shard that is
+    not the last (``keys`` reaches past it), so ``kept = n`` is a multiple of 64 and the zero keys
+    fill blocks of their own, which the map leaves out. ``pad_q > 0`` only when ``keys < n``, that
+    is for a query shard that is not the last, a multiple of 128: the zero rows (fewer than 64)
+    fill a query block of their own, which the map leaves out too."""
+    kept = min(n, -(-keys // BK) * BK)
+    return kept, max(0, keys - n), kept - min(keys, kept)
+
+
 class _Merge:
     """Online float32 merge of partial (out, lse): o = sum_i exp(lse_i - lse) o_i."""
 
@@ -554,8 +633,9 @@ def ring_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HND",
       Other keywords: as :func:`sparge_cupy.sparge_attn`.
     Returns:
       ``out`` (input dtype and layout), then ``lse`` float32 ``[B, Hq, L_r]`` with
-      ``return_lse``. Block maps are exactly the single-process ones; the numbers agree to the
-      quantization of the shard pairs (module notes).
+      ``return_lse``. Block maps and quantized operands are exactly the single-process ones;
+      the numbers agree to the rounding of P relative to each partial's running maximum
+      (module notes).
     """
     torch, dist = _torch(), _dist()
     sh, scale, opts = _agree(
@@ -565,35 +645,41 @@ def ring_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HND",
             attention_sink=attention_sink, pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
             return_lse=return_lse, return_stats=return_stats))
     _check_ring_shards(sh)
-    block_map = _ring_predict(q, k, sh, layout=layout, is_causal=is_causal, scale=scale,
+    q32, k32, v32 = (_hnd(t, layout).float() for t in (q, k, v))
+    km = _k_mean(k32, sh)
+    block_map = _ring_predict(q32, k32, sh, layout="HND", is_causal=is_causal, scale=scale,
                               simthreshd1=opts["simthreshd1"], cdfthreshd=opts["cdfthreshd"],
-                              topk=opts["topk"], attention_sink=opts["attention_sink"])
+                              topk=opts["topk"], attention_sink=opts["attention_sink"], km=km)
+    quant_stats = _ring_quant_stats(q32, k32, v32, km, sh)
 
-    q32 = _hnd(q, layout).float()
     qo, ko = sh.q_offsets, sh.k_offsets
     q0, q_end = qo[sh.rank], qo[sh.rank + 1]
+    rows = q_end - q0
     c = ko[-1] - qo[-1]                                   # global Lk - Lq
-    merge = _Merge(sh.B, sh.Hq, q_end - q0, sh.D, q32.device)
+    merge = _Merge(sh.B, sh.Hq, rows, sh.D, q32.device)
     attn = dict(scale=scale, layout="HND", pvthreshd=opts["pvthreshd"], qk=opts["qk"],
-                rebalance=opts["rebalance"], pv=opts["pv"], return_lse=True)
+                rebalance=opts["rebalance"], pv=opts["pv"], return_lse=True,
+                quant_stats=quant_stats)
 
     def partial(kv, src):
         k0, k_end = ko[src], ko[src + 1]
         kind, keys = _pair(q0, q_end, k0, k_end, c) if is_causal else ("full", k_end - k0)
         if kind == "skip":
             return
-        j0, nk_real = k0 // BK, -(-min(keys, k_end - k0) // BK)
-        cols = block_map[..., j0:j0 + nk_real]
+        kept, pad_k, pad_q = _fit(keys, k_end - k0)
+        cols = block_map[..., k0 // BK: k0 // BK + -(-kept // BK)]
         if not bool(cols.any()):
             return
-        kv = kv[:, :, :, :keys].float()
-        if keys > k_end - k0:     # zero keys in whole blocks the map leaves out (never visited)
-            pad = keys - (k_end - k0)
-            kv = torch.cat([kv, kv.new_zeros(kv.shape[:3] + (pad, sh.D))], dim=3)
-            cols = torch.cat([cols, cols.new_zeros(cols.shape[:3] + (-(-pad // BK),))], dim=3)
-        out, lse = sh.engine.block_sparse_attn(q32, kv[0], kv[1], cols.contiguous(),
+        kv, qp = kv[:, :, :, :kept].float(), q32
+        if pad_k:
+            kv = torch.cat([kv, kv.new_zeros(kv.shape[:3] + (pad_k, sh.D))], dim=3)
+            cols = torch.cat([cols, cols.new_zeros(cols.shape[:3] + (-(-pad_k // BK),))], dim=3)
+        if pad_q:
+            qp = torch.cat([q32, q32.new_zeros((sh.B, sh.Hq, pad_q, sh.D))], dim=2)
+            cols = torch.cat([cols, cols.new_zeros(cols.shape[:2] + (1, cols.shape[3]))], dim=2)
+        out, lse = sh.engine.block_sparse_attn(qp, kv[0], kv[1], cols.contiguous(),
                                                is_causal=kind == "causal", **attn)
-        merge.add(out.float(), lse)
+        merge.add(out[:, :, :rows].float(), lse[:, :, :rows])
 
     cur, src = torch.stack([_hnd(k, layout), _hnd(v, layout)]).contiguous(), sh.rank
     nxt, prv = sh.global_rank((sh.rank + 1) % sh.world), sh.global_rank((sh.rank - 1) % sh.world)

@@ -543,3 +543,81 @@ def test_torch_adapter_mass_threshold():
     np.testing.assert_array_equal(bmap.cpu().numpy(), want)
     out = st.sparge_attn(tq, tk, tv, is_causal=True, simthreshd1=-1.0, mass_threshold=t, pv="fp16")
     assert torch.equal(out, st.block_sparse_attn(tq, tk, tv, bmap, is_causal=True, pv="fp16"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Given quantization statistics (reference.QuantStats): the path ring attention's partials take
+# (sparge_cupy.distributed), checked here on one GPU without NCCL.
+
+def _tokens(x, layout, a, b):
+    """Tokens [a, b) of a CuPy array in ``layout``."""
+    return x[:, a:b] if layout == "NHD" else x[:, :, a:b]
+
+
+def _own_stats(qg, kg, vg, layout, D):
+    """The whole sequence's QuantStats as the kernels compute them (K mean from k_mean, channel
+    maxima from block_stats; |V| maxima exact in any order), true head dim."""
+    st = _gpu.block_statistics(_gpu.operand(qg, layout), _gpu.operand(kg, layout), pooled=False)
+    vh = vg.transpose(0, 2, 1, 3) if layout == "NHD" else vg
+    return R.QuantStats(km=st.km[..., :D], q_amax=st.q_amax[..., :D], k_amax=st.k_amax[..., :D],
+                        v_amax=cupy.abs(vh.astype(cupy.float32)).max(axis=2))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["{}-{}".format(*m) for m in MODES])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[4]], ids=[IDS[2], IDS[3], IDS[4]])
+def test_given_quant_stats_bit_identical(case, mode):
+    """_gpu.block_sparse_attn with the statistics supplied equals _gpu computing them itself on
+    the same (whole) sequence, bit for bit: out and LSE, Stage 2 filter on."""
+    qk, pv = mode
+    _skip_unsupported(pv)
+    (q, k, v), (qg, kg, vg) = _inputs(case)
+    B, Hq, _, Lq, Lk, D, _, layout, causal = case
+    given = _own_stats(qg, kg, vg, layout, D)
+    bm = sc.predict_block_map(qg, kg, is_causal=causal, layout=layout, cdfthreshd=0.9)
+    kw = dict(is_causal=causal, scale=D ** -0.5, layout=layout,
+              pvthreshd=np.full(Hq, 6.0, np.float32), qk=qk, rebalance=True, pv=pv,
+              return_lse=True, return_stats=False)
+    want = _gpu.block_sparse_attn(qg, kg, vg, bm, **kw)
+    got = _gpu.block_sparse_attn(qg, kg, vg, bm, quant_stats=given, **kw)
+    for g, w, what in zip(got, want, ("out", "lse")):
+        np.testing.assert_array_equal(g.get(), w.get(), err_msg=f"{what} ({qk}, {pv})")
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=[IDS[3], IDS[4]])
+def test_shard_with_given_stats_quantizes_as_the_whole(case):
+    """A shard of whole blocks (queries [128, 256), keys [64, 192)) quantized with the whole
+    sequence's statistics gives the whole sequence's operand rows and per-block scales, as the
+    reference does (tests/test_reference_attention.py): what makes the ring's INT8 / FP8
+    operands the single process's."""
+    (q, k, v), (qg, kg, vg) = _inputs(case)
+    layout, D = case[7], case[5]
+    given = _own_stats(qg, kg, vg, layout, D)
+    (q0, q1), (k0, k1) = (128, 256), (64, 192)
+    whole = [_gpu.operand(x, layout) for x in (qg, kg, vg)]
+    part = [_gpu.operand(_tokens(x, layout, a, b), layout)
+            for x, (a, b) in zip((qg, kg, vg), ((q0, q1), (k0, k1), (k0, k1)))]
+    st_w = _gpu.block_statistics(*whole[:2], pooled=False)
+    st_p = _gpu.block_statistics(*part[:2], pooled=False, quant_stats=given)
+    for qk in ("int8", "fp16"):
+        w = _gpu.quantize_qk(*whole[:2], st_w, qk=qk, rebalance=True, with_q_dot_km=True)
+        p = _gpu.quantize_qk(*part[:2], st_p, qk=qk, rebalance=True, with_q_dot_km=True)
+        for got, want, what in ((p[0], w[0][:, :, q0:q1], "q_op"), (p[1], w[1][:, :, 1:2], "dq"),
+                                (p[2], w[2][:, :, k0:k1], "k_op"), (p[3], w[3][:, :, 1:3], "dk"),
+                                (p[4], w[4][:, :, q0:q1], "q . km")):
+            np.testing.assert_array_equal(got.get(), want.get(), err_msg=f"{what} ({qk})")
+    if FP8:
+        vt_w, dv_w = _gpu.quantize_v(whole[2], pv="fp8")
+        vt_p, dv_p = _gpu.quantize_v(part[2], pv="fp8", amax=st_p.v_amax)
+        np.testing.assert_array_equal(dv_p.get(), dv_w.get(), err_msg="dv")
+        np.testing.assert_array_equal(vt_p.get(), vt_w[..., k0:k1].get(), err_msg="V e4m3")
+
+
+def test_given_km_still_counts_nonfinite_k():
+    """With the K mean given, k_block_sums does not run: block_stats counts K's NaN / Inf."""
+    (q, k, v), (qg, kg, vg) = _inputs((1, 4, 2, 200, 150, 64, "float32", "HND", True))
+    given = _own_stats(qg, kg, vg, "HND", 64)
+    kg[0, 1, 149, 5] = np.nan
+    bm = cupy.ones((1, 4, 2, 3), dtype=cupy.bool_)
+    common, _, attn = _gpu_entry_kwargs(4, 64, "fp8" if FP8 else "fp16")
+    with pytest.raises(ValueError, match=f"^k: expected finite values, got 1 NaN or Inf of {kg.size}$"):
+        _gpu.block_sparse_attn(qg, kg, vg, bm, layout="HND", quant_stats=given, **common, **attn)

@@ -199,3 +199,42 @@ def test_fp8_pv_error_within_derived_bound():
     bound = (2 ** -4 * (P @ (absv + absv8)) + 2 ** -10 * dv[0, 0, 0]
              + 2 ** -10 / 448 * (mask.astype(np.float64) @ absv8))[None]
     assert_close(o8, o32, bound + 8 * np.finfo(np.float32).eps * np.abs(v).max(), what="fp8 P V")
+
+
+# ---------------------------------------------------------------------------------------------
+# QuantStats: the whole sequence's statistics, given to a part of it (ring attention).
+
+def test_quant_stats_given_equal_computed():
+    """Passing the operands' own statistics changes nothing, in every mode that reads them."""
+    q, k, v = make_qkv(1, 4, 2, 200, 333, 80, seed=4)
+    bm = all_blocks(1, 4, 200, 333)
+    stats = R.quant_stats(q, k, v)
+    for qk, pv in (("int8", "fp8"), ("fp16", "fp16")):
+        kw = dict(is_causal=True, scale=0.1, pvthreshd=INF, qk=qk, pv=pv, return_lse=True)
+        want = R.block_sparse_attention(q, k, v, bm, **kw)
+        got = R.block_sparse_attention(q, k, v, bm, quant_stats=stats, **kw)
+        for g, w, what in zip(got, want, ("out", "lse")):
+            assert_equal(g, w, what=f"{qk}/{pv}: {what}")
+
+
+def test_shard_quantized_with_global_stats_is_a_slice_of_the_whole():
+    """A shard of whole blocks quantized with the whole sequence's QuantStats gives exactly the
+    rows (and per-block scales) of the whole sequence's operands; with its own statistics it does
+    not (negative control). MQA, so the Q channel maxima run over 3 heads."""
+    q, k, v = make_qkv(1, 3, 1, 400, 333, 64, seed=6)
+    stats = R.quant_stats(q, k, v)
+    (q0, q1), (k0, k1) = (128, 256), (64, 192)
+    kw = dict(scale=1.0, qk="int8", rebalance=True)
+    whole = R.quantized_operands(q, k, **kw)
+    part = R.quantized_operands(q[:, :, q0:q1], k[:, :, k0:k1], quant_stats=stats, **kw)
+    for g, w, what in zip(part, (whole[0][:, :, q0:q1], whole[1][:, :, q0 // 128: q1 // 128],
+                                 whole[2][:, :, k0:k1], whole[3][:, :, k0 // 64: k1 // 64],
+                                 whole[4]), ("q_op", "dq", "k_op", "dk", "km")):
+        assert_equal(g, w, what=what)
+    v8, dv = R.quantize_v_fp8(v)
+    v8_part, dv_part = R.quantize_v_fp8(v[:, :, k0:k1], amax=stats.v_amax)
+    assert_equal(v8_part, v8[:, :, k0:k1], what="V e4m3")
+    assert_equal(dv_part, dv, what="dv")
+    own = R.quantized_operands(q[:, :, q0:q1], k[:, :, k0:k1], **kw)
+    assert not np.array_equal(own[2], whole[2][:, :, k0:k1])
+    assert not np.array_equal(R.quantize_v_fp8(v[:, :, k0:k1])[1], dv)
