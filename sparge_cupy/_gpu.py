@@ -65,8 +65,8 @@ QUANTIZE_PARAMS = _struct([
 SELECT_PARAMS = _struct([
     ("qbar", _PTR), ("q_sim", _PTR), ("kbar", _PTR), ("k_sim", _PTR), ("theta", _PTR),
     ("tau", _PTR), ("topk", _PTR), ("mass_threshold", _PTR), ("block_map", _PTR), ("Hq", _I32),
-    ("Hkv", _I32), ("nq", _I32), ("nk", _I32), ("D", _I32), ("Lq", _I32), ("Lk", _I32), ("causal", _I32), ("sink", _I32),
-    ("nk_pow2", _I32), ("scale", _F32)])
+    ("Hkv", _I32), ("nq", _I32), ("nk", _I32), ("D", _I32), ("Lq", _I32), ("Lk", _I32),
+    ("causal", _I32), ("sink", _I32), ("nk_pow2", _I32), ("scale", _F32)])
 ATTN_PARAMS = _struct([
     ("q", _PTR), ("k", _PTR), ("vt", _PTR), ("dq", _PTR), ("dk", _PTR), ("dv", _PTR),
     ("block_map", _PTR), ("pvthreshd", _PTR), ("q_dot_km", _PTR), ("out", _PTR), ("lse", _PTR),

@@ -71,7 +71,8 @@ DEFAULT_TOKENS = (4096, 8192)
 DEFAULT_NAME = "gemma3_eval_pydoc"
 STEPS = ("presets", "tuned", "tuned_mass", "oracle", "floors", "sweep")
 # group names each step writes (--merge replaces rows by (tokens, layer, group))
-STEP_GROUPS = {"presets": ("preset",), "tuned": ("tuned",), "tuned_mass": ("tuned_mass",), "oracle": ("oracle",),
+STEP_GROUPS = {"presets": ("preset",), "tuned": ("tuned",), "tuned_mass": ("tuned_mass",),
+               "oracle": ("oracle",),
                "floors": ("floor",), "sweep": ("sweep", "oracle_frontier")}
 # (setting, theta, tau): the shipped defaults, then theta = -1 (no fix block) at three taus
 PRESETS = (("default", CONFIG.simthreshd1, CONFIG.cdfthreshd),

@@ -34,8 +34,9 @@ Two evaluators answer "error and sparsity of these per-head thresholds":
   tokens). Per query block, keeping a set of key blocks gives ``O = sum_j N_j / sum_j l_j`` over
   per-block partial sums, and for a fixed theta the blocks TopCdf/TopK/the mass threshold keep grow
   as a prefix of one order (the fix blocks, then the compressed map's ranking), so one pass over the
-  data gives the error of *every* tau at once; likewise the Stage 2 skips of a query row group grow as a prefix of
-  its blocks ordered by ``rowmax - running max``, so one more pass gives the error of every lambda.
+  data gives the error of *every* tau at once; likewise the Stage 2 skips of a query row group grow
+  as a prefix of its blocks ordered by ``rowmax - running max``, so one more pass gives the error
+  of every lambda.
   The maps, block counts and skip counts are exactly the reference's; the values differ from the
   reference only in where P is rounded to fp8/fp16 (relative to the row's final maximum instead of
   its running one) and in float32 summation order. The chosen thresholds are then checked with the
@@ -88,9 +89,9 @@ class LayerTuning:
     ``cdfthreshd`` (mode "cdf"), ``topk`` (mode "topk") or ``mass_threshold`` (mode "mass"), the
     others None; ``pvthreshd`` (inf = Stage 2 off). ``dense`` [Hq] bool: the head runs with every
     valid block and no filter (its thresholds are then -1, 1 (mass: 0), inf, which the API turns
-    into exactly that). Files written before the mass mode have no ``mass_threshold`` field. ``meets_bound``: the saved error is
-    within the bounds (False only where even the dense quantized head exceeds ``l1``: see
-    ``quant_floor_l1``).
+    into exactly that). ``meets_bound``: the saved error is within the bounds (False only where
+    even the dense quantized head exceeds ``l1``: see ``quant_floor_l1``). Files written before
+    the mass mode have no ``mass_threshold`` field.
 
     Achieved, per head (errors: largest over the tuning inputs; sparsity: pooled over them):
     ``stage1_sparsity``, ``stage2_sparsity`` (skipped / visited row-group P V products),
@@ -179,9 +180,10 @@ class LayerTuning:
     def table(self):
         """A per-head text table."""
         thr = self.threshold
+        name = {"cdf": "tau", "topk": "topk", "mass": "t"}[self.mode]
         lines = [f"layer {self.layer}: l1 <= {self.l1_bound}, pv_l1 <= {self.pv_l1_bound} "
                  f"({self.qk}/{self.pv}{', rebalanced' if self.rebalance else ''}; errors: {self.aggregate})",
-                 f"{'head':>4} {'theta':>6} {({'cdf': 'tau', 'topk': 'topk', 'mass': 't'})[self.mode]:>8} {'lambda':>7} "
+                 f"{'head':>4} {'theta':>6} {name:>8} {'lambda':>7} "
                  f"{'s1':>6} {'s2':>6} {'total':>6} {'l1_s1':>7} {'l1':>7} {'floor':>7}  note"]
         for h in range(self.heads):
             note = "dense" if self.dense[h] else ""
@@ -262,10 +264,11 @@ def to_hf_settings(results, meta=None):
     """The tuned layers in the settings format of :mod:`sparge_cupy.hf` (``load_settings``).
 
     Per layer: the per-head thresholds (dense heads as theta = -1, tau = 1, topk = 1 or
-    mass_threshold = 0, lambda null: every block, no filter), or ``{"dense": true}`` when every head of the layer is dense (the
-    integration then runs the model's own attention there). The options (``qk``, ``pv``,
-    ``rebalance``, ``attention_sink``) are global in that format, so every layer must have been
-    tuned with the same ones. Layer names must name an index (``"5"``, ``"model.layers.5.self_attn"``).
+    mass_threshold = 0, lambda null: every block, no filter), or ``{"dense": true}`` when every
+    head of the layer is dense (the integration then runs the model's own attention there). The
+    options (``qk``, ``pv``, ``rebalance``, ``attention_sink``) are global in that format, so every
+    layer must have been tuned with the same ones. Layer names must name an index (``"5"``,
+    ``"model.layers.5.self_attn"``).
     """
     if not isinstance(results, dict):
         results = {r.layer: r for r in results}
@@ -866,8 +869,9 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
       is_causal, scale: one value, or one per input (scale None: D^-1/2).
       l1: bound on the relative L1 error with Stage 1 alone; pv_l1 (> l1): with Stage 2 on.
       mode: "cdf" (tune tau), "topk" or "mass" (the mass threshold rule, ``mass_threshold``).
-      predictor: the Stage-1 estimate, "paper" or (NumPy inputs only) "qbar_keys". qk, pv, rebalance, attention_sink: as the user will run
-        (qk = pv = "fp32", no quantization, exists on NumPy inputs only: for measurements).
+      predictor: the Stage-1 estimate, "paper" or (NumPy inputs only) "qbar_keys".
+      qk, pv, rebalance, attention_sink: as the user will run (qk = pv = "fp32", no
+        quantization, exists on NumPy inputs only: for measurements).
       thetas: the theta grid. min_sparsity: heads below this total sparsity run dense.
       stage2: also tune lambda (else lambda = inf).
       evaluator: "exact" (the public API: GPU kernels on CuPy, the reference on NumPy) or "curves"
@@ -1022,7 +1026,8 @@ def add_arguments(p):
     p.add_argument("--out", default="tuning.json", help="JSON file; an existing file keeps its other layers")
     p.add_argument("--l1", type=float, default=0.05, help="bound on relative L1 with Stage 1 alone")
     p.add_argument("--pv-l1", type=float, default=0.06, help="bound with Stage 2 on (>= --l1)")
-    p.add_argument("--mode", choices=MODES, default="cdf", help="tune tau (cdf), topk, or the mass threshold t of the rule nk * P^ >= t (mass)")
+    p.add_argument("--mode", choices=MODES, default="cdf",
+                   help="tune tau (cdf), topk, or the mass threshold t of the rule nk * P^ >= t (mass)")
     p.add_argument("--predictor", choices=("paper", "qbar_keys"), default="paper",
                    help="Stage-1 estimate (qbar_keys: CPU reference only)")
     p.add_argument("--qk", choices=ck.QK_MODES + ("fp32",), default="int8",

@@ -43,8 +43,8 @@ def prepare(q, k, v=None, *, layout, is_causal, scale, simthreshd1, cdfthreshd, 
     scale = ck.check_scale(scale, shapes.D)
     if cdfthreshd is None and topk is None:
         cdfthreshd = CONFIG.cdfthreshd
-    theta, tau, kk = ck.check_thresholds(shapes, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
-                                         topk=topk)
+    theta, tau, kk, _ = ck.check_thresholds(shapes, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
+                                            topk=topk)
     q, k = R.to_hnd(q, layout), R.to_hnd(k, layout)
     v = None if v is None else R.to_hnd(v, layout)
     return q, k, v, scale, theta, tau, kk
