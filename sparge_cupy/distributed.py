@@ -27,8 +27,9 @@ single-process ones. Any Lq, Lk and shard lengths (at least one token each).
 * Prediction is exact (:func:`ring_predict_block_map`). All-reduced: the float64 K sum (for the
   global mean ``km``). All-gathered: the pooled blocks and self-similarities of ``K - km`` (small:
   ``nk x D`` per kv head). Each rank then builds the compressed map of its query blocks against the
-  whole row of key blocks and selects (TopCdf/TopK over the whole row, fix blocks, causal, sink)
-  exactly as one process does: the same block map rows. The only freedom left is the float64
+  whole row of key blocks and selects (TopCdf/TopK over the whole row, or the mass threshold
+  scaled by the whole sequence's key-block count ``nk``; fix blocks, causal, sink) exactly as one
+  process does: the same block map rows. The only freedom left is the float64
   summation order of ``km``, which the single-process kernels and reference do not share either.
 * Quantization is the single process's. The statistics that one process takes over the whole
   sequence are global here too: the K mean ``km`` (the prediction's), and the channel maxima of
@@ -83,7 +84,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks as ck
-from .api import DEFAULT_CDF, _resolve_cdf
+from .api import DEFAULT_CDF, _selection
 from .config import CONFIG
 
 BQ, BK = CONFIG.block_q, CONFIG.block_k
@@ -154,13 +155,15 @@ class _Reference:
 
     @classmethod
     def select(cls, qbar, q_sim, kbar, k_sim, *, q0, Lq, Lk, is_causal, scale, theta, tau, topk,
-               attention_sink):
+               attention_sink, mass_threshold=None):
+        """reference.select_blocks on the gathered statistics: ``kbar`` holds every key block of
+        the sequence, so the mass threshold's ``nk`` is the whole sequence's."""
         from . import reference as R
         nq = qbar.shape[2]
         valid = R.valid_blocks(Lq, Lk, BQ, BK, is_causal)[q0 // BQ: q0 // BQ + nq]
         bm = R.select_blocks(*(cls.to_numpy(x) for x in (qbar, q_sim, kbar, k_sim)), valid,
                              scale=scale, simthreshd1=theta, cdfthreshd=tau, topk=topk,
-                             attention_sink=attention_sink)
+                             mass_threshold=mass_threshold, attention_sink=attention_sink)
         return cls.to_torch(bm)
 
 
@@ -210,10 +213,11 @@ class _Cuda:
 
     @staticmethod
     def select(qbar, q_sim, kbar, k_sim, *, q0, Lq, Lk, is_causal, scale, theta, tau, topk,
-               attention_sink):
+               attention_sink, mass_threshold=None):
         """select.cu on the gathered statistics. Its causal rule reads only ``Lq`` and ``Lk``:
         with ``Lq - q0`` in place of ``Lq``, local query block i has the global block's last row
-        and diagonal offset, so the rows are those of the whole sequence's map."""
+        and diagonal offset, so the rows are those of the whole sequence's map. The mass
+        threshold's ``nk`` is ``kbar``'s block count, every key block of the sequence."""
         import cupy
         from . import _gpu
         from .torch import _on_current_stream, _to_torch
@@ -224,7 +228,7 @@ class _Cuda:
                                (("qbar", qbar), ("q_sim", q_sim), ("kbar", kbar), ("k_sim", k_sim))})
             bm = _gpu.select(st, Lq=Lq - q0, Lk=Lk, is_causal=is_causal, scale=scale,
                              simthreshd1=theta, cdfthreshd=tau, topk=topk,
-                             attention_sink=attention_sink)
+                             mass_threshold=mass_threshold, attention_sink=attention_sink)
             return _to_torch(bm)
 
 
@@ -345,8 +349,8 @@ def _agree(q, k, v, *, group, layout, is_causal, scale, what, options):
     return shards, scale, opts
 
 
-def _options(shapes, *, simthreshd1, cdfthreshd, topk, attention_sink, pvthreshd, qk, rebalance,
-             pv, return_lse, return_stats):
+def _options(shapes, *, simthreshd1, cdfthreshd, topk, mass_threshold, attention_sink, pvthreshd,
+             qk, rebalance, pv, return_lse, return_stats):
     """Every keyword normalised as sparge_attn does (per-head float32 arrays of Hq values)."""
     if ck.check_flag("return_stats", return_stats):
         raise ValueError("return_stats: not available in the sequence-parallel functions "
@@ -356,9 +360,7 @@ def _options(shapes, *, simthreshd1, cdfthreshd, topk, attention_sink, pvthreshd
                 rebalance=ck.check_flag("rebalance", rebalance),
                 pv=ck.check_choice("pv", pv, ck.PV_MODES),
                 return_lse=ck.check_flag("return_lse", return_lse))
-    theta, tau, kk, _ = ck.check_thresholds(shapes, simthreshd1=simthreshd1,
-                                            cdfthreshd=_resolve_cdf(cdfthreshd, topk), topk=topk)
-    opts.update(simthreshd1=theta, cdfthreshd=tau, topk=kk,
+    opts.update(_selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold),
                 attention_sink=ck.check_flag("attention_sink", attention_sink))
     return opts
 
@@ -433,9 +435,9 @@ def _all_max(x, sh):
 
 
 def ulysses_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HND",
-                 simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None, pvthreshd=None,
-                 attention_sink=True, qk="int8", rebalance=True, pv="fp8", return_lse=False,
-                 return_stats=False):
+                 simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
+                 mass_threshold=None, pvthreshd=None, attention_sink=True, qk="int8",
+                 rebalance=True, pv="fp8", return_lse=False, return_stats=False):
     """Sequence-parallel :func:`sparge_cupy.sparge_attn` by all-to-all over heads (Ulysses).
 
     Args:
@@ -453,8 +455,9 @@ def ulysses_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HN
         q, k, v, group=group, layout=layout, is_causal=is_causal, scale=scale, what="ulysses_attn",
         options=lambda shapes: _options(
             shapes, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-            attention_sink=attention_sink, pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
-            return_lse=return_lse, return_stats=return_stats))
+            mass_threshold=mass_threshold, attention_sink=attention_sink, pvthreshd=pvthreshd,
+            qk=qk, rebalance=rebalance, pv=pv, return_lse=return_lse,
+            return_stats=return_stats))
     q_heads, kv_heads, shared_kv = _head_plan(sh.Hq, sh.Hkv, sh.world)
     qh, kh, vh = (_hnd(t, layout) for t in (q, k, v))
 
@@ -470,7 +473,7 @@ def ulysses_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HN
 
     mine = q_heads[sh.rank]
     per_head = {n: (opts[n][mine] if opts[n] is not None else None)
-                for n in ("simthreshd1", "cdfthreshd", "topk", "pvthreshd")}
+                for n in ("simthreshd1", "cdfthreshd", "topk", "mass_threshold", "pvthreshd")}
     res = sh.engine.sparge_attn(q_all, k_all, v_all, is_causal=is_causal, scale=scale,
                                 layout="HND", attention_sink=opts["attention_sink"],
                                 qk=opts["qk"], rebalance=opts["rebalance"], pv=opts["pv"],
@@ -520,9 +523,10 @@ def _ring_quant_stats(qh, kh, vh, km, sh):
 
 
 def _ring_predict(q, k, sh, *, layout, is_causal, scale, simthreshd1, cdfthreshd, topk,
-                  attention_sink, km=None):
+                  mass_threshold, attention_sink, km=None):
     """This rank's rows of the single-process block map, ``[B, Hq, nq_r, nk]`` (torch bool).
-    ``km``: the global K mean if already known (:func:`_k_mean`)."""
+    ``km``: the global K mean if already known (:func:`_k_mean`). The selection sees the pooled
+    blocks of every key shard, so ``nk`` (the mass threshold's scale) is the whole sequence's."""
     torch, dist = _torch(), _dist()
     qh = _hnd(q, layout).float()
     kh = _hnd(k, layout).float()
@@ -542,28 +546,29 @@ def _ring_predict(q, k, sh, *, layout, is_causal, scale, simthreshd1, cdfthreshd
     kbar, k_sim = full[..., :sh.D].contiguous(), full[..., sh.D].contiguous()
     return sh.engine.select(qbar, q_sim, kbar, k_sim, q0=sh.q_offsets[sh.rank], Lq=Lq, Lk=Lk,
                             is_causal=is_causal, scale=scale, theta=simthreshd1, tau=cdfthreshd,
-                            topk=topk, attention_sink=attention_sink)
+                            topk=topk, mass_threshold=mass_threshold,
+                            attention_sink=attention_sink)
 
 
 def ring_predict_block_map(q, k, *, group=None, is_causal=False, scale=None, layout="HND",
                            simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
-                           attention_sink=True):
+                           mass_threshold=None, attention_sink=True):
     """Stage 1 for ring attention: this rank's rows of the whole sequence's block map.
 
-    Shards as :func:`ring_attn`. Returns bool ``[B, Hq, ceil(L_r / 128), ceil(Lk / 64)]``
-    (Lk the global key length): rows ``offset_r / 128 ...`` of single-process
+    Shards as :func:`ring_attn`; keywords as :func:`sparge_cupy.predict_block_map` (exactly one
+    of ``cdfthreshd``, ``topk``, ``mass_threshold``; ``mass_threshold`` scales by the global
+    ``ceil(Lk / 64)``). Returns bool ``[B, Hq, ceil(L_r / 128), ceil(Lk / 64)]`` (Lk the global
+    key length): rows ``offset_r / 128 ...`` of single-process
     :func:`sparge_cupy.predict_block_map`.
     """
-    sh, scale, ((theta, tau, kk, _), sink) = _agree(
+    sh, scale, (sel, sink) = _agree(
         q, k, None, group=group, layout=layout, is_causal=is_causal, scale=scale,
         what="ring_predict_block_map",
-        options=lambda shapes: (ck.check_thresholds(shapes, simthreshd1=simthreshd1,
-                                                    cdfthreshd=_resolve_cdf(cdfthreshd, topk),
-                                                    topk=topk),
+        options=lambda shapes: (_selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold),
                                 ck.check_flag("attention_sink", attention_sink)))
     _check_ring_shards(sh)
     return _ring_predict(q, k, sh, layout=layout, is_causal=is_causal, scale=scale,
-                         simthreshd1=theta, cdfthreshd=tau, topk=kk, attention_sink=sink)
+                         attention_sink=sink, **sel)
 
 
 def _pair(q0, q_end, k0, k_end, c):
@@ -620,9 +625,9 @@ class _Merge:
 
 
 def ring_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HND",
-              simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None, pvthreshd=None,
-              attention_sink=True, qk="int8", rebalance=True, pv="fp8", return_lse=False,
-              return_stats=False):
+              simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
+              mass_threshold=None, pvthreshd=None, attention_sink=True, qk="int8",
+              rebalance=True, pv="fp8", return_lse=False, return_stats=False):
     """Sequence-parallel :func:`sparge_cupy.sparge_attn` by ring attention.
 
     Args:
@@ -642,14 +647,16 @@ def ring_attn(q, k, v, *, group=None, is_causal=False, scale=None, layout="HND",
         q, k, v, group=group, layout=layout, is_causal=is_causal, scale=scale, what="ring_attn",
         options=lambda shapes: _options(
             shapes, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-            attention_sink=attention_sink, pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
-            return_lse=return_lse, return_stats=return_stats))
+            mass_threshold=mass_threshold, attention_sink=attention_sink, pvthreshd=pvthreshd,
+            qk=qk, rebalance=rebalance, pv=pv, return_lse=return_lse,
+            return_stats=return_stats))
     _check_ring_shards(sh)
     q32, k32, v32 = (_hnd(t, layout).float() for t in (q, k, v))
     km = _k_mean(k32, sh)
     block_map = _ring_predict(q32, k32, sh, layout="HND", is_causal=is_causal, scale=scale,
                               simthreshd1=opts["simthreshd1"], cdfthreshd=opts["cdfthreshd"],
-                              topk=opts["topk"], attention_sink=opts["attention_sink"], km=km)
+                              topk=opts["topk"], mass_threshold=opts["mass_threshold"],
+                              attention_sink=opts["attention_sink"], km=km)
     quant_stats = _ring_quant_stats(q32, k32, v32, km, sh)
 
     qo, ko = sh.q_offsets, sh.k_offsets

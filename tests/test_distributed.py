@@ -105,8 +105,10 @@ def run_case(case, rank, group):
         res = sd.ulysses_attn(qs, ks, vs, return_lse=True, **kw)
         return {"out": to_numpy(res[0]), "lse": res[1].numpy()}
     pred_kw = {n: kw[n] for n in ("group", "is_causal", "scale", "layout", "simthreshd1",
-                                  "cdfthreshd", "topk", "attention_sink") if n in kw}
-    result = {"map": sd.ring_predict_block_map(qs, ks, **pred_kw).numpy()}
+                                  "cdfthreshd", "topk", "mass_threshold", "attention_sink")
+               if n in kw}
+    result = {} if case.get("skip_predict") else {
+        "map": sd.ring_predict_block_map(qs, ks, **pred_kw).numpy()}
     saved = sd._Reference.__dict__["block_sparse_attn"]
     if "ref_modes" in case or case.get("local_stats"):
         sd._Reference.block_sparse_attn = classmethod(
@@ -162,12 +164,20 @@ def spawn(cases, tmp):
 # The cases. Shapes are small (the reference runs on 2 cores) but every edge is there: ragged
 # shards, partial last blocks, GQA and MQA, causal with Lq == Lk and Lq != Lk.
 
-def _ring_exact(shape, q_lens, k_lens, is_causal, qk="int8", **extra):
+def _ring_exact(shape, q_lens, k_lens, is_causal, qk="int8", select=None, **extra):
     """A ring case with P V unrounded (the reference's pv="fp32"), Q K in ``qk`` with rebalancing:
-    what the global quantization statistics make equal to single-process up to float32 rounding."""
+    what the global quantization statistics make equal to single-process up to float32 rounding.
+    ``select``: the selection rule's keyword (default ``cdfthreshd=0.9``)."""
     return dict(fn="ring", shape=shape, q_lens=q_lens, k_lens=k_lens,
                 ref_modes=dict(qk=qk, pv="fp32"),
-                kw=dict(is_causal=is_causal, cdfthreshd=0.9, simthreshd1=0.3), **extra)
+                kw=dict(is_causal=is_causal, simthreshd1=0.3,
+                        **(select or dict(cdfthreshd=0.9))), **extra)
+
+
+# The mass threshold rule keeps block (i, j) iff nk * P^_ij >= t, nk the key blocks of the WHOLE
+# sequence: the cases below cut the keys into shards of fewer blocks, so a rank scaling by its own
+# shard's count would select other blocks (test_mass_threshold_cases_discriminate_nk).
+MASS4 = [0.5, 1.0, 1.5, 2.0]          # one threshold per query head (Hq = 4)
 
 
 CASES = {
@@ -201,6 +211,34 @@ CASES = {
                                         local_stats=True,
                                         kw=dict(is_causal=True, cdfthreshd=0.9, simthreshd1=0.3,
                                                 pv="fp16")),
+        "uly_mass_gqa_causal": dict(fn="ulysses", shape=(1, 4, 2, 300, 300, 64),
+                                    q_lens=[130, 170], k_lens=[130, 170],
+                                    kw=dict(is_causal=True, mass_threshold=MASS4,
+                                            pvthreshd=6.0)),
+        # a kv head shared by both ranks: the prepended query block of |Q| maxima is selected too
+        "uly_mass_mqa_nhd_fp16": dict(fn="ulysses", shape=(2, 4, 1, 260, 260, 64),
+                                      q_lens=[150, 110], k_lens=[150, 110], layout="NHD",
+                                      dtype="float16", kw=dict(mass_threshold=1.0,
+                                                               simthreshd1=0.3)),
+        "ring_exact_mass_causal": _ring_exact((1, 4, 2, 300, 300, 64), [256, 44], [256, 44],
+                                              True, select=dict(mass_threshold=MASS4)),
+        "ring_exact_mass_lq_ne_lk": _ring_exact((1, 2, 2, 300, 520, 64), [256, 44], [256, 264],
+                                                True, seed=1, select=dict(mass_threshold=0.5)),
+        "ring_mass_int8_causal": dict(fn="ring", shape=(1, 4, 2, 400, 400, 64),
+                                      q_lens=[256, 144], k_lens=[256, 144], seed=3,
+                                      dtype="float16", kw=dict(is_causal=True, mass_threshold=1.0,
+                                                               simthreshd1=0.3)),
+        "err_mass_and_cdf_ring": dict(fn="ring", shape=(1, 2, 2, 300, 300, 64), q_lens=[256, 44],
+                                      k_lens=[256, 44],
+                                      kw=dict(mass_threshold=1.0, cdfthreshd=0.9)),
+        "err_mass_and_cdf_ring_attn": dict(fn="ring", shape=(1, 2, 2, 300, 300, 64),
+                                           q_lens=[256, 44], k_lens=[256, 44], skip_predict=True,
+                                           kw=dict(mass_threshold=1.0, cdfthreshd=0.9)),
+        "err_mass_and_cdf_ulysses": dict(fn="ulysses", shape=(1, 2, 2, 200, 200, 64),
+                                         q_lens=[100, 100], k_lens=[100, 100],
+                                         kw=dict(mass_threshold=1.0, cdfthreshd=0.9)),
+        "err_mass_negative": dict(fn="ring", shape=(1, 2, 2, 300, 300, 64), q_lens=[256, 44],
+                                  k_lens=[256, 44], kw=dict(mass_threshold=-1.0)),
         "err_heads": dict(fn="ulysses", shape=(1, 3, 3, 200, 200, 64), q_lens=[100, 100],
                           k_lens=[100, 100]),
         "err_misaligned": dict(fn="ring", shape=(1, 2, 2, 300, 300, 64), q_lens=[100, 200],
@@ -229,6 +267,21 @@ CASES = {
                                                  layout="NHD", seed=5, local_stats=True,
                                                  kw=dict(is_causal=True, cdfthreshd=0.9,
                                                          simthreshd1=0.3)),
+        "uly_mass_w3": dict(fn="ulysses", shape=(1, 6, 3, 350, 420, 64), q_lens=[100, 150, 100],
+                            k_lens=[140, 150, 130], dtype="bfloat16",
+                            kw=dict(is_causal=True, mass_threshold=[0.5, 1.0, 1.5, 2.0, 0.0,
+                                                                    float("inf")])),
+        "ring_exact_mass_gqa_causal_w3": _ring_exact((1, 4, 2, 459, 459, 64), [128, 256, 75],
+                                                     [128, 256, 75], True,
+                                                     select=dict(mass_threshold=MASS4)),
+        "ring_exact_mass_noncausal_w3": _ring_exact((1, 2, 1, 300, 330, 64), [128, 128, 44],
+                                                    [64, 192, 74], False,
+                                                    select=dict(mass_threshold=1.0)),
+        "ring_mass_int8_causal_nhd": dict(fn="ring", shape=(1, 4, 2, 459, 459, 64),
+                                          q_lens=[128, 256, 75], k_lens=[128, 256, 75],
+                                          layout="NHD", seed=5,
+                                          kw=dict(is_causal=True, mass_threshold=MASS4,
+                                                  simthreshd1=0.3)),
         "ring_topk_stage2": dict(fn="ring", shape=(1, 2, 1, 459, 459, 64), q_lens=[128, 256, 75],
                                  k_lens=[128, 256, 75], seed=7,
                                  kw=dict(is_causal=True, topk=0.4, pvthreshd=8.0, pv="fp16")),
@@ -271,7 +324,9 @@ def single_kw(case):
 # Ulysses: bit for bit.
 
 @pytest.mark.parametrize("world,name", [(2, "uly_gqa_causal"), (2, "uly_mqa_nhd_fp16"),
-                                        (2, "uly_lq_ne_lk_bf16"), (3, "uly_gqa_topk")])
+                                        (2, "uly_lq_ne_lk_bf16"), (3, "uly_gqa_topk"),
+                                        (2, "uly_mass_gqa_causal"), (2, "uly_mass_mqa_nhd_fp16"),
+                                        (3, "uly_mass_w3")])
 def test_ulysses_equals_single_process_bit_for_bit(request, world, name):
     case = CASES_BY_NAME[name]
     got = gathered(results_of(request, world), name)
@@ -294,7 +349,8 @@ EXACT = [(w, n) for w, n in RING if n.startswith("ring_exact")]
 def single_map(case):
     q, k, _ = inputs(case)
     kw = {n: v for n, v in single_kw(case).items()
-          if n in ("is_causal", "scale", "simthreshd1", "cdfthreshd", "topk", "attention_sink")}
+          if n in ("is_causal", "scale", "simthreshd1", "cdfthreshd", "topk", "mass_threshold",
+                   "attention_sink")}
     return sc.predict_block_map(q, k, **kw)
 
 
@@ -302,6 +358,30 @@ def single_map(case):
 def test_ring_block_map_rows_equal_single_process(request, world, name):
     got = gathered(results_of(request, world), name)
     assert_equal(got["map"], single_map(CASES_BY_NAME[name]), what=f"{name}: block map")
+
+
+MASS_RING = [(w, n) for w, n in RING if "mass_threshold" in CASES_BY_NAME[n]["kw"]]
+
+
+@pytest.mark.parametrize("world,name", MASS_RING)
+def test_mass_threshold_cases_discriminate_nk(name, world):
+    """The ring mass-threshold cases would catch a rank that scaled P^ by its own shard's key
+    blocks: for some rank r, the threshold t nk / nk_r (the same rule with nk_r in place of nk)
+    selects other blocks in r's rows than the single process."""
+    case = CASES_BY_NAME[name]
+    q, k, _ = inputs(case)
+    bm = single_map(case)
+    nk = bm.shape[-1]
+    t = np.broadcast_to(np.asarray(case["kw"]["mass_threshold"], np.float64), (q.shape[1],))
+    kw = {n: x for n, x in single_kw(case).items() if n in ("is_causal", "simthreshd1")}
+    q_rows = np.concatenate([[0], np.cumsum(case["q_lens"])]) // sc.CONFIG.block_q
+    differs = []
+    for r, lk in enumerate(case["k_lens"]):
+        nk_r = -(-lk // sc.CONFIG.block_k)
+        local = sc.predict_block_map(q, k, mass_threshold=t * nk / nk_r, **kw)
+        rows = slice(q_rows[r], q_rows[r + 1] if r + 1 < len(q_rows) - 1 else None)
+        differs.append(bool((local[:, :, rows] != bm[:, :, rows]).any()))
+    assert any(differs), (name, differs)
 
 
 def merge_tolerance(out_ref, v, block_map, world):
@@ -442,7 +522,9 @@ FP8_RATIO = 1.1
 
 @pytest.mark.parametrize("world,name,local", [(2, "ring_int8_causal", None),
                                               (3, "ring_int8_causal_nhd",
-                                               "ring_int8_causal_nhd_local_stats")])
+                                               "ring_int8_causal_nhd_local_stats"),
+                                              (2, "ring_mass_int8_causal", None),
+                                              (3, "ring_mass_int8_causal_nhd", None)])
 def test_ring_fp8_error_is_the_single_process_error(request, record_property, world, name,
                                                    local):
     """pv="fp8" (the default): Q K^T and V are the single process's; P is rounded to e4m3
@@ -509,6 +591,25 @@ def test_ring_stage2_error_within_twice_single_process(request):
 def test_bad_input_raises_on_every_rank(results, name, kind, match):
     for r, item in enumerate(results[2][name]):
         assert item[0] == "error" and item[1] == kind and match in item[2], (r, item)
+
+
+def _api_error(case):
+    """The error single-process sparge_attn raises for the case's keywords: (type name, message)."""
+    q, k, v = inputs(case)
+    with pytest.raises((TypeError, ValueError)) as info:
+        sc.sparge_attn(q, k, v, **single_kw(case))
+    return type(info.value).__name__, str(info.value)
+
+
+@pytest.mark.parametrize("name", ["err_mass_and_cdf_ring", "err_mass_and_cdf_ring_attn",
+                                  "err_mass_and_cdf_ulysses", "err_mass_negative"])
+def test_bad_mass_threshold_raises_the_api_error_on_every_rank(results, name):
+    """The selection keywords go through the API's own checks: the same error type and message
+    as single-process sparge_attn, on every rank."""
+    kind, message = _api_error(CASES_BY_NAME[name])
+    assert kind == "ValueError" and "mass_threshold" in message, (kind, message)
+    for r, item in enumerate(results[2][name]):
+        assert item == ("error", kind, message), (r, item)
 
 
 def test_bad_input_on_one_rank_stops_every_rank(results):
