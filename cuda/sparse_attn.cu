@@ -545,7 +545,8 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D, PV_FP8>::value) spa
     unsigned char* sV0 = sK0 + 2 * Smem::K;
 
     const int i = p.nq - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform for the compiler: uniform registers
     const int g = lane >> 2, t4 = lane & 3;
     const int kvh = h / (p.Hq / p.Hkv);
     const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
