@@ -21,6 +21,7 @@ hold:
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 from datetime import timedelta
@@ -684,10 +685,12 @@ def test_cuda_engine_on_one_rank(tmp_path):
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
-        for Lq, Lk, is_causal in ((700, 700, True), (333, 900, True), (500, 450, False)):
+        for (Lq, Lk, is_causal), (rule, t) in itertools.product(
+                ((700, 700, True), (333, 900, True), (500, 450, False)),
+                (("cdfthreshd", 0.9), ("mass_threshold", 1.0))):
             q, k, v = (torch.from_numpy(x).to("cuda", torch.float16)
                        for x in make_qkv(1, 4, 2, Lq, Lk, 64, seed=4))
-            pred = dict(is_causal=is_causal, cdfthreshd=0.9, simthreshd1=0.3)
+            pred = {"is_causal": is_causal, rule: t, "simthreshd1": 0.3}
             kw = dict(pred, pvthreshd=8.0)
             out, lse = st.sparge_attn(q, k, v, return_lse=True, **kw)
             bm = st.predict_block_map(q, k, **pred)
@@ -707,7 +710,10 @@ def test_cuda_engine_on_one_rank(tmp_path):
             per_head = lambda x: np.full(4, x, np.float32)  # noqa: E731
             rows = sd._Cuda.select(qbar, q_sim, kbar, k_sim, q0=q0, Lq=Lq, Lk=Lk,
                                    is_causal=is_causal, scale=64 ** -0.5, theta=per_head(0.3),
-                                   tau=per_head(0.9), topk=None, attention_sink=True)
-            assert torch.equal(rows, bm[:, :, q0 // sc.CONFIG.block_q:]), (Lq, Lk, is_causal)
+                                   tau=per_head(t) if rule == "cdfthreshd" else None, topk=None,
+                                   mass_threshold=per_head(t) if rule != "cdfthreshd" else None,
+                                   attention_sink=True)
+            assert torch.equal(rows, bm[:, :, q0 // sc.CONFIG.block_q:]), (Lq, Lk, is_causal,
+                                                                           rule)
     finally:
         dist.destroy_process_group()
