@@ -396,7 +396,13 @@ __global__ void __launch_bounds__(ATTN_THREADS, D <= 128 ? 2 : 1) sparse_attn(co
 // filter and epilogue code are those of the kernel above.
 //   S = Q K^T:  wgmma m64n64k32 s8 (or m64n64k16 f16), Q and K from shared memory
 //   O += P V:   wgmma m64nDk32 e4m3 (or m64nDk16 f16), P from registers (the same fragment as
-//               mma.sync's A operand, hence the same permuted V layout), V^T from shared memory
+//               mma.sync's A operand, hence the same permuted V layout), V^T from shared memory.
+//               FP8: two-level accumulation (Hopper's e4m3 wgmma keeps ~13 mantissa bits in
+//               its accumulator): each block's P V_j in a fresh accumulator, 64 output channels
+//               at a time, then o = o * alpha + P V_j in float32.
+// Scores: the row maximum is taken on the raw accumulator and scaled once (monotone rounding),
+// and p448 = exp2(s c - m + log2 448) is one FMA and one exp2 (FP8 folds the x448 into the
+// exponent; l then counts p448): p within a few float32 ulps of the reference's rounding order.
 // Stage 2 skips per 16-row group exactly as above (a skipped group's P is zero: its o, m and l
 // stay as they are, o + 0 = o); the P V product of a warpgroup is issued unless all 4 of its
 // groups skip, so compute is saved per 64 rows.

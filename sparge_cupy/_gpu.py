@@ -12,7 +12,8 @@ The pipeline (one launch per line; kernels in ``cuda/``):
     select_blocks                 compressed map -> bool block map             select.cu
     quantize(Q), quantize(K)      rebalanced INT8 (or fp16) operands, scales   block_stats.cu
     v_channel_amax, quantize_v    V^T in e4m3 (or fp16), dv                    quant_v.cu
-    sparse_attn                   the attention loop and Stage 2               sparse_attn.cu
+    sparse_attn[_wg]              the attention loop and Stage 2               sparse_attn.cu
+                                  (_wg: warpgroup MMAs, compute capability 9.0; see attn_kernel_choice)
 
 Ring attention's partials (:mod:`sparge_cupy.distributed`) pass the whole sequence's K mean and
 channel maxima (``quant_stats``, a :class:`reference.QuantStats`): k_block_sums, k_mean and
