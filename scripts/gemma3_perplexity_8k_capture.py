@@ -10,7 +10,7 @@ files are the first-8192-token capture), holding a link to the Gemma float32 cac
 
     mkdir -p /tmp/sc8k/gemma3_qkv
     ln -s ~/.cache/sparge_cupy/gemma3-270m-q4km-*-tf* /tmp/sc8k/
-    SPARGE_CACHE=/tmp/sc8k HF_HUB_OFFLINE=1 PYTHONPATH=.:scripts python bench/results/gemma3_perplexity_8k_capture.py
+    SPARGE_CACHE=/tmp/sc8k HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/gemma3_perplexity_8k_capture.py
 """
 import os
 import sys
@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from sparge_cupy import hf  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import extract_gemma_qkv as X  # noqa: E402
 
 START_TOPIC, N = "class", 8192

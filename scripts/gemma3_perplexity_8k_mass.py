@@ -6,7 +6,7 @@ sparge_cupy.tune.tune_layer (INT8+rebalance QK^T, FP8 P V, L1 <= 0.05 Stage 1, <
 NumPy reference on the CPU), then the model's perplexity of the last 2048 tokens with the "sparge"
 attention implementation running those settings (dense: the capture's stored NLL).
 
-    SPARGE_CACHE=/tmp/sc8k HF_HUB_OFFLINE=1 PYTHONPATH=. python bench/results/gemma3_perplexity_8k_mass.py OUT.json
+    SPARGE_CACHE=/tmp/sc8k HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/gemma3_perplexity_8k_mass.py OUT.json
 """
 import json
 import sys
