@@ -754,6 +754,17 @@ def summary_lines(rows):
     return lines
 
 
+def _settings_by_layer(rows, tokens, names, cell):
+    """A table with one row per (tokens, layer) and one column per setting name; ``cell`` formats
+    the rows of one (tokens, layer, setting), "-" where there are none."""
+    body = []
+    for n in tokens:
+        for layer in sorted({r["layer"] for r in rows if r["tokens"] == n}):
+            sels = (_select(rows, tokens=n, layer=layer, setting=name) for name in names)
+            body.append([n, layer, *(cell(sel) if sel else "-" for sel in sels)])
+    return _table(["tokens", "layer", *names], body)
+
+
 def _table(header, body):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
@@ -855,32 +866,20 @@ def report(rows, runs, *, figures=()):
                   "Stage-1 sparsity, then L1 with INT8+rebalance/FP8 and, in brackets, of the same "
                   "map without rounding (sparsity alone).", ""]
         names = [p[0] for p in PRESETS]
-        body = []
-        for n in tokens:
-            for layer in sorted({r["layer"] for r in presets if r["tokens"] == n}):
-                cells = []
-                for name in names:
-                    sel = _select(presets, tokens=n, layer=layer, setting=name)
-                    cells.append(f"{_f(_mean(sel, 'stage1_sparsity'))}, {_f(_mean(sel, 'rel_l1'), '.4f')} "
-                                 f"({_f(_mean(sel, 'rel_l1_sparsity_only'), '.4f')})" if sel else "-")
-                body.append([n, layer, *cells])
-        lines += [_table(["tokens", "layer", *names], body), ""]
+        lines += [_settings_by_layer(
+            presets, tokens, names,
+            lambda sel: f"{_f(_mean(sel, 'stage1_sparsity'))}, {_f(_mean(sel, 'rel_l1'), '.4f')} "
+                        f"({_f(_mean(sel, 'rel_l1_sparsity_only'), '.4f')})"), ""]
 
     floors = [r for r in rows if r["group"] == "floor"]
     if floors:
         lines += ["## Quantization floor (every block kept, Stage 2 off; L1 mean over heads, max in "
                   "brackets)", ""]
         names = [f[0] for f in FLOORS if _select(floors, setting=f[0])]
-        body = []
-        for n in tokens:
-            for layer in sorted({r["layer"] for r in floors if r["tokens"] == n}):
-                cells = []
-                for name in names:
-                    sel = _select(floors, tokens=n, layer=layer, setting=name)
-                    cells.append(f"{_f(_mean(sel, 'rel_l1'), '.4f')} ({_f(max(r['rel_l1'] for r in sel), '.4f')})"
-                                 if sel else "-")
-                body.append([n, layer, *cells])
-        lines += [_table(["tokens", "layer", *names], body), ""]
+        lines += [_settings_by_layer(
+            floors, tokens, names,
+            lambda sel: f"{_f(_mean(sel, 'rel_l1'), '.4f')} ({_f(max(r['rel_l1'] for r in sel), '.4f')})"),
+            ""]
 
     if figures:
         lines += ["## Figures", ""] + [f"![{Path(p).stem}]({Path(p).name})" + "\n" for p in figures]
