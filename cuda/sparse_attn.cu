@@ -519,9 +519,7 @@ __device__ __forceinline__ void warpgroup_barrier_sync(int wg) {
 #ifndef SPARGE_WG_MIN_BLOCKS
 #define SPARGE_WG_MIN_BLOCKS 2
 #endif
-template <int D, bool PV_FP8> struct WgOccupancy {
-    static constexpr int value = D <= 128 ? SPARGE_WG_MIN_BLOCKS : 1;
-};
+template <int D> struct WgOccupancy { static constexpr int value = D <= 128 ? SPARGE_WG_MIN_BLOCKS : 1; };
 
 // Dynamic shared memory the launcher gives sparse_attn_wg (1 KB for aligning the tiles).
 template <int D, bool QK_INT8, bool PV_FP8>
@@ -532,7 +530,7 @@ struct WgSmem {
 };
 
 template <int D, bool QK_INT8, bool PV_FP8, typename OutT>
-__global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D, PV_FP8>::value) sparse_attn_wg(const AttnParams p) {
+__global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn_wg(const AttnParams p) {
 #if SPARGE_HAS_WGMMA
     static_assert(D == 64 || D == 128 || D == 256, "native head dims; the launcher pads others");
     using AccT = typename Select<QK_INT8, int, float>::type;
