@@ -72,19 +72,26 @@ template <> __device__ __forceinline__ float bits_to_float<__nv_bfloat16>(unsign
 }
 template <> __device__ __forceinline__ float bits_to_float<float>(unsigned w) { return __uint_as_float(w); }
 
-// N consecutive channels of a row, as floats. With `vec` (then p must be aligned to
-// chunk_vec_bytes = min(16, N * sizeof(T)) bytes), through vector loads of that width; else N
-// scalar loads (any element-aligned p). Both paths read the same elements, give the same values.
+// N consecutive channels of a row as raw 32-bit words (16-bit types: two per word, element e in
+// half e & 1 of word e / 2); zeros where `valid` is false (nothing read). With `vec` (then p must
+// be aligned to chunk_vec_bytes = min(16, N * sizeof(T)) bytes) through vector loads of that
+// width, else N scalar loads (any element-aligned p): both read the same elements. Loading a
+// stage of rows as words first and converting after keeps every load of the stage in flight.
 template <typename T, int N>
 __device__ __forceinline__ constexpr int chunk_vec_bytes() {
     return N * (int)sizeof(T) < 16 ? N * (int)sizeof(T) : 16;
 }
+
 template <typename T, int N>
-__device__ __forceinline__ void load_chunk(const T* p, bool vec, float (&x)[N]) {
-    constexpr int BYTES = N * (int)sizeof(T), WORDS = BYTES / 4, VEC = chunk_vec_bytes<T, N>();
-    static_assert(BYTES % 4 == 0 && (VEC == 4 || VEC == 8 || VEC == 16), "4, 8 or 16-byte chunks");
+__device__ __forceinline__ void load_words(const T* p, bool vec, bool valid,
+                                           unsigned (&w)[N * sizeof(T) / 4]) {
+    constexpr int WORDS = N * (int)sizeof(T) / 4, VEC = chunk_vec_bytes<T, N>();
+    static_assert(N * sizeof(T) % 4 == 0 && (VEC == 4 || VEC == 8 || VEC == 16),
+                  "4, 8 or 16-byte chunks");
+#pragma unroll
+    for (int i = 0; i < WORDS; ++i) w[i] = 0u;
+    if (!valid) return;
     if (vec) {
-        unsigned w[WORDS];
 #pragma unroll
         for (int i = 0; i < WORDS; i += VEC / 4) {
             const void* src = reinterpret_cast<const unsigned char*>(p) + 4 * i;
@@ -98,19 +105,113 @@ __device__ __forceinline__ void load_chunk(const T* p, bool vec, float (&x)[N]) 
                 w[i] = *static_cast<const unsigned*>(src);
             }
         }
+    } else {
+        const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
 #pragma unroll
         for (int e = 0; e < N; ++e) {
             if constexpr (sizeof(T) == 2) {
-                x[e] = bits_to_float<T>(w[e / 2] >> (16 * (e & 1)));   // element e: low half first
+                w[e / 2] |= (unsigned)h[e] << (16 * (e & 1));
             } else {
-                x[e] = bits_to_float<T>(w[e]);
+                w[e] = reinterpret_cast<const unsigned*>(p)[e];
             }
         }
-    } else {
-#pragma unroll
-        for (int e = 0; e < N; ++e) x[e] = to_float(p[e]);
     }
 }
+
+template <typename T, int N>
+__device__ __forceinline__ void words_to_float(const unsigned (&w)[N * sizeof(T) / 4], float (&x)[N]) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+        if constexpr (sizeof(T) == 2) {
+            x[e] = bits_to_float<T>(w[e / 2] >> (16 * (e & 1)));
+        } else {
+            x[e] = bits_to_float<T>(w[e]);
+        }
+    }
+}
+
+// N consecutive channels of a row as floats (load_words, then words_to_float).
+template <typename T, int N>
+__device__ __forceinline__ void load_chunk(const T* p, bool vec, float (&x)[N]) {
+    unsigned w[N * sizeof(T) / 4];
+    load_words<T, N>(p, vec, true, w);
+    words_to_float<T, N>(w, x);
+}
+
+// The streaming kernels' row mapping (block_stats.cu): a warp covers ROWS rows at a time, lane l
+// holding the CPL = 8 consecutive channels [(l % LANES) * 8, + 8) of row l / LANES: one 16-byte
+// load for fp16 / bf16 (two for fp32), and a row's reductions over LANES lanes only.
+// D = 64: 8 lanes per row, 4 rows per warp step; D = 128: 16 and 2; D = 256: 32 and 1.
+template <int D>
+struct RowLanes {
+    static_assert(D == 64 || D == 128 || D == 256, "native head dims: 64, 128, 256");
+    static constexpr int CPL = 8;
+    static constexpr int LANES = D / CPL;
+    static constexpr int ROWS = 32 / LANES;
+};
+
+// Sum over the LANES lanes of one row (the warp holds 32 / LANES rows; each gets its own sum).
+template <int LANES>
+__device__ __forceinline__ double row_sum(double x) {
+#pragma unroll
+    for (int o = LANES / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// Sum (max) over the rows of a warp step, per channel: lanes l, l + LANES, ... hold the same
+// channels of different rows. Fixed tree order: deterministic.
+template <int LANES>
+__device__ __forceinline__ double across_rows_sum(double x) {
+#pragma unroll
+    for (int o = LANES; o < 32; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+template <int LANES>
+__device__ __forceinline__ float across_rows_max(float x) {
+#pragma unroll
+    for (int o = LANES; o < 32; o <<= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+template <int LANES>
+__device__ __forceinline__ float across_rows_min(float x) {
+#pragma unroll
+    for (int o = LANES; o < 32; o <<= 1) x = fminf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// Correctly rounded x / d for a divisor shared by many x (a channel's s_c, a block's INT8 scale,
+// a channel's FP8 scale), from r = RN(1/d) (__frcp_rn, once per divisor): q = RN(x r), the
+// residual x - q d is exact through an FMA, and one correction RN(q + (x - q d) r) is RN(x / d)
+// (Markstein's theorem for binary floating point; it needs r, q and the result in the normal
+// range, which div_rn_ok(d) and the quantizers' bounded quotients ensure). The residual is
+// negated twice, -(q d - x), so that x = -0 keeps its sign as IEEE division does. Three
+// instructions instead of __fdiv_rn's eight-plus; the GPU tests compare it with __fdiv_rn.
+__device__ __forceinline__ float div_rn(float x, float d, float r) {
+    const float q = __fmul_rn(x, r);
+    const float e = -__fmaf_rn(q, d, -x);
+    return __fmaf_rn(e, r, q);
+}
+// Divisors for which div_rn's reciprocal and residual stay normal (else take __fdiv_rn).
+__device__ __forceinline__ bool div_rn_ok(float d) {
+    return d >= 0x1p-100f && d <= 0x1p100f;
+}
+// The division of a kernel's inner loop: div_rn when every divisor of the program passed
+// div_rn_ok (FAST, decided once per program, outside the loop), else IEEE division.
+template <bool FAST>
+__device__ __forceinline__ float div_by(float x, float d, float r) {
+    if constexpr (FAST) {
+        return div_rn(x, d, r);
+    } else {
+        return __fdiv_rn(x, d);
+    }
+}
+
+// A compile-time bool as a value, so that a runtime flag can pick one of two instantiations of
+// a loop body once: `flag ? body(Flag<true>{}) : body(Flag<false>{})`.
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
 
 // Stores the first BYTES bytes of the 32-bit words `w` (little-endian) at `dst`, aligned to BYTES
 // (to 16 for more), with the widest vector stores.
@@ -141,6 +242,20 @@ __device__ __forceinline__ constexpr int channels_per_lane() {
 // its NaN / Inf, and a warp that saw any adds them to *counter (one atomic per such warp, none on
 // finite inputs). Call with the whole warp converged. The host checks the counter once per call.
 __device__ __forceinline__ unsigned is_nonfinite(float x) { return isfinite(x) ? 0u : 1u; }
+// NaN / Inf among N values: one FMA per value (x * 0 is NaN exactly for Inf and NaN), counted
+// one by one only where some value is not finite.
+template <int N>
+__device__ __forceinline__ unsigned count_nonfinite(const float (&x)[N]) {
+    float z = 0.f;
+#pragma unroll
+    for (int e = 0; e < N; ++e) z = __fmaf_rn(x[e], 0.f, z);
+    unsigned bad = 0;
+    if (z != z) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) bad += is_nonfinite(x[e]);
+    }
+    return bad;
+}
 __device__ __forceinline__ void add_nonfinite(unsigned long long* counter, unsigned n) {
     n = __reduce_add_sync(0xffffffffu, n);
     if (n && (threadIdx.x & 31) == 0) atomicAdd(counter, (unsigned long long)n);

@@ -63,54 +63,84 @@ template <bool FP8> struct VElem;
 template <> struct VElem<true> { using type = unsigned char; };
 template <> struct VElem<false> { using type = __half; };
 
-// One program per (key block j, kv head h, batch b): V / dv rounded, transposed through shared
-// memory, tile [D][BK] (channel rows, physical key positions), so that both the reads (rows of V)
-// and the writes (rows of Vt) are coalesced.
-//   Read: thread (key t = tid % 64, channel quarter tid / 64) loads D/4 channels of row t in
-//   16-byte chunks; a warp's 32 lanes are 32 consecutive keys, so each shared store of the warp
-//   hits 32 consecutive positions of one tile row (a permutation of them for FP8): no conflicts.
+// One program per (key block j, kv head h, batch b): V / dv rounded (dv through its reciprocal,
+// div_rn), transposed through shared memory, tile [D][BK] (channel rows, physical key
+// positions), so that both the reads (rows of V) and the writes (rows of Vt) are coalesced.
+//   Read: thread (quad u = tid % 16, chunk c = tid / 16 (+ 16, ...)) loads 8 channels of each of
+//   the 4 keys that land on positions 4u..4u+3 (one 16-byte load for 16-bit inputs): each
+//   channel's 4 values go to the tile in one 4-byte (FP8) or 8-byte (fp16) store, 2-way bank
+//   conflicts at most (the two chunks of a warp).
 //   Write: 16-byte chunks of tile rows to Vt rows.
 template <typename T, bool FP8, int D>
 __global__ void __launch_bounds__(VQ_THREADS) quantize_v(const TensorView v, const float* amax,
-                                                         void* vt_out, unsigned long long* nonfinite,
+                                                         void* vt_out, float* dv_out,
+                                                         unsigned long long* nonfinite,
                                                          const int H, const int L) {
     static_assert(!FP8 || SPARGE_HAS_FP8, "FP8 e4m3 needs compute capability 8.9 or newer");
-    static_assert(D % 64 == 0 && VQ_THREADS == 4 * BK, "a thread per (key, quarter of the channels)");
+    static_assert(D % 64 == 0 && BK == 64, "16 key quads per block, channel chunks of 8");
     using VT = typename VElem<FP8>::type;
-    constexpr int CHUNK = 16 / sizeof(T);                // channels per 16-byte load
-    constexpr int QUARTER = D / 4;                       // channels per thread
-    static_assert(QUARTER % CHUNK == 0, "whole chunks per thread");
     __shared__ __align__(16) VT tile[D * BK];
-    __shared__ float dv[D];
+    __shared__ float dv[D], rdv[D];                      // dv and RN(1 / dv) per channel
+    __shared__ int slow;                                 // some dv does not suit div_rn
     const int j = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     const long long row0 = (long long)j * BK;
     const int n = min(BK, L - (int)row0);
-    const bool vec = v.align >= 16;
+    const bool vec = v.align >= chunk_vec_bytes<T, 8>();
+    if (tid == 0) slow = 0;
+    __syncthreads();
     if (FP8 && tid < D) {
+        // dv_d = amax_d / 448 (1 for a zero channel): the factor the attention epilogue
+        // multiplies by; the first key block's program also stores it.
         const float a = amax[((size_t)b * H + h) * D + tid];
         dv[tid] = a > 0.f ? __fdiv_rn(a, FP8_MAX) : 1.f;
+        rdv[tid] = __frcp_rn(dv[tid]);
+        if (!div_rn_ok(dv[tid])) slow = 1;
+        if (j == 0) dv_out[((size_t)b * H + h) * D + tid] = dv[tid];
     }
     __syncthreads();
 
-    const int t = tid % BK, d0 = (tid / BK) * QUARTER;
-    const int pos = FP8 ? fp8_key_position(t) : t;
+    // Thread (u = tid % 16, chunk c = tid / 16, + 16, ...): keys of quad u, channels [8c, 8c + 8).
+    // A quad is the 4 keys that land on 4 consecutive physical positions 16 (u / 4) + 4 (u % 4)
+    // + e (FP8: logical keys 16 (u / 4) + 8 (e >> 1) + 2 (u % 4) + (e & 1); fp16: the positions
+    // themselves), so each channel's 4 values go to the tile in one 4- (8-) byte store.
+    const int u = tid % 16, hq = u / 4, qd = u % 4;
+    int key[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) key[e] = FP8 ? 16 * hq + 8 * (e >> 1) + 2 * qd + (e & 1) : 16 * hq + 4 * qd + e;
+    const int pos = 16 * hq + 4 * qd;
     unsigned bad = 0;
-    const T* row = row_ptr<T>(v, b, h, row0 + min(t, n - 1)) + d0;   // keys past L: zeros below
+    auto convert = [&](auto fast_path) {
+        constexpr bool FAST = decltype(fast_path)::value;
+        for (int c = tid / 16; c < D / 8; c += VQ_THREADS / 16) {
+            constexpr int WORDS = 8 * sizeof(T) / 4;
+            unsigned w[4][WORDS];
 #pragma unroll
-    for (int c0 = 0; c0 < QUARTER; c0 += CHUNK) {
-        float x[CHUNK];
-        load_chunk<T, CHUNK>(row + c0, vec, x);
+            for (int e = 0; e < 4; ++e)                  // keys past L: zeros, not read
+                load_words<T, 8>(row_ptr<T>(v, b, h, row0 + key[e]) + 8 * c, vec, key[e] < n, w[e]);
+            float x[4][8];
 #pragma unroll
-        for (int e = 0; e < CHUNK; ++e) {
-            const float xv = t < n ? x[e] : 0.f;
-            bad += is_nonfinite(xv);
-            if constexpr (FP8) {
-                tile[(d0 + c0 + e) * BK + pos] = to_e4m3(__fdiv_rn(xv, dv[d0 + c0 + e]));
-            } else {
-                tile[(d0 + c0 + e) * BK + pos] = __float2half_rn(xv);
+            for (int e = 0; e < 4; ++e) {
+                words_to_float<T, 8>(w[e], x[e]);
+                bad += count_nonfinite(x[e]);
+            }
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const int d = 8 * c + k;
+                if constexpr (FP8) {
+                    const float dvd = dv[d], r = rdv[d];
+                    const unsigned lo = to_e4m3x2(div_by<FAST>(x[0][k], dvd, r), div_by<FAST>(x[1][k], dvd, r));
+                    const unsigned hi = to_e4m3x2(div_by<FAST>(x[2][k], dvd, r), div_by<FAST>(x[3][k], dvd, r));
+                    *reinterpret_cast<unsigned*>(tile + d * BK + pos) = lo | (hi << 16);
+                } else {
+                    const __half2 lo = __floats2half2_rn(x[0][k], x[1][k]), hi = __floats2half2_rn(x[2][k], x[3][k]);
+                    *reinterpret_cast<uint2*>(tile + d * BK + pos) =
+                        make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
+                }
             }
         }
-    }
+    };
+    if (slow) convert(Flag<false>{});
+    else convert(Flag<true>{});
     if (nonfinite) add_nonfinite(nonfinite, bad);
     __syncthreads();
 
@@ -122,12 +152,6 @@ __global__ void __launch_bounds__(VQ_THREADS) quantize_v(const TensorView v, con
         *reinterpret_cast<uint4*>(out + (size_t)d * nk * BK + part * (16 / sizeof(VT))) =
             *reinterpret_cast<const uint4*>(tile + d * BK + part * (16 / sizeof(VT)));
     }
-}
-
-// dv_d = amax_d / 448 (1 for a zero channel), the factor the attention epilogue multiplies by.
-__global__ void v_scales(const float* amax, float* dv, const int n) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e < n) dv[e] = amax[e] > 0.f ? __fdiv_rn(amax[e], FP8_MAX) : 1.f;
 }
 
 }  // namespace sparge

@@ -6,9 +6,17 @@
 // (select_topcdf), TopK (select_topk) or the mass threshold (select_mass_threshold), fix blocks,
 // AND causal validity, attention sink.
 //
-// Grid: (query block i, query head h, batch b), 256 threads; one program builds one row of the
-// map. Dynamic shared memory (see select_smem_bytes in sparge_cupy/_gpu.py):
-//   float p[nk] | float csum[nk] | uint64 keys[pow2 >= nk] | uint8 keep[nk]
+// Two launches:
+//   compressed_map   S^ [B, Hq, nq, nk] float32, tiled: grid (nk / 64, nq / 64, B * Hq), 256
+//                    threads, each a 4 x 4 micro-tile of (query block, key block) pairs; the
+//                    pooled rows pass through shared memory as float64 in chunks of 16 channels,
+//                    so each is read once per tile (not once per pair).
+//   select_rows<E>   rows of at most 32 E <= 512 key blocks: a warp per row of the map, from its
+//                    row of S^, in registers (E keys per lane, a bitonic network of shuffles);
+//   select_blocks    longer rows: one program per (query block i, query head h, batch b), 256
+//                    threads, the row in dynamic shared memory (select_smem_bytes in
+//                    sparge_cupy/_gpu.py): float p[nk] | float csum[nk] | uint64 keys[pow2 >= nk]
+//                    | uint8 keep[nk]. Both do the same arithmetic in the same order.
 //
 // Numerics. The dot product and the softmax denominator are summed in float64 and rounded once,
 // the exponential is float64 rounded to float32: each is the correctly rounded value (to float64
@@ -25,27 +33,91 @@ namespace sparge {
 
 constexpr int SELECT_THREADS = 256;
 
-struct SelectParams {
-    const float* qbar;       // [B, Hq, nq, D]
-    const float* q_sim;      // [B, Hq, nq]
-    const float* kbar;       // [B, Hkv, nk, D] (pooled smoothed K)
-    const float* k_sim;      // [B, Hkv, nk]
-    const float* theta;      // [Hq] self-similarity threshold
-    const float* tau;        // [Hq] TopCdf threshold, or nullptr
-    const float* topk;       // [Hq] TopK fraction, or nullptr
-    const float* mass_threshold;  // [Hq] threshold on nk * P^, or nullptr (exactly one of three)
-    unsigned char* block_map;  // [B, Hq, nq, nk]
-    int Hq, Hkv, nq, nk, D, Lq, Lk, causal, sink, nk_pow2;
-    float scale;
-};
-static_assert(sizeof(SelectParams) == 120, "mirrored by SELECT_PARAMS in sparge_cupy/_gpu.py");
-
 // Causal block validity: block (i, j) holds a visible (query, key) pair (layout.valid_blocks).
 __device__ __forceinline__ bool block_valid(int i, int j, int Lq, int Lk, int causal) {
     if (!causal) return true;
     const long long last_row = min((long long)(i + 1) * BQ, (long long)Lq) - 1;
     return (long long)j * BK <= last_row + (Lk - Lq);
 }
+
+struct MapParams {
+    const float* qbar;       // [B, Hq, nq, D]
+    const float* kbar;       // [B, Hkv, nk, D] (pooled smoothed K)
+    const float* k_sim;      // [B, Hkv, nk]
+    const float* theta;      // [Hq] self-similarity threshold
+    float* s_hat;            // [B, Hq, nq, nk] out: S^, -inf where not selectable
+    int Hq, Hkv, nq, nk, D, Lq, Lk, causal;
+    float scale;
+};
+static_assert(sizeof(MapParams) == 80, "mirrored by MAP_PARAMS in sparge_cupy/_gpu.py");
+
+constexpr int MAP_TILE = 64;          // query blocks and key blocks per program
+constexpr int MAP_CHUNK = 16;         // channels per shared-memory stage
+
+// Thread (ty, tx) = (tid / 16, tid % 16) owns the pairs (ty + 16u, tx + 16v), u, v < 4: a warp
+// reads 16 consecutive kbar values (conflict-free) and 2 qbar values (broadcast) per channel.
+__global__ void __launch_bounds__(SELECT_THREADS) compressed_map(const MapParams p) {
+    __shared__ double qs[MAP_CHUNK][MAP_TILE + 1], ks[MAP_CHUNK][MAP_TILE + 1];   // +1: fewer
+                                                                                  // store conflicts
+    const int j0 = blockIdx.x * MAP_TILE, i0 = blockIdx.y * MAP_TILE;
+    const int h = blockIdx.z % p.Hq, b = blockIdx.z / p.Hq;
+    const int kvh = h / (p.Hq / p.Hkv);
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const float* qbar = p.qbar + ((size_t)b * p.Hq + h) * p.nq * p.D;
+    const float* kbar = p.kbar + ((size_t)b * p.Hkv + kvh) * p.nk * p.D;
+    double acc[4][4] = {};
+    for (int d0 = 0; d0 < p.D; d0 += MAP_CHUNK) {
+        // Stage 64 rows x 16 channels of each, transposed, zeros past nq / nk.
+        for (int e = tid; e < MAP_TILE * MAP_CHUNK; e += SELECT_THREADS) {
+            const int r = e / MAP_CHUNK, c = e % MAP_CHUNK;
+            qs[c][r] = i0 + r < p.nq ? (double)qbar[(size_t)(i0 + r) * p.D + d0 + c] : 0.0;
+            ks[c][r] = j0 + r < p.nk ? (double)kbar[(size_t)(j0 + r) * p.D + d0 + c] : 0.0;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int c = 0; c < MAP_CHUNK; ++c) {
+            double qv[4], kv[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                qv[u] = qs[c][ty + 16 * u];
+                kv[u] = ks[c][tx + 16 * u];
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) acc[u][v] = fma(qv[u], kv[v], acc[u][v]);
+        }
+        __syncthreads();
+    }
+    const float* k_sim = p.k_sim + ((size_t)b * p.Hkv + kvh) * p.nk;
+    const float theta = p.theta[h];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const int i = i0 + ty + 16 * u;
+        if (i >= p.nq) continue;
+        float* out = p.s_hat + (((size_t)b * p.Hq + h) * p.nq + i) * p.nk;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            const int j = j0 + tx + 16 * v;
+            if (j >= p.nk) continue;
+            const bool finite = block_valid(i, j, p.Lq, p.Lk, p.causal) && k_sim[j] > theta;
+            out[j] = finite ? __fmul_rn(p.scale, (float)acc[u][v]) : -CUDART_INF_F;
+        }
+    }
+}
+
+struct SelectParams {
+    const float* s_hat;      // [B, Hq, nq, nk] compressed_map's S^
+    const float* q_sim;      // [B, Hq, nq]
+    const float* k_sim;      // [B, Hkv, nk]
+    const float* theta;      // [Hq] self-similarity threshold
+    const float* tau;        // [Hq] TopCdf threshold, or nullptr
+    const float* topk;       // [Hq] TopK fraction, or nullptr
+    const float* mass_threshold;  // [Hq] threshold on nk * P^, or nullptr (exactly one of three)
+    unsigned char* block_map;  // [B, Hq, nq, nk]
+    int Hq, Hkv, nq, nk, Lq, Lk, causal, sink, nk_pow2;
+};
+static_assert(sizeof(SelectParams) == 104, "mirrored by SELECT_PARAMS in sparge_cupy/_gpu.py");
 
 __device__ __forceinline__ double block_sum(double x, double* part) {
     x = warp_sum(x);
@@ -97,6 +169,36 @@ __device__ __forceinline__ unsigned long long rank_key(float pj, int j) {
     return ((unsigned long long)(0xffffffffu - __float_as_uint(pj)) << 32) | (unsigned)j;
 }
 
+// The mass threshold rule on column j of row i (e: its exponential, total: the row's sum): sets
+// keep[j], returns it, and lowers `best` to the column's rank key where the column is finite.
+__device__ __forceinline__ bool mass_column(const SelectParams& p, int i, int j, float e,
+                                            float total, const float* k_sim, float theta, float t,
+                                            float nk_f, unsigned char* keep,
+                                            unsigned long long& best) {
+    const float pj = total > 0.f ? __fdiv_rn(e, total) : 0.f;
+    const bool finite = block_valid(i, j, p.Lq, p.Lk, p.causal) && k_sim[j] > theta;
+    const bool on = finite && __fmul_rn(nk_f, pj) >= t;
+    keep[j] = on;
+    if (finite) best = min(best, rank_key(pj, j));
+    return on;
+}
+
+// Map row i (flat index row) from the selection keep[nk]: OR the fix blocks (non-self-similar
+// Q row, non-self-similar K columns), AND causal validity, OR the sink. Columns first, first +
+// step, ... are this thread's.
+__device__ __forceinline__ void write_row(const SelectParams& p, int i, size_t row,
+                                          const unsigned char* keep, const float* k_sim,
+                                          float theta, int first, int step) {
+    const bool q_fix = !(p.q_sim[row] > theta);
+    unsigned char* out = p.block_map + row * p.nk;
+    for (int j = first; j < p.nk; j += step) {
+        const bool valid = block_valid(i, j, p.Lq, p.Lk, p.causal);
+        bool on = (keep[j] || q_fix || !(k_sim[j] > theta)) && valid;
+        if (j == 0 && p.sink) on = on || valid;
+        out[j] = on;
+    }
+}
+
 __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int nk = p.nk;
@@ -104,7 +206,6 @@ __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectPara
     float* prob = reinterpret_cast<float*>(keys + p.nk_pow2);                     // [nk]
     float* csum = prob + nk;                                                      // [nk]
     unsigned char* keep = reinterpret_cast<unsigned char*>(csum + nk);            // [nk]
-    __shared__ float qbar[256];
     __shared__ double dpart[SELECT_THREADS / 32];
     __shared__ float fpart[SELECT_THREADS / 32];
     __shared__ int ipart[SELECT_THREADS / 32];
@@ -112,25 +213,12 @@ __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectPara
     __shared__ int n_keep_s;
 
     const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     const int kvh = h / (p.Hq / p.Hkv);
     const float theta = p.theta[h];
     const size_t row = ((size_t)b * p.Hq + h) * p.nq + i;
-    for (int d = tid; d < p.D; d += SELECT_THREADS) qbar[d] = p.qbar[row * p.D + d];
-    __syncthreads();
-
-    // Compressed map, one warp per key block: S^_j = scale * (qbar . kbar_j), -inf unless finite.
-    const float* kbar = p.kbar + ((size_t)b * p.Hkv + kvh) * nk * p.D;
     const float* k_sim = p.k_sim + ((size_t)b * p.Hkv + kvh) * nk;
-    for (int j = warp; j < nk; j += SELECT_THREADS / 32) {
-        double dot = 0.0;
-        for (int d = lane; d < p.D; d += 32) dot += (double)qbar[d] * (double)kbar[(size_t)j * p.D + d];
-        dot = warp_sum(dot);
-        if (lane == 0) {
-            const bool finite = block_valid(i, j, p.Lq, p.Lk, p.causal) && k_sim[j] > theta;
-            prob[j] = finite ? __fmul_rn(p.scale, (float)dot) : -CUDART_INF_F;
-        }
-    }
+    for (int j = tid; j < nk; j += SELECT_THREADS) prob[j] = p.s_hat[row * nk + j];
     __syncthreads();
 
     // Softmax over the finite columns (a row without any has P^ = 0 everywhere).
@@ -161,14 +249,8 @@ __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectPara
         const float nk_f = (float)nk;                                 // exact: nk < 2^24
         int n_kept = 0;
         unsigned long long best = ~0ull;                               // ~0: no finite column
-        for (int j = tid; j < nk; j += SELECT_THREADS) {
-            const float pj = total > 0.f ? __fdiv_rn(prob[j], total) : 0.f;
-            const bool finite = block_valid(i, j, p.Lq, p.Lk, p.causal) && k_sim[j] > theta;
-            const bool on = finite && __fmul_rn(nk_f, pj) >= t;
-            keep[j] = on;
-            n_kept += on;
-            if (finite) best = min(best, rank_key(pj, j));
-        }
+        for (int j = tid; j < nk; j += SELECT_THREADS)
+            n_kept += mass_column(p, i, j, prob[j], total, k_sim, theta, t, nk_f, keep, best);
         n_kept = block_count(n_kept, ipart);                          // syncs: keep[] is written
         best = block_min(best, upart);
         if (tid == 0 && n_kept == 0 && best != ~0ull) keep[best & 0xffffffffu] = 1;
@@ -230,15 +312,166 @@ __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectPara
         __syncthreads();
     }
 
-    // Fix blocks (non-self-similar Q row, non-self-similar K columns), causal AND, sink.
-    const bool q_fix = !(p.q_sim[row] > theta);
-    unsigned char* out = p.block_map + row * nk;
-    for (int j = tid; j < nk; j += SELECT_THREADS) {
-        const bool valid = block_valid(i, j, p.Lq, p.Lk, p.causal);
-        bool on = (keep[j] || q_fix || !(k_sim[j] > theta)) && valid;
-        if (j == 0 && p.sink) on = on || valid;
-        out[j] = on;
+    write_row(p, i, row, keep, k_sim, theta, tid, SELECT_THREADS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same row, one warp per row, for rows of at most 32 E key blocks (E <= 16: nk <= 512): the
+// row lives in registers, E keys per lane, and the sort is a bitonic network over the blocked
+// layout (sorted position P = lane * E + e): strides below E swap within a lane, larger ones
+// through shuffles. No barrier anywhere; the arithmetic is select_blocks', operation for
+// operation, so both kernels give the same map bit for bit.
+// Grid (ceil(nq / 8), Hq, B), 256 threads: warp w of program x builds row 8 x + w.
+
+constexpr int ROW_WARPS = SELECT_THREADS / 32;
+
+__device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long y = __shfl_xor_sync(0xffffffffu, x, o);
+        x = y < x ? y : x;
     }
+    return x;
+}
+
+__device__ __forceinline__ int warp_count(int x) {
+    return __reduce_add_sync(0xffffffffu, x);
+}
+
+template <int E>
+__global__ void __launch_bounds__(SELECT_THREADS) select_rows(const SelectParams p) {
+    static_assert(E >= 1 && E <= 16 && (E & (E - 1)) == 0, "keys per lane: a power of two <= 16");
+    constexpr int N = 32 * E;
+    __shared__ unsigned char keep_all[ROW_WARPS][N];
+    const int lane = threadIdx.x & 31;
+    const int warp = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 5), 0);   // warp-uniform
+    const int i = blockIdx.x * ROW_WARPS + warp, h = blockIdx.y, b = blockIdx.z;
+    if (i >= p.nq) return;
+    const int nk = p.nk;
+    unsigned char* keep = keep_all[warp];
+    const int kvh = h / (p.Hq / p.Hkv);
+    const float theta = p.theta[h];
+    const size_t row = ((size_t)b * p.Hq + h) * p.nq + i;
+    const float* k_sim = p.k_sim + ((size_t)b * p.Hkv + kvh) * nk;
+
+    // Column j = e * 32 + lane in slot e (coalesced; the sort does not care where a key starts).
+    float prob[E];
+    float m = -CUDART_INF_F;
+    int n_finite = 0, n_valid = 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        const int j = e * 32 + lane;
+        prob[e] = j < nk ? p.s_hat[row * nk + j] : -CUDART_INF_F;
+        m = fmaxf(m, prob[e]);
+        n_finite += prob[e] != -CUDART_INF_F;
+        n_valid += j < nk && block_valid(i, j, p.Lq, p.Lk, p.causal);
+        keep[j] = 0;
+    }
+    m = warp_max(m);
+    n_finite = warp_count(n_finite);
+    n_valid = warp_count(n_valid);
+    if (m == -CUDART_INF_F) m = 0.f;
+    double z = 0.0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        prob[e] = (float)exp((double)(prob[e] - m));                 // exp(-inf) = 0
+        z += (double)prob[e];
+    }
+    const float total = (float)warp_sum(z);
+    __syncwarp();
+
+    if (p.mass_threshold) {
+        const float t = p.mass_threshold[h];
+        const float nk_f = (float)nk;                                 // exact: nk < 2^24
+        int n_kept = 0;
+        unsigned long long best = ~0ull;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const int j = e * 32 + lane;
+            if (j < nk) n_kept += mass_column(p, i, j, prob[e], total, k_sim, theta, t, nk_f, keep, best);
+        }
+        n_kept = warp_count(n_kept);
+        best = warp_min_u64(best);
+        if (lane == 0 && n_kept == 0 && best != ~0ull) keep[best & 0xffffffffu] = 1;
+    } else {
+        unsigned long long key[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const int j = e * 32 + lane;
+            key[e] = j < nk ? rank_key(total > 0.f ? __fdiv_rn(prob[e], total) : 0.f, j) : ~0ull;
+        }
+        // Bitonic sort, ascending, over positions P = lane * E + e.
+#pragma unroll
+        for (int size = 2; size <= N; size <<= 1) {
+#pragma unroll
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                if (stride >= E) {                               // partner: lane ^ (stride / E)
+                    const int lj = stride / E;
+                    const bool lower = (lane & lj) == 0;
+#pragma unroll
+                    for (int e = 0; e < E; ++e) {
+                        const unsigned long long other = __shfl_xor_sync(0xffffffffu, key[e], lj);
+                        const bool up = ((lane * E + e) & size) == 0;
+                        const bool take_min = lower == up;
+                        key[e] = take_min ? (other < key[e] ? other : key[e])
+                                          : (other > key[e] ? other : key[e]);
+                    }
+                } else {                                         // partner: slot e ^ stride
+#pragma unroll
+                    for (int e = 0; e < E; ++e) {
+                        if (e & stride) continue;
+                        const int f = e | stride;
+                        const bool up = ((lane * E + e) & size) == 0;
+                        const unsigned long long a = key[e], c = key[f];
+                        if ((a > c) == up) { key[e] = c; key[f] = a; }
+                    }
+                }
+            }
+        }
+        int n_keep;
+        if (p.tau) {
+            // The float32 cumsum in sorted order, sequential as np.cumsum: lane by lane, each
+            // lane adding its E values to the running sum it gets from the lane before.
+            float csum[E] = {};
+            float carry = 0.f;
+            const int lanes_used = (nk + E - 1) / E;
+            for (int l = 0; l < lanes_used; ++l) {
+                if (lane == l) {
+                    float c = carry;
+#pragma unroll
+                    for (int e = 0; e < E; ++e) {
+                        c = __fadd_rn(c, __uint_as_float(0xffffffffu - (unsigned)(key[e] >> 32)));
+                        csum[e] = c;
+                    }
+                    carry = c;
+                }
+                carry = __shfl_sync(0xffffffffu, carry, l);
+            }
+            // csum of the last real position nk - 1 (padding keys add +0 and sort last, so
+            // the last lane's running sum is that total unless the padding starts mid-lane).
+            const int last = nk - 1;
+            float row_total = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e)
+                if (lane * E + e == last) row_total = csum[e];
+            row_total = __shfl_sync(0xffffffffu, row_total, last / E);
+            const float bound = __fmul_rn(p.tau[h], row_total);
+            int below = 0;
+#pragma unroll
+            for (int e = 0; e < E; ++e) below += lane * E + e < nk && lane < lanes_used && csum[e] <= bound;
+            below = warp_count(below);
+            n_keep = min(max(below, 1), n_finite);
+        } else {
+            const int k = (int)floorf(__fmul_rn(p.topk[h], (float)n_valid));
+            n_keep = min(n_valid > 0 ? max(k, 1) : 0, n_finite);
+        }
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+            if (lane * E + e < n_keep) keep[key[e] & 0xffffffffu] = 1;
+    }
+    __syncwarp();
+
+    write_row(p, i, row, keep, k_sim, theta, lane, 32);
 }
 
 }  // namespace sparge

@@ -86,6 +86,7 @@ def base_options():
 # Name expressions: every template instantiation the launcher may ask for.
 
 ATTN_KERNELS = ("mma", "wgmma")     # mma.sync (sm_80 and newer), warpgroup MMA (sm_90a only)
+SELECT_ROW_KEYS = (1, 2, 4, 8, 16)  # select_rows<E>: a warp per map row of at most 32 E key blocks
 
 
 def attn_name(D, qk, pv, out_dtype, kernel="mma"):
@@ -100,10 +101,12 @@ def kernel_names(cc):
     names = []
     for dt, T in ELEMENT_TYPES.items():
         for D in HEAD_DIMS:
-            names += [("block_stats.cu", f"sparge::block_stats<{T}, {D}>"),
-                      ("block_stats.cu", f"sparge::k_block_sums<{T}, {D}>"),
-                      ("block_stats.cu", f"sparge::quantize<{T}, signed char, {D}>"),
-                      ("block_stats.cu", f"sparge::quantize<{T}, __half, {D}>"),
+            names += [("block_stats.cu", f"sparge::q_stats<{T}, {D}>"),
+                      ("block_stats.cu", f"sparge::k_sums<{T}, {D}>"),
+                      ("block_stats.cu", f"sparge::k_pass<{T}, signed char, {D}>"),
+                      ("block_stats.cu", f"sparge::k_pass<{T}, __half, {D}>"),
+                      ("block_stats.cu", f"sparge::quantize_q<{T}, signed char, {D}>"),
+                      ("block_stats.cu", f"sparge::quantize_q<{T}, __half, {D}>"),
                       ("quant_v.cu", f"sparge::v_channel_amax<{T}, {D}>"),
                       ("quant_v.cu", f"sparge::quantize_v<{T}, false, {D}>")]
             if fp8:
@@ -113,8 +116,9 @@ def kernel_names(cc):
                     names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt)))
                     if int(cc) == 90:
                         names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt, "wgmma")))
-    names += [("block_stats.cu", "sparge::k_mean"), ("quant_v.cu", "sparge::v_scales"),
+    names += [("block_stats.cu", "sparge::head_scales"), ("select.cu", "sparge::compressed_map"),
               ("select.cu", "sparge::select_blocks")]
+    names += [("select.cu", f"sparge::select_rows<{e}>") for e in SELECT_ROW_KEYS]
     return names
 
 

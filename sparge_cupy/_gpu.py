@@ -7,21 +7,27 @@ NumPy arrays and ``scale`` a Python float. The torch adapter calls the same func
 
 The pipeline (one launch per line; kernels in ``cuda/``):
 
-    k_block_sums, k_mean          K mean per (b, kv head)                      block_stats.cu
-    block_stats(Q), (K - km)      pooled rows, similarity, channel maxima      block_stats.cu
-    select_blocks                 compressed map -> bool block map             select.cu
-    quantize(Q), quantize(K)      rebalanced INT8 (or fp16) operands, scales   block_stats.cu
-    v_channel_amax, quantize_v    V^T in e4m3 (or fp16), dv                    quant_v.cu
-    sparse_attn[_wg]              the attention loop and Stage 2               sparse_attn.cu
+    q_stats (Q), k_sums (K)       pass A: pooled Q and its similarity, channel maxima of Q,    block_stats.cu
+                                  per key block sums, max and min of K
+    v_channel_amax (V)            pass A: channel max |V| (pv="fp8")                            quant_v.cu
+    head_scales                   K mean, max |K - km|, rebalancing scales per kv head          block_stats.cu
+    k_pass (K)                    pass B: pooled K - km and its similarity, the K operand      block_stats.cu
+    compressed_map, select_blocks S^ tiles, then S^ rows -> bool block map                     select.cu
+    quantize_q (Q)                pass B: the Q operand                                         block_stats.cu
+    quantize_v (V)                pass B: V^T in e4m3 (or fp16), dv                             quant_v.cu
+    sparse_attn[_wg]              the attention loop and Stage 2                               sparse_attn.cu
                                   (_wg: warpgroup MMAs, compute capability 9.0; see attn_kernel_choice)
 
-Ring attention's partials (:mod:`sparge_cupy.distributed`) pass the whole sequence's K mean and
-channel maxima (``quant_stats``, a :class:`reference.QuantStats`): k_block_sums, k_mean and
-v_channel_amax are then skipped, and the kernels read the given arrays through the same pointers.
+Q, K and V are read twice each (once to measure, once to quantize). :func:`sparge_attn` makes
+k_pass write the K operand in the same pass as the pooled K (``k_operand`` of
+:func:`block_statistics`); the other entry points run it where they need it.
 
-Non-finite inputs are detected on the way: k_block_sums (block_stats of K when the K mean is
-given), block_stats (Q) and quantize_v count the NaN / Inf of K, Q and V into a three-element
-device counter, and each entry point reads it once, at its end, raising the API's ValueError
+Ring attention's partials (:mod:`sparge_cupy.distributed`) pass the whole sequence's K mean and
+channel maxima (``quant_stats``, a :class:`reference.QuantStats`): head_scales and the quantizers
+then read the given arrays in place of the computed ones, and v_channel_amax is skipped.
+
+Non-finite inputs are detected on the way: q_stats, k_sums and quantize_v count the NaN / Inf of
+Q, K and V into a three-element device counter, and each entry point reads it once, at its end, raising the API's ValueError
 (whatever the kernels computed from such inputs is discarded; they still terminate).
 
 Head dims other than 64, 128, 256 are zero-padded here to the next of them (exact: zero channels
@@ -38,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks as ck
-from ._compile import ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, attn_name, get_kernel
+from ._compile import ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, SELECT_ROW_KEYS, attn_name, get_kernel
 from .config import CONFIG
 
 BQ, BK = CONFIG.block_q, CONFIG.block_k
@@ -55,28 +61,40 @@ def _struct(fields):
 
 TENSOR_VIEW = _struct([("ptr", _PTR), ("stride_b", _I64), ("stride_h", _I64), ("stride_t", _I64),
                        ("align", _I64)])
-BLOCK_STATS_PARAMS = _struct([
-    ("x", TENSOR_VIEW), ("km", _PTR), ("pooled", _PTR), ("sim", _PTR), ("block_amax", _PTR),
-    ("head_amax", _PTR), ("nonfinite", _PTR), ("H", _I32), ("L", _I32), ("block", _I32),
-    ("heads_per_kv", _I32), ("sim_eps", _F64)])
-QUANTIZE_PARAMS = _struct([
-    ("x", TENSOR_VIEW), ("km", _PTR), ("amax_q", _PTR), ("amax_k", _PTR), ("block_amax", _PTR),
-    ("out", _PTR), ("delta", _PTR), ("q_dot_km", _PTR), ("H", _I32), ("L", _I32),
-    ("block", _I32), ("heads_per_kv", _I32), ("is_key", _I32)])
+Q_STATS_PARAMS = _struct([
+    ("x", TENSOR_VIEW), ("pooled", _PTR), ("sim", _PTR), ("block_amax", _PTR),
+    ("head_amax", _PTR), ("nonfinite", _PTR), ("H", _I32), ("L", _I32), ("heads_per_kv", _I32),
+    ("sim_eps", _F64)])
+HEAD_SCALES_PARAMS = _struct([
+    ("sums", _PTR), ("kmax", _PTR), ("kmin", _PTR), ("q_amax", _PTR), ("km_given", _PTR),
+    ("k_amax_given", _PTR), ("km", _PTR), ("k_amax", _PTR), ("s_c", _PTR), ("H", _I32),
+    ("L", _I32)])
+K_PASS_PARAMS = _struct([
+    ("x", TENSOR_VIEW), ("km", _PTR), ("s_c", _PTR), ("kmax", _PTR), ("kmin", _PTR),
+    ("pooled", _PTR), ("sim", _PTR), ("out", _PTR), ("delta", _PTR), ("H", _I32), ("L", _I32),
+    ("sim_eps", _F64)])
+QUANTIZE_Q_PARAMS = _struct([
+    ("x", TENSOR_VIEW), ("s_c", _PTR), ("km", _PTR), ("block_amax", _PTR), ("out", _PTR),
+    ("delta", _PTR), ("q_dot_km", _PTR), ("H", _I32), ("L", _I32), ("heads_per_kv", _I32)])
+MAP_PARAMS = _struct([
+    ("qbar", _PTR), ("kbar", _PTR), ("k_sim", _PTR), ("theta", _PTR), ("s_hat", _PTR),
+    ("Hq", _I32), ("Hkv", _I32), ("nq", _I32), ("nk", _I32), ("D", _I32), ("Lq", _I32),
+    ("Lk", _I32), ("causal", _I32), ("scale", _F32)])
 SELECT_PARAMS = _struct([
-    ("qbar", _PTR), ("q_sim", _PTR), ("kbar", _PTR), ("k_sim", _PTR), ("theta", _PTR),
-    ("tau", _PTR), ("topk", _PTR), ("mass_threshold", _PTR), ("block_map", _PTR), ("Hq", _I32),
-    ("Hkv", _I32), ("nq", _I32), ("nk", _I32), ("D", _I32), ("Lq", _I32), ("Lk", _I32),
-    ("causal", _I32), ("sink", _I32), ("nk_pow2", _I32), ("scale", _F32)])
+    ("s_hat", _PTR), ("q_sim", _PTR), ("k_sim", _PTR), ("theta", _PTR), ("tau", _PTR),
+    ("topk", _PTR), ("mass_threshold", _PTR), ("block_map", _PTR), ("Hq", _I32), ("Hkv", _I32),
+    ("nq", _I32), ("nk", _I32), ("Lq", _I32), ("Lk", _I32), ("causal", _I32), ("sink", _I32),
+    ("nk_pow2", _I32)])
 ATTN_PARAMS = _struct([
     ("q", _PTR), ("k", _PTR), ("vt", _PTR), ("dq", _PTR), ("dk", _PTR), ("dv", _PTR),
     ("block_map", _PTR), ("pvthreshd", _PTR), ("q_dot_km", _PTR), ("out", _PTR), ("lse", _PTR),
     ("group_counts", _PTR), ("out_stride_b", _I64), ("out_stride_h", _I64), ("out_stride_t", _I64),
     ("Hq", _I32), ("Hkv", _I32), ("Lq", _I32), ("Lk", _I32), ("nq", _I32), ("nk", _I32),
     ("d_out", _I32), ("causal", _I32), ("scale", _F32)])
-STRUCTS = {"TensorView": TENSOR_VIEW, "BlockStatsParams": BLOCK_STATS_PARAMS,
-           "QuantizeParams": QUANTIZE_PARAMS, "SelectParams": SELECT_PARAMS,
-           "AttnParams": ATTN_PARAMS}
+STRUCTS = {"TensorView": TENSOR_VIEW, "QStatsParams": Q_STATS_PARAMS,
+           "HeadScalesParams": HEAD_SCALES_PARAMS, "KPassParams": K_PASS_PARAMS,
+           "QuantizeQParams": QUANTIZE_Q_PARAMS, "MapParams": MAP_PARAMS,
+           "SelectParams": SELECT_PARAMS, "AttnParams": ATTN_PARAMS}
 
 
 def _params(dtype, **fields):
@@ -188,21 +206,34 @@ def check_counter(counter, **operands):
 
 @dataclass
 class Stats:
-    """Per-block statistics of Q and smoothed K (block_stats.cu), on the device."""
-    km: object               # [B, Hkv, Dp] K mean
-    q_amax: object           # [B, Hkv, Dp] channel max |Q| over the heads sharing a kv head
-    k_amax: object           # [B, Hkv, Dp] channel max |K - km|
-    q_block_amax: object     # [B, Hq, nq, Dp]
-    k_block_amax: object     # [B, Hkv, nk, Dp]
-    qbar: object = None      # [B, Hq, nq, Dp] pooled Q (prediction only)
-    q_sim: object = None     # [B, Hq, nq]
-    kbar: object = None      # [B, Hkv, nk, Dp] pooled smoothed K
-    k_sim: object = None     # [B, Hkv, nk]
-    v_amax: object = None    # [B, Hkv, Dp] given channel max |V|, or None: quantize_v's own
+    """Statistics of Q and smoothed K (block_stats.cu), on the device. Every field may be None
+    where the caller has no use for it (the sequence-parallel selection passes the pooled rows
+    alone)."""
+    km: object = None            # [B, Hkv, Dp] K mean
+    q_amax: object = None        # [B, Hkv, Dp] channel max |Q| over the heads sharing a kv head
+    k_amax: object = None        # [B, Hkv, Dp] channel max |K - km|
+    s_c: object = None           # [B, Hkv, Dp] rebalancing scales sqrt(k_amax / q_amax)
+    q_block_amax: object = None  # [B, Hq, nq, Dp]
+    k_block_max: object = None   # [B, Hkv, nk, Dp] channel max of K per key block (k_sums)
+    k_block_min: object = None   # [B, Hkv, nk, Dp] channel min
+    qbar: object = None          # [B, Hq, nq, Dp] pooled Q (prediction only)
+    q_sim: object = None         # [B, Hq, nq]
+    kbar: object = None          # [B, Hkv, nk, Dp] pooled smoothed K
+    k_sim: object = None         # [B, Hkv, nk]
+    v_amax: object = None        # [B, Hkv, Dp] given channel max |V|, or None: quantize_v's own
+    k_operand: tuple = None      # (qk, rebalance, k_op, dk): K quantized in the same k_pass
 
 
 def _grid(nb, H, B):
     return (int(nb), int(H), int(B))
+
+
+STATS_THREADS = 128                  # block_stats.cu's per-block kernels: a warp per block
+
+
+def _warp_grid(nb, H, B):
+    """Grid of a warp-per-block kernel over ``nb`` blocks (4 blocks per program)."""
+    return _grid(-(-nb // (STATS_THREADS // 32)), H, B)
 
 
 def _given_channels(x, Dp):
@@ -218,15 +249,22 @@ def _given_channels(x, Dp):
     return out
 
 
-def block_statistics(q, k, *, pooled, nonfinite=None, quant_stats=None):
-    """K mean, channel maxima and (with ``pooled``) pooled blocks and similarities of Q and K.
+def _operand_type(qk):
+    cp = _cupy()
+    return ("signed char", cp.int8) if qk == "int8" else ("__half", cp.float16)
+
+
+def block_statistics(q, k, *, pooled, nonfinite=None, quant_stats=None, k_operand=None):
+    """Pass A over Q and K, the per-head scales, and (with ``pooled``) the pooled blocks and
+    similarities of Q and smoothed K.
 
     ``nonfinite``: a :func:`nonfinite_counter` to count the NaN / Inf of Q and K into, or None.
     ``quant_stats``: a :class:`reference.QuantStats` of CuPy ``[B, Hkv, D]`` arrays (ring
     attention: the whole sequence's). A given ``km`` replaces the K mean (K is then smoothed with
-    it, and its NaN / Inf counted by block_stats instead of k_block_sums); given maxima replace
-    ``q_amax``, ``k_amax`` (the kernel's own atomic maxima go to scratch) and fill ``v_amax``.
-    The per-block maxima stay those of q and k."""
+    it), given maxima replace ``q_amax`` and ``k_amax`` (the kernels' own go to scratch) and fill
+    ``v_amax``. The per-block maxima stay those of q and k. ``k_operand``: ``(qk, rebalance)``
+    to have k_pass also write the K operand (with ``pooled``: the pass that pools K - km reads K
+    anyway); :func:`quantize_qk` then takes it from ``Stats.k_operand``."""
     cp = _cupy()
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
@@ -236,60 +274,79 @@ def block_statistics(q, k, *, pooled, nonfinite=None, quant_stats=None):
     given = {f: _given_channels(getattr(quant_stats, f, None), D)
              for f in ("km", "q_amax", "k_amax", "v_amax")}
 
-    km, k_count = given["km"], _slot(nonfinite, 1)
-    if km is None:                # K's NaN / Inf counted here, not again by block_stats
-        sums = cp.empty((B, Hkv, nk, D), dtype=cp.float64)
-        get_kernel("block_stats.cu", f"sparge::k_block_sums<{T}, {D}>")(
-            _grid(nk, Hkv, B), (THREADS,), (k.view(), sums, k_count, _I32(Hkv), _I32(Lk)))
-        km, k_count = cp.empty((B, Hkv, D), dtype=f32), None
-        get_kernel("block_stats.cu", "sparge::k_mean")(
-            (Hkv, B), (D,), (sums, km, _I32(Hkv), _I32(Lk), _I32(D)))
-
-    st = Stats(km=km, q_amax=cp.zeros((B, Hkv, D), f32), k_amax=cp.zeros((B, Hkv, D), f32),
-               q_block_amax=cp.empty((B, Hq, nq, D), f32), k_block_amax=cp.empty((B, Hkv, nk, D), f32))
+    st = Stats(km=cp.empty((B, Hkv, D), f32), q_amax=cp.zeros((B, Hkv, D), f32),
+               k_amax=cp.empty((B, Hkv, D), f32), s_c=cp.empty((B, Hkv, D), f32),
+               q_block_amax=cp.empty((B, Hq, nq, D), f32),
+               k_block_max=cp.empty((B, Hkv, nk, D), f32), k_block_min=cp.empty((B, Hkv, nk, D), f32),
+               v_amax=given["v_amax"])
     if pooled:
         st.qbar, st.q_sim = cp.empty((B, Hq, nq, D), f32), cp.empty((B, Hq, nq), f32)
         st.kbar, st.k_sim = cp.empty((B, Hkv, nk, D), f32), cp.empty((B, Hkv, nk), f32)
-    kern = get_kernel("block_stats.cu", f"sparge::block_stats<{T}, {D}>")
-    for x, km_, bar, sim, bamax, amax, H, L, block, hpk, nb, count in (
-            (q, None, st.qbar, st.q_sim, st.q_block_amax, st.q_amax, Hq, Lq, BQ, Hq // Hkv, nq,
-             _slot(nonfinite, 0)),
-            (k, km, st.kbar, st.k_sim, st.k_block_amax, st.k_amax, Hkv, Lk, BK, 1, nk, k_count)):
-        kern(_grid(nb, H, B), (THREADS,), (_params(
-            BLOCK_STATS_PARAMS, x=x.view(), km=km_, pooled=bar, sim=sim, block_amax=bamax,
-            head_amax=amax, nonfinite=count, H=H, L=L, block=block, heads_per_kv=hpk,
-            sim_eps=CONFIG.sim_eps),))
-    for f in ("q_amax", "k_amax", "v_amax"):
-        if given[f] is not None:
-            setattr(st, f, given[f])
+    get_kernel("block_stats.cu", f"sparge::q_stats<{T}, {D}>")(_warp_grid(nq, Hq, B), (STATS_THREADS,), (_params(
+        Q_STATS_PARAMS, x=q.view(), pooled=st.qbar, sim=st.q_sim, block_amax=st.q_block_amax,
+        head_amax=st.q_amax, nonfinite=_slot(nonfinite, 0), H=Hq, L=Lq, heads_per_kv=Hq // Hkv,
+        sim_eps=CONFIG.sim_eps),))
+    sums = cp.empty((B, Hkv, nk, D), dtype=cp.float64)
+    get_kernel("block_stats.cu", f"sparge::k_sums<{T}, {D}>")(
+        _warp_grid(nk, Hkv, B), (STATS_THREADS,),
+        (k.view(), sums, st.k_block_max, st.k_block_min, _slot(nonfinite, 1), _I32(Hkv), _I32(Lk)))
+    if given["q_amax"] is not None:
+        st.q_amax = given["q_amax"]
+    get_kernel("block_stats.cu", "sparge::head_scales")(_grid(D // 32, Hkv, B), (THREADS,), (_params(
+        HEAD_SCALES_PARAMS, sums=sums, kmax=st.k_block_max, kmin=st.k_block_min, q_amax=st.q_amax,
+        km_given=given["km"], k_amax_given=given["k_amax"], km=st.km, k_amax=st.k_amax, s_c=st.s_c,
+        H=Hkv, L=Lk),))
+    if pooled or k_operand is not None:
+        st.k_operand = _k_pass(k, st, pooled=pooled, k_operand=k_operand)
     return st
 
 
+def _k_pass(k, st, *, pooled, k_operand):
+    """k_pass: with ``pooled`` fill ``st.kbar`` / ``st.k_sim``; with ``k_operand`` = (qk,
+    rebalance) return (qk, rebalance, k_op [B,Hkv,nk*BK,Dp], dk [B,Hkv,nk]), else None."""
+    cp = _cupy()
+    B, Hkv, Lk, D = k.shape
+    nk = -(-Lk // BK)
+    T = ELEMENT_TYPES[k.dtype]
+    k_op = dk = None
+    out_t = "signed char"
+    result = None
+    if k_operand is not None:
+        qk, rebalance = k_operand
+        out_t, out_dtype = _operand_type(qk)
+        k_op, dk = cp.empty((B, Hkv, nk * BK, D), out_dtype), cp.empty((B, Hkv, nk), cp.float32)
+        result = (qk, rebalance, k_op, dk)
+    s_c = st.s_c if k_operand is None or k_operand[1] else cp.ones_like(st.s_c)
+    get_kernel("block_stats.cu", f"sparge::k_pass<{T}, {out_t}, {D}>")(_warp_grid(nk, Hkv, B), (STATS_THREADS,), (_params(
+        K_PASS_PARAMS, x=k.view(), km=st.km, s_c=s_c, kmax=st.k_block_max, kmin=st.k_block_min,
+        pooled=st.kbar if pooled else None, sim=st.k_sim if pooled else None, out=k_op, delta=dk,
+        H=Hkv, L=Lk, sim_eps=CONFIG.sim_eps),))
+    return result
+
+
 def quantize_qk(q, k, st, *, qk, rebalance, with_q_dot_km):
-    """INT8 (or fp16) rebalanced Q and smoothed K with their per-block scales.
+    """INT8 (or fp16) rebalanced Q and smoothed K with their per-block scales (the K operand from
+    ``st.k_operand`` where :func:`block_statistics` made it for the same modes).
 
     Returns ``(q_op [B,Hq,nq*BQ,Dp], dq [B,Hq,nq], k_op [B,Hkv,nk*BK,Dp], dk [B,Hkv,nk],
     q_dot_km [B,Hq,Lq] or None)``.
     """
     cp = _cupy()
     B, Hq, Lq, D = q.shape
-    _, Hkv, Lk, _ = k.shape
-    nq, nk = -(-Lq // BQ), -(-Lk // BK)
-    out_t, out_dtype = ("signed char", cp.int8) if qk == "int8" else ("__half", cp.float16)
-    kern = get_kernel("block_stats.cu", f"sparge::quantize<{ELEMENT_TYPES[q.dtype]}, {out_t}, {D}>")
+    Hkv = k.shape[1]
+    nq = -(-Lq // BQ)
+    out_t, out_dtype = _operand_type(qk)
     q_op, dq = cp.empty((B, Hq, nq * BQ, D), out_dtype), cp.empty((B, Hq, nq), cp.float32)
-    k_op, dk = cp.empty((B, Hkv, nk * BK, D), out_dtype), cp.empty((B, Hkv, nk), cp.float32)
     q_dot_km = cp.empty((B, Hq, Lq), cp.float32) if with_q_dot_km else None
-    amax_q, amax_k = (st.q_amax, st.k_amax) if rebalance else (None, None)
-    kern(_grid(nq, Hq, B), (THREADS,), (_params(
-        QUANTIZE_PARAMS, x=q.view(), km=st.km if with_q_dot_km else None, amax_q=amax_q,
-        amax_k=amax_k, block_amax=st.q_block_amax, out=q_op, delta=dq, q_dot_km=q_dot_km,
-        H=Hq, L=Lq, block=BQ, heads_per_kv=Hq // Hkv, is_key=0),))
-    kern(_grid(nk, Hkv, B), (THREADS,), (_params(
-        QUANTIZE_PARAMS, x=k.view(), km=st.km, amax_q=amax_q, amax_k=amax_k,
-        block_amax=st.k_block_amax, out=k_op, delta=dk, q_dot_km=None,
-        H=Hkv, L=Lk, block=BK, heads_per_kv=1, is_key=1),))
-    return q_op, dq, k_op, dk, q_dot_km
+    get_kernel("block_stats.cu", f"sparge::quantize_q<{ELEMENT_TYPES[q.dtype]}, {out_t}, {D}>")(
+        _warp_grid(nq, Hq, B), (STATS_THREADS,), (_params(
+            QUANTIZE_Q_PARAMS, x=q.view(), s_c=st.s_c if rebalance else cp.ones_like(st.s_c),
+            km=st.km if with_q_dot_km else None, block_amax=st.q_block_amax, out=q_op, delta=dq,
+            q_dot_km=q_dot_km, H=Hq, L=Lq, heads_per_kv=Hq // Hkv),))
+    made = st.k_operand
+    if made is None or made[:2] != (qk, rebalance):
+        made = _k_pass(k, st, pooled=False, k_operand=(qk, rebalance))
+    return q_op, dq, made[2], made[3], q_dot_km
 
 
 def quantize_v(v, *, pv, nonfinite=None, amax=None):
@@ -303,19 +360,16 @@ def quantize_v(v, *, pv, nonfinite=None, amax=None):
     T = ELEMENT_TYPES[v.dtype]
     fp8 = pv == "fp8"
     dv = None
-    if amax is None:
-        amax = cp.zeros((B, Hkv, D), cp.float32)
-        if fp8:
+    if fp8:
+        if amax is None:
+            amax = cp.zeros((B, Hkv, D), cp.float32)
             get_kernel("quant_v.cu", f"sparge::v_channel_amax<{T}, {D}>")(
                 _grid(nk, Hkv, B), (THREADS,), (v.view(), amax, _I32(Hkv), _I32(Lk)))
-    if fp8:
         dv = cp.empty_like(amax)
-        get_kernel("quant_v.cu", "sparge::v_scales")(
-            (-(-amax.size // THREADS),), (THREADS,), (amax, dv, _I32(amax.size)))
     vt = cp.empty((B, Hkv, D, nk * BK), cp.uint8 if fp8 else cp.float16)
     kern = get_kernel("quant_v.cu", f"sparge::quantize_v<{T}, {'true' if fp8 else 'false'}, {D}>")
     kern(_grid(nk, Hkv, B), (THREADS,),
-         (v.view(), amax, vt, _slot(nonfinite, 2), _I32(Hkv), _I32(Lk)))
+         (v.view(), amax, vt, dv, _slot(nonfinite, 2), _I32(Hkv), _I32(Lk)))
     return vt, dv
 
 
@@ -349,24 +403,46 @@ def _set_smem(kern, nbytes, what):
         kern.max_dynamic_shared_size_bytes = nbytes
 
 
+MAP_TILE = 64                        # compressed_map's tile of query and key blocks (select.cu)
+
+
+def select_row_keys(nk):
+    """Keys per lane of the warp-per-row selection (select_rows<E>) for rows of ``nk`` key
+    blocks, or None where a row needs the block-per-row kernel (select_blocks)."""
+    return next((e for e in SELECT_ROW_KEYS if nk <= 32 * e), None)
+
+
 def select(st, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, topk, attention_sink,
-           mass_threshold=None):
+           mass_threshold=None, row_kernel="auto"):
     """The bool block map ``[B, Hq, nq, nk]`` from the pooled statistics; exactly one of
-    ``cdfthreshd``, ``topk``, ``mass_threshold`` is not None."""
+    ``cdfthreshd``, ``topk``, ``mass_threshold`` is not None. ``row_kernel``: ``"auto"`` (a warp
+    per row where the row fits, :func:`select_row_keys`) or ``"block"`` (select_blocks always:
+    the two give the same map, which the GPU tests check)."""
     cp = _cupy()
     B, Hq, nq, D = st.qbar.shape
     Hkv, nk = st.kbar.shape[1], st.kbar.shape[2]
     theta, tau, kk, mt = (None if x is None else cp.asarray(x, dtype=cp.float32)
                           for x in (simthreshd1, cdfthreshd, topk, mass_threshold))
+    qbar, kbar = cp.ascontiguousarray(st.qbar), cp.ascontiguousarray(st.kbar)
+    s_hat = cp.empty((B, Hq, nq, nk), dtype=cp.float32)
+    get_kernel("select.cu", "sparge::compressed_map")(
+        (-(-nk // MAP_TILE), -(-nq // MAP_TILE), B * Hq), (THREADS,), (_params(
+            MAP_PARAMS, qbar=qbar, kbar=kbar, k_sim=st.k_sim, theta=theta, s_hat=s_hat, Hq=Hq,
+            Hkv=Hkv, nq=nq, nk=nk, D=D, Lq=Lq, Lk=Lk, causal=int(is_causal), scale=scale),))
     block_map = cp.empty((B, Hq, nq, nk), dtype=cp.bool_)
     smem, pow2 = select_smem_bytes(nk)
+    params = (_params(
+        SELECT_PARAMS, s_hat=s_hat, q_sim=st.q_sim, k_sim=st.k_sim, theta=theta, tau=tau,
+        topk=kk, mass_threshold=mt, block_map=block_map, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk, Lq=Lq,
+        Lk=Lk, causal=int(is_causal), sink=int(attention_sink), nk_pow2=pow2),)
+    e = select_row_keys(nk) if row_kernel == "auto" else None
+    if e is not None:
+        get_kernel("select.cu", f"sparge::select_rows<{e}>")(
+            (-(-nq // (THREADS // 32)), Hq, B), (THREADS,), params)
+        return block_map
     kern = get_kernel("select.cu", "sparge::select_blocks")
     _set_smem(kern, smem, f"k: {Lk} tokens ({nk} key blocks) in prediction")
-    kern(_grid(nq, Hq, B), (THREADS,), (_params(
-        SELECT_PARAMS, qbar=st.qbar, q_sim=st.q_sim, kbar=st.kbar, k_sim=st.k_sim, theta=theta,
-        tau=tau, topk=kk, mass_threshold=mt, block_map=block_map, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk,
-        D=D, Lq=Lq, Lk=Lk, causal=int(is_causal), sink=int(attention_sink), nk_pow2=pow2, scale=scale),),
-        shared_mem=smem)
+    kern(_grid(nq, Hq, B), (THREADS,), params, shared_mem=smem)
     return block_map
 
 
@@ -525,10 +601,11 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd
 def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
                 attention_sink, pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None,
                 mass_threshold=None):
-    """Prediction and attention sharing one statistics pass over Q and K."""
+    """Prediction and attention sharing the statistics of Q and K; the pass that pools K - km
+    also writes the K operand."""
     q, k, v = _as_operands(layout, q, k, v)
     counter = nonfinite_counter()
-    st = block_statistics(q, k, pooled=True, nonfinite=counter)
+    st = block_statistics(q, k, pooled=True, nonfinite=counter, k_operand=(qk, rebalance))
     block_map = select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                        mass_threshold=mass_threshold, attention_sink=attention_sink)

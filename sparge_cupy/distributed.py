@@ -222,9 +222,7 @@ class _Cuda:
         from . import _gpu
         from .torch import _on_current_stream, _to_torch
         with _on_current_stream(qbar):
-            st = _gpu.Stats(km=None, q_amax=None, k_amax=None, q_block_amax=None,
-                            k_block_amax=None,
-                            **{n: cupy.from_dlpack(t.contiguous()) for n, t in
+            st = _gpu.Stats(**{n: cupy.from_dlpack(t.contiguous()) for n, t in
                                (("qbar", qbar), ("q_sim", q_sim), ("kbar", kbar), ("k_sim", k_sim))})
             bm = _gpu.select(st, Lq=Lq - q0, Lk=Lk, is_causal=is_causal, scale=scale,
                              simthreshd1=theta, cdfthreshd=tau, topk=topk,

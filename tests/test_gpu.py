@@ -102,6 +102,44 @@ def test_block_statistics_match_reference(case):
         np.testing.assert_allclose(got, want, rtol=2 ** -23, atol=1e-10, err_msg=what)
 
 
+# Every float x of one binade, both signs (2^24 values), divided by each of the divisors: the
+# quantizers' division through a reciprocal (common.cuh div_rn) against IEEE division, bit for
+# bit (the quotient's rounding depends on the two significands only while all stays normal).
+_DIV_CHECK = r"""
+extern "C" __global__ void div_rn_mismatches(const float* divisors, const float x_scale,
+                                             unsigned long long* bad, unsigned* first) {
+    const float d = divisors[blockIdx.y], r = __frcp_rn(d);
+    for (unsigned m = blockIdx.x * blockDim.x + threadIdx.x; m < (1u << 24);
+         m += gridDim.x * blockDim.x) {
+        const float x = __uint_as_float(((m >> 23) << 31) | (127u << 23) | (m & 0x7fffffu)) * x_scale;
+        if (__float_as_uint(sparge::div_rn(x, d, r)) != __float_as_uint(__fdiv_rn(x, d))) {
+            atomicAdd(bad, 1ull);
+            atomicMin(first, m);
+        }
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("x_scale", [1.0, 2.0 ** -60, 2.0 ** 60])
+def test_div_rn_is_ieee_division(x_scale):
+    from sparge_cupy import _compile
+    cc = int(cupy.cuda.Device().compute_capability)
+    mod = cupy.RawModule(code=_compile.source_text("block_stats.cu") + _DIV_CHECK,
+                         options=_compile.base_options() + (_compile.arch_flag(cc),))
+    kern = mod.get_function("div_rn_mismatches")
+    rng = np.random.default_rng(7)
+    # significands everywhere in [1, 2), exponents across the quantizers' range, and the
+    # divisors they meet (INT8 / FP8 scales of round maxima, rebalancing scales near 1)
+    d = np.concatenate([np.float32(2.0) ** rng.integers(-40, 40, 250) * rng.uniform(1, 2, 250),
+                        np.float32([1.0, 1 / 127, 1 / 448, 3.0, 0.1, 127 / 448])]).astype(np.float32)
+    bad, first = cupy.zeros(1, cupy.uint64), cupy.full(1, 0xFFFFFFFF, cupy.uint32)
+    kern((1024, d.size), (256,), (cupy.asarray(d), np.float32(x_scale), bad, first))
+    n_bad = int(bad.get()[0])
+    assert n_bad == 0, (f"{n_bad} of {d.size * 2 ** 24} quotients differ from __fdiv_rn; first "
+                        f"significand index {int(first.get()[0])}")
+
+
 @pytest.mark.skipif(not FP8, reason="FP8 needs compute capability 8.9+")
 @pytest.mark.parametrize("case", CASES[:5], ids=IDS[:5])
 def test_v_fp8_bit_identical(case):
@@ -146,6 +184,27 @@ def test_block_map_matches_reference(case, select, record_property):
     record_property("metrics", f"map rows differing from the reference (near-ties): {differing} "
                     f"of {rows}")
     assert differing <= max(1, rows // 50), "too many near-tie rows"
+
+
+@pytest.mark.parametrize("select", ["cdf", "topk", "mass"])
+@pytest.mark.parametrize("Lq,Lk", [(1000, 1000), (129, 4224), (300, 10000), (300, 20000)])
+def test_select_row_kernels_agree(Lq, Lk, select):
+    """select_rows (a warp per map row, E = 1 / 4 / 8 / 16 keys per lane here) and select_blocks
+    (a block per row) compute the same arithmetic: the same map bit for bit, causal and not."""
+    for causal in (True, False):
+        q, k, _ = make_qkv(1, 2, 1, Lq, Lk, 64, dtype=np.float16, seed=Lk)
+        st = _gpu.block_statistics(_gpu.operand(cupy.asarray(q), "HND"),
+                                   _gpu.operand(cupy.asarray(k), "HND"), pooled=True)
+        nk = -(-Lk // BK)
+        assert _gpu.select_row_keys(nk) is not None
+        rule = {"cdf": dict(cdfthreshd=np.float32([0.9, 0.995]), topk=None),
+                "topk": dict(cdfthreshd=None, topk=np.float32([0.1, 0.5])),
+                "mass": dict(cdfthreshd=None, topk=None, mass_threshold=np.float32([0.5, 2.0]))}[select]
+        kw = dict(Lq=Lq, Lk=Lk, is_causal=causal, scale=0.125, simthreshd1=np.float32([0.3, 0.5]),
+                  attention_sink=True, **rule)
+        warp, block = _gpu.select(st, **kw).get(), _gpu.select(st, row_kernel="block", **kw).get()
+        bad = np.argwhere((warp != block).any(axis=-1))
+        assert not len(bad), f"causal={causal}: {len(bad)} rows differ, first (b, h, i): {bad[:5].tolist()}"
 
 
 def test_block_map_sink_off_and_full_selection():
@@ -402,7 +461,7 @@ def test_torch_adapter_matches_mirror(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Non-finite inputs: counted inside the kernels (k_block_sums, block_stats of Q, quantize_v), one
+# Non-finite inputs: counted inside the kernels (q_stats, k_sums, quantize_v), one
 # check at the end of each entry point, the NumPy path's error word for word.
 
 def _np_dtype(name):
@@ -555,8 +614,8 @@ def _tokens(x, layout, a, b):
 
 
 def _own_stats(qg, kg, vg, layout, D):
-    """The whole sequence's QuantStats as the kernels compute them (K mean from k_mean, channel
-    maxima from block_stats; |V| maxima exact in any order), true head dim."""
+    """The whole sequence's QuantStats as the kernels compute them (K mean and max |K - km| from
+    k_sums and head_scales, max |Q| from q_stats; |V| maxima exact in any order), true head dim."""
     st = _gpu.block_statistics(_gpu.operand(qg, layout), _gpu.operand(kg, layout), pooled=False)
     vh = vg.transpose(0, 2, 1, 3) if layout == "NHD" else vg
     return R.QuantStats(km=st.km[..., :D], q_amax=st.q_amax[..., :D], k_amax=st.k_amax[..., :D],
@@ -613,7 +672,8 @@ def test_shard_with_given_stats_quantizes_as_the_whole(case):
 
 
 def test_given_km_still_counts_nonfinite_k():
-    """With the K mean given, k_block_sums does not run: block_stats counts K's NaN / Inf."""
+    """With the K mean given, K's NaN / Inf are still counted (by k_sums, which reads K for its
+    block maxima whatever is given)."""
     (q, k, v), (qg, kg, vg) = _inputs((1, 4, 2, 200, 150, 64, "float32", "HND", True))
     given = _own_stats(qg, kg, vg, "HND", 64)
     kg[0, 1, 149, 5] = np.nan

@@ -57,8 +57,9 @@ def _offset_checks(struct, dtype):
 
 
 @pytest.mark.parametrize("source,structs", [
-    ("block_stats.cu", ("TensorView", "BlockStatsParams", "QuantizeParams")),
-    ("select.cu", ("SelectParams",)),
+    ("block_stats.cu", ("TensorView", "QStatsParams", "HeadScalesParams", "KPassParams",
+                        "QuantizeQParams")),
+    ("select.cu", ("MapParams", "SelectParams")),
     ("sparse_attn.cu", ("AttnParams",)),
 ])
 def test_param_structs_match_c_layout(source, structs):
