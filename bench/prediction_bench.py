@@ -170,6 +170,7 @@ def traffic(B, H, L, D, elem, pv_bytes):
         + B * H * nk * 64 * D + B * H * nk * 4,                        # kbar, sim, operand, dk
         ("compressed_map", 1): B * H * (nq + nk) * D * 4 + B * H * nq * nk * 4,
         ("select_blocks", 1): B * H * nq * nk * (4 + 1) + B * H * (nq + nk) * 4,
+        ("select_rows", 1): B * H * nq * nk * (4 + 1) + B * H * (nq + nk) * 4,   # nk <= 512
         ("quantize_q", 1): x + B * H * nq * D * 4 + B * H * nq * 128 * D + B * H * nq * 4,
         ("v_channel_amax", 1): x + stats,
         ("quantize_v", 1): x + 2 * stats + B * H * D * nk * 64 * pv_bytes,
