@@ -35,6 +35,11 @@ namespace sparge {
 
 constexpr int STATS_THREADS = 128;                    // the per-block kernels: a warp per block
 constexpr int STATS_WARPS = STATS_THREADS / 32;
+// Programs per SM the per-block kernels are compiled for (their register cap: 65536 / (128 x
+// this)); bench/NOTES.md has the measured choice.
+#ifndef SPARGE_STATS_MIN_BLOCKS
+#define SPARGE_STATS_MIN_BLOCKS 4
+#endif
 
 // The block (index, valid rows, first row) of this warp, or false past the last block. The warp
 // index goes through a shuffle so that the compiler knows it is warp-uniform: every branch on
@@ -91,13 +96,15 @@ struct Pooling {
     // Every lane of the warp calls this together (the row norm is a shuffle reduction); rows
     // past the block's end come as zeros and add nothing.
     __device__ __forceinline__ void add(const float (&x)[CPL], double eps, double inv_eps) {
-        double ss = 0.0;
+        double ss0 = 0.0, ss1 = 0.0;                      // two chains: half the latency
 #pragma unroll
-        for (int c = 0; c < CPL; ++c) {
+        for (int c = 0; c < CPL; c += 2) {
             sum[c] += (double)x[c];
-            ss = fma((double)x[c], (double)x[c], ss);       // x^2 is exact in float64
+            sum[c + 1] += (double)x[c + 1];
+            ss0 = fma((double)x[c], (double)x[c], ss0);     // x^2 is exact in float64
+            ss1 = fma((double)x[c + 1], (double)x[c + 1], ss1);
         }
-        ss = row_sum<LANES>(ss);
+        const double ss = row_sum<LANES>(ss0 + ss1);
         const double inv = ss >= eps * eps ? rsqrt(ss) : inv_eps;
 #pragma unroll
         for (int c = 0; c < CPL; ++c) unit[c] = fma((double)x[c], inv, unit[c]);
@@ -139,7 +146,7 @@ static_assert(sizeof(QStatsParams) == 104, "mirrored by Q_STATS_PARAMS in sparge
 
 // A warp per (query block i, head h, batch b).
 template <typename T, int D>
-__global__ void __launch_bounds__(STATS_THREADS, 4) q_stats(const QStatsParams p) {
+__global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) q_stats(const QStatsParams p) {
     using M = RowLanes<D>;
     constexpr int CPL = M::CPL;
     const int h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x & 31;
@@ -184,7 +191,7 @@ __global__ void __launch_bounds__(STATS_THREADS, 4) q_stats(const QStatsParams p
 // (for km) and its channel max and min (for max |K - km|, and later the block's INT8 scale),
 // [B, H, nk, D] each; counts K's NaN / Inf into *nonfinite unless it is nullptr.
 template <typename T, int D>
-__global__ void __launch_bounds__(STATS_THREADS, 4) k_sums(const TensorView k, double* sums,
+__global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) k_sums(const TensorView k, double* sums,
                                                         float* kmax, float* kmin,
                                                         unsigned long long* nonfinite,
                                                         const int H, const int L) {
@@ -341,7 +348,7 @@ static_assert(sizeof(KPassParams) == 120, "mirrored by K_PASS_PARAMS in sparge_c
 // and similarity of x (with pooled), the operand fl(x / s_c) quantized with the block's scale
 // (with out).
 template <typename T, typename OutT, int D>
-__global__ void __launch_bounds__(STATS_THREADS, 4) k_pass(const KPassParams p) {
+__global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) k_pass(const KPassParams p) {
     using M = RowLanes<D>;
     constexpr int CPL = M::CPL;
     constexpr bool INT8 = sizeof(OutT) == 1;
@@ -418,7 +425,7 @@ static_assert(sizeof(QuantizeQParams) == 104, "mirrored by QUANTIZE_Q_PARAMS in 
 // A warp per (query block i, head h, batch b): rebalanced Q (x s_c), then INT8 with one
 // scale per block (OutT = signed char) or fp16 rounding (OutT = __half); q . km in float64.
 template <typename T, typename OutT, int D>
-__global__ void __launch_bounds__(STATS_THREADS, 4) quantize_q(const QuantizeQParams p) {
+__global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) quantize_q(const QuantizeQParams p) {
     using M = RowLanes<D>;
     constexpr int CPL = M::CPL;
     constexpr bool INT8 = sizeof(OutT) == 1;

@@ -114,6 +114,26 @@ def _cupy():
     return cupy
 
 
+@functools.lru_cache(maxsize=512)
+def _device_copy(device_id, data):
+    return _cupy().asarray(np.frombuffer(data, dtype=np.float32))
+
+
+def device_constant(x):
+    """A read-only float32 device array of the small host array ``x`` (per-head thresholds), cached
+    by value per device; None stays None, a CuPy array is only cast. A copy from pageable host
+    memory makes CUDA wait for the stream first, which in the middle of the pipeline would stall
+    the host until every kernel launched before had finished; a model calls each layer with the
+    same thresholds every step, so after its first call nothing is copied. The kernels never
+    write these arrays."""
+    if x is None:
+        return None
+    cp = _cupy()
+    if isinstance(x, cp.ndarray):
+        return x.astype(cp.float32, copy=False)
+    return _device_copy(cp.cuda.Device().id, np.ascontiguousarray(x, dtype=np.float32).tobytes())
+
+
 def padded_head_dim(D):
     """The native head dim (64, 128, 256) that ``D`` is zero-padded to."""
     for n in HEAD_DIMS:
@@ -421,8 +441,7 @@ def select(st, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, topk, atten
     cp = _cupy()
     B, Hq, nq, D = st.qbar.shape
     Hkv, nk = st.kbar.shape[1], st.kbar.shape[2]
-    theta, tau, kk, mt = (None if x is None else cp.asarray(x, dtype=cp.float32)
-                          for x in (simthreshd1, cdfthreshd, topk, mass_threshold))
+    theta, tau, kk, mt = (device_constant(x) for x in (simthreshd1, cdfthreshd, topk, mass_threshold))
     qbar, kbar = cp.ascontiguousarray(st.qbar), cp.ascontiguousarray(st.kbar)
     s_hat = cp.empty((B, Hq, nq, nk), dtype=cp.float32)
     get_kernel("select.cu", "sparge::compressed_map")(
@@ -519,7 +538,7 @@ def run_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, r
     lse = cp.empty((B, Hq, Lq), cp.float32) if return_lse else None
     counts = cp.zeros((B, Hq, nq, 2), cp.int32) if return_stats else None
     block_map = cp.ascontiguousarray(block_map)
-    lam = cp.asarray(pvthreshd, dtype=cp.float32)
+    lam = device_constant(pvthreshd)
     ost = [s // out.itemsize for s in out.strides]
     sb, sh, stt = (ost[0], ost[1], ost[2]) if q.layout == "HND" else (ost[0], ost[2], ost[1])
 
