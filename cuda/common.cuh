@@ -72,16 +72,17 @@ template <> __device__ __forceinline__ float bits_to_float<__nv_bfloat16>(unsign
 }
 template <> __device__ __forceinline__ float bits_to_float<float>(unsigned w) { return __uint_as_float(w); }
 
-// N consecutive channels of a row as raw 32-bit words (16-bit types: two per word, element e in
-// half e & 1 of word e / 2); zeros where `valid` is false (nothing read). With `vec` (then p must
-// be aligned to chunk_vec_bytes = min(16, N * sizeof(T)) bytes) through vector loads of that
-// width, else N scalar loads (any element-aligned p): both read the same elements. Loading a
-// stage of rows as words first and converting after keeps every load of the stage in flight.
+// The vector width of a load of N elements of T: min(16, N * sizeof(T)) bytes.
 template <typename T, int N>
 __device__ __forceinline__ constexpr int chunk_vec_bytes() {
     return N * (int)sizeof(T) < 16 ? N * (int)sizeof(T) : 16;
 }
 
+// N consecutive channels of a row as raw 32-bit words (16-bit types: two per word, element e in
+// half e & 1 of word e / 2); zeros where `valid` is false (nothing read). With `vec` (then p must
+// be aligned to chunk_vec_bytes) through vector loads of that width, else N scalar loads (any
+// element-aligned p): both read the same elements. Loading a stage of rows as words first and
+// converting after keeps every load of the stage in flight.
 template <typename T, int N>
 __device__ __forceinline__ void load_words(const T* p, bool vec, bool valid,
                                            unsigned (&w)[N * sizeof(T) / 4]) {

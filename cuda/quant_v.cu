@@ -51,14 +51,6 @@ __global__ void __launch_bounds__(VQ_THREADS) v_channel_amax(const TensorView v,
     }
 }
 
-// Logical key (0..63) -> physical position in the FP8 layout (see the header).
-__device__ __forceinline__ int fp8_key_position(int key) {
-    const int h = key >> 4, r = key & 15;
-    const int e = ((r >> 3) << 1) | (r & 1), q = (r & 7) >> 1;
-    return (key & ~31) | ((h & 1) << 4) | (q << 2) | e;
-}
-
-
 template <bool FP8> struct VElem;
 template <> struct VElem<true> { using type = unsigned char; };
 template <> struct VElem<false> { using type = __half; };
@@ -104,10 +96,10 @@ __global__ void __launch_bounds__(VQ_THREADS) quantize_v(const TensorView v, con
     // + e (FP8: logical keys 16 (u / 4) + 8 (e >> 1) + 2 (u % 4) + (e & 1); fp16: the positions
     // themselves), so each channel's 4 values go to the tile in one 4- (8-) byte store.
     const int u = tid % 16, hq = u / 4, qd = u % 4;
-    int key[4];
+    const int pos = 16 * hq + 4 * qd;                   // the quad's first physical position
+    int key[4];                                         // the logical key at pos + e
 #pragma unroll
-    for (int e = 0; e < 4; ++e) key[e] = FP8 ? 16 * hq + 8 * (e >> 1) + 2 * qd + (e & 1) : 16 * hq + 4 * qd + e;
-    const int pos = 16 * hq + 4 * qd;
+    for (int e = 0; e < 4; ++e) key[e] = FP8 ? 16 * hq + 8 * (e >> 1) + 2 * qd + (e & 1) : pos + e;
     unsigned bad = 0;
     auto convert = [&](auto fast_path) {
         constexpr bool FAST = decltype(fast_path)::value;

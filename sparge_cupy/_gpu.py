@@ -7,16 +7,17 @@ NumPy arrays and ``scale`` a Python float. The torch adapter calls the same func
 
 The pipeline (one launch per line; kernels in ``cuda/``):
 
-    q_stats (Q), k_sums (K)       pass A: pooled Q and its similarity, channel maxima of Q,    block_stats.cu
-                                  per key block sums, max and min of K
-    v_channel_amax (V)            pass A: channel max |V| (pv="fp8")                            quant_v.cu
-    head_scales                   K mean, max |K - km|, rebalancing scales per kv head          block_stats.cu
-    k_pass (K)                    pass B: pooled K - km and its similarity, the K operand      block_stats.cu
-    compressed_map, select_blocks S^ tiles, then S^ rows -> bool block map                     select.cu
-    quantize_q (Q)                pass B: the Q operand                                         block_stats.cu
-    quantize_v (V)                pass B: V^T in e4m3 (or fp16), dv                             quant_v.cu
-    sparse_attn[_wg]              the attention loop and Stage 2                               sparse_attn.cu
-                                  (_wg: warpgroup MMAs, compute capability 9.0; see attn_kernel_choice)
+    q_stats (Q)          pass A: pooled Q, its similarity, channel maxima of Q      block_stats.cu
+    k_sums (K)           pass A: per key block sums, max and min of K               block_stats.cu
+    head_scales          K mean, max |K - km|, rebalancing scales per kv head       block_stats.cu
+    k_pass (K)           pass B: pooled K - km, its similarity, the K operand       block_stats.cu
+    compressed_map       S^ in tiles of 64 x 64 block pairs                         select.cu
+    select_rows / _blocks  S^ rows -> bool block map (a warp or a block per row)    select.cu
+    quantize_q (Q)       pass B: the Q operand                                      block_stats.cu
+    v_channel_amax (V)   pass A: channel max |V| (pv="fp8")                         quant_v.cu
+    quantize_v (V)       pass B: V^T in e4m3 (or fp16), dv                          quant_v.cu
+    sparse_attn[_wg]     the attention loop and Stage 2                             sparse_attn.cu
+                         (_wg: warpgroup MMAs, compute capability 9.0; see attn_kernel_choice)
 
 Q, K and V are read twice each (once to measure, once to quantize). :func:`sparge_attn` makes
 k_pass write the K operand in the same pass as the pooled K (``k_operand`` of
@@ -27,8 +28,9 @@ channel maxima (``quant_stats``, a :class:`reference.QuantStats`): head_scales a
 then read the given arrays in place of the computed ones, and v_channel_amax is skipped.
 
 Non-finite inputs are detected on the way: q_stats, k_sums and quantize_v count the NaN / Inf of
-Q, K and V into a three-element device counter, and each entry point reads it once, at its end, raising the API's ValueError
-(whatever the kernels computed from such inputs is discarded; they still terminate).
+Q, K and V into a three-element device counter, and each entry point reads it once, at its end,
+raising the API's ValueError (whatever the kernels computed from such inputs is discarded; they
+still terminate).
 
 Head dims other than 64, 128, 256 are zero-padded here to the next of them (exact: zero channels
 add nothing to any dot product, maximum or similarity); the kernels use the caller's scale and
