@@ -119,6 +119,19 @@ struct SelectParams {
 };
 static_assert(sizeof(SelectParams) == 104, "mirrored by SELECT_PARAMS in sparge_cupy/_gpu.py");
 
+__device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long y = __shfl_xor_sync(0xffffffffu, x, o);
+        x = y < x ? y : x;
+    }
+    return x;
+}
+
+__device__ __forceinline__ int warp_count(int x) {
+    return __reduce_add_sync(0xffffffffu, x);
+}
+
 __device__ __forceinline__ double block_sum(double x, double* part) {
     x = warp_sum(x);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = x;
@@ -130,8 +143,7 @@ __device__ __forceinline__ double block_sum(double x, double* part) {
 }
 
 __device__ __forceinline__ int block_count(int x, int* part) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    x = warp_count(x);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = x;
     __syncthreads();
     int total = 0;
@@ -151,11 +163,7 @@ __device__ __forceinline__ float block_max(float x, float* part) {
 }
 
 __device__ __forceinline__ unsigned long long block_min(unsigned long long x, unsigned long long* part) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const unsigned long long y = __shfl_xor_sync(0xffffffffu, x, o);
-        x = y < x ? y : x;
-    }
+    x = warp_min_u64(x);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = x;
     __syncthreads();
     unsigned long long m = ~0ull;
@@ -324,19 +332,6 @@ __global__ void __launch_bounds__(SELECT_THREADS) select_blocks(const SelectPara
 // Grid (ceil(nq / 8), Hq, B), 256 threads: warp w of program x builds row 8 x + w.
 
 constexpr int ROW_WARPS = SELECT_THREADS / 32;
-
-__device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const unsigned long long y = __shfl_xor_sync(0xffffffffu, x, o);
-        x = y < x ? y : x;
-    }
-    return x;
-}
-
-__device__ __forceinline__ int warp_count(int x) {
-    return __reduce_add_sync(0xffffffffu, x);
-}
 
 template <int E>
 __global__ void __launch_bounds__(SELECT_THREADS) select_rows(const SelectParams p) {
