@@ -162,6 +162,7 @@ def traffic(B, H, L, D, elem, pv_bytes):
     x = B * H * L * D * elem                     # one of Q, K, V (Hq = Hkv here)
     stats = B * H * D * 4                        # one [B, H, D] float32 vector
     kblocks = B * H * nk * D                     # one [B, H, nk, D] array's elements
+    select = B * H * nq * nk * (4 + 1) + B * H * (nq + nk) * 4    # S^ in, map out, similarities
     return {
         ("q_stats", 1): x + B * H * nq * (2 * D * 4 + 4) + stats,      # qbar, block_amax, sim
         ("k_sums", 1): x + kblocks * (8 + 4 + 4),                      # sums, max, min
@@ -169,8 +170,8 @@ def traffic(B, H, L, D, elem, pv_bytes):
         ("k_pass", 1): x + kblocks * 8 + 2 * stats + kblocks * 4 + B * H * nk * 4
         + B * H * nk * 64 * D + B * H * nk * 4,                        # kbar, sim, operand, dk
         ("compressed_map", 1): B * H * (nq + nk) * D * 4 + B * H * nq * nk * 4,
-        ("select_blocks", 1): B * H * nq * nk * (4 + 1) + B * H * (nq + nk) * 4,
-        ("select_rows", 1): B * H * nq * nk * (4 + 1) + B * H * (nq + nk) * 4,   # nk <= 512
+        ("select_blocks", 1): select,
+        ("select_rows", 1): select,                                    # nk <= 512
         ("quantize_q", 1): x + B * H * nq * D * 4 + B * H * nq * 128 * D + B * H * nq * 4,
         ("v_channel_amax", 1): x + stats,
         ("quantize_v", 1): x + 2 * stats + B * H * D * nk * 64 * pv_bytes,
