@@ -170,6 +170,7 @@ def traffic(B, H, L, D, elem, pv_bytes):
         ("k_pass", 1): x + kblocks * 8 + 2 * stats + kblocks * 4 + B * H * nk * 4
         + B * H * nk * 64 * D + B * H * nk * 4,                        # kbar, sim, operand, dk
         ("compressed_map", 1): B * H * (nq + nk) * D * 4 + B * H * nq * nk * 4,
+        ("qbar_keys_map", 1): B * H * nq * D * 4 + x + B * H * nq * nk * 4,   # qbar, K, S^
         ("select_blocks", 1): select,
         ("select_rows", 1): select,                                    # nk <= 512
         ("quantize_q", 1): x + B * H * nq * D * 4 + B * H * nq * 128 * D + B * H * nq * 4,
@@ -200,6 +201,9 @@ def bench_shape(B, H, L, D, reps, causal=True):
     def select_mass():
         _gpu.select(st, Lq=L, Lk=L, **common, **mass)
 
+    def select_qbar_keys():
+        _gpu.select(st, ko, Lq=L, Lk=L, predictor="qbar_keys", **common, **mass)
+
     def quant():
         _gpu.quantize_operands(qo, ko, vo, st, qk="int8", rebalance=True, pv=pv,
                                with_q_dot_km=False, nonfinite=_gpu.nonfinite_counter())
@@ -217,6 +221,8 @@ def bench_shape(B, H, L, D, reps, causal=True):
     launches = {}
     for fn in (stats, select, quant):
         launches.update(per_launch_ms(fn, reps))
+    key = ("qbar_keys_map", 1)                   # its select_rows would replace TopCdf's
+    launches[key] = per_launch_ms(select_qbar_keys, reps)[key]
     for (label, occ), ms in launches.items():
         nbytes = moved.get((label, occ))
         name = label + {("q_stats", 1): " (Q)", ("k_sums", 1): " (K)",
@@ -228,6 +234,7 @@ def bench_shape(B, H, L, D, reps, causal=True):
         ("block_statistics (q_stats, k_sums, head_scales, k_pass with the K operand)", stats),
         ("select (compressed_map, select_blocks)", select),
         ("select, mass threshold rule (no sort)", select_mass),
+        ("select, qbar-keys estimate + mass threshold (qbar_keys_map, select_rows)", select_qbar_keys),
         ("quantize_operands (Q, V; K made by k_pass)", quant),
         ("prediction = statistics + selection + quantization", prediction),
         ("attention kernel, predicted map", lambda: _gpu.run_attention(qo, ko, qz, bmap, **common, **attn)),

@@ -106,6 +106,181 @@ __global__ void __launch_bounds__(SELECT_THREADS) compressed_map(const MapParams
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The qbar-keys estimate (predictor="qbar_keys"; reference.predict.qbar_keys_logits): the pooled
+// query of each query block against every smoothed key instead of every pooled key block,
+//
+//     S^_ij = LSE_{u in key block j} (scale * qbar_i . (k_u - km) + log n_iu),
+//
+// n_iu the share of block i's rows that see key u (1, or causal: a fraction on the diagonal; -inf
+// where none does), so that softmax_j S^_ij = sum_{u in j} of the softmax over every key: the
+// selection kernels below then run unchanged on this S^. float32 throughout (dot products as one
+// FMA chain in channel order, the LSE in log2 units through exp2f / log2f); the GPU tests bound
+// the difference from the reference's float64 by the float32 error of each dot product.
+//
+// Tiles of QK_ROWS = 8 QK_WARPS query blocks x 256 keys (four key blocks): grid
+// (ceil(nq / QK_ROWS), ceil(Lk / 256), B * Hq), 32 QK_WARPS threads; warp w owns query blocks
+// 8 w .. 8 w + 7 of the tile, lane l keys 8 l .. 8 l + 7 (8 x 8 accumulators; the 8 lanes of a
+// key block reduce its LSE by shuffles). Channels pass through shared memory 16 at a time (K
+// converted and smoothed on the way in), the next stage's loads in flight during the products.
+// A warp none of whose rows sees the tile's keys (causal) skips the products.
+
+struct QbarKeysParams {
+    TensorView k;            // user K [B, Hkv, Lk, Dp], element type T
+    const float* qbar;       // [B, Hq, nq, Dp] pooled Q (q_stats)
+    const float* km;         // [B, Hkv, Dp] K mean (head_scales)
+    const float* k_sim;      // [B, Hkv, nk]
+    const float* theta;      // [Hq]
+    float* s_hat;            // [B, Hq, nq, nk] out: S^, -inf where not selectable
+    int Hq, Hkv, nq, nk, Lq, Lk, causal;
+    float scale;
+};
+static_assert(sizeof(QbarKeysParams) == 112, "mirrored by QBAR_KEYS_PARAMS in sparge_cupy/_gpu.py");
+
+#ifndef SPARGE_QK_WARPS
+#define SPARGE_QK_WARPS 8            // warps per program, 8 query blocks each
+#endif
+#ifndef SPARGE_QK_MIN_BLOCKS
+#define SPARGE_QK_MIN_BLOCKS (16 / SPARGE_QK_WARPS)   // programs per SM: 16 warps (<= 128 registers)
+#endif
+constexpr int QK_WARPS = SPARGE_QK_WARPS;
+constexpr int QK_THREADS = 32 * QK_WARPS;
+constexpr int QK_ROWS = 8 * QK_WARPS;  // query blocks per program
+constexpr int QK_KEYS = 256;           // keys per program (8 per lane)
+constexpr int QK_CHUNK = 16;           // channels per shared-memory stage
+constexpr int QK_KEYS_PER_THREAD = QK_KEYS / QK_THREADS;   // keys each thread stages
+static_assert(QK_KEYS % QK_THREADS == 0 && QK_ROWS * QK_CHUNK == 4 * QK_THREADS,
+              "4 or 8 warps: one float4 of pooled Q per thread and stage");
+
+// Rows of query block i that see key u: all of them, or (causal, bottom-right aligned) those
+// t >= u - (Lk - Lq); 0 past the sequence ends.
+__device__ __forceinline__ int seeing_rows(int i, int u, int Lq, int Lk, int causal) {
+    const int t0 = i * BQ, t1 = min(t0 + BQ, Lq);
+    if (u >= Lk || t0 >= t1) return 0;
+    if (!causal) return t1 - t0;
+    return max(0, t1 - max(t0, u - (Lk - Lq)));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(QK_THREADS, SPARGE_QK_MIN_BLOCKS) qbar_keys_map(const QbarKeysParams p) {
+    __shared__ __align__(16) float qs[QK_CHUNK][QK_ROWS];
+    __shared__ __align__(16) float ks[QK_CHUNK][QK_KEYS];
+    __shared__ float kms[D];
+    constexpr int W = QK_CHUNK * sizeof(T) / 4;                    // words of one key's stage
+    const int tid = threadIdx.x, lane = tid & 31;
+    const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);        // warp-uniform
+    const int i0 = blockIdx.x * QK_ROWS, u0 = blockIdx.y * QK_KEYS;
+    const int h = blockIdx.z % p.Hq, b = blockIdx.z / p.Hq;
+    const int kvh = h / (p.Hq / p.Hkv);
+    // Causal: rows later in the tile see more; a warp whose last row misses the tile's first key
+    // sees none of its keys.
+    const int wi = i0 + 8 * warp;                                   // the warp's first query block
+    const bool warp_sees = wi < p.nq && seeing_rows(min(wi + 7, p.nq - 1), u0, p.Lq, p.Lk, p.causal) > 0;
+    const bool any_sees = __syncthreads_or(warp_sees);
+
+    float acc[8][8] = {};
+    if (any_sees) {
+        for (int c = tid; c < D; c += QK_THREADS) kms[c] = p.km[((size_t)b * p.Hkv + kvh) * D + c];
+        // Staging: keys u0 + tid + s QK_THREADS (their 16 channels of the stage, as words), and
+        // pooled Q row i0 + tid / 4, channels 4 (tid % 4) .. + 3 of the stage (a float4, so a
+        // warp reads 8 rows x 64 contiguous bytes). The next stage's loads are issued before
+        // this stage's products, so they are in flight while the FMAs run.
+        const bool vec = p.k.align >= 16;
+        const T* krow[QK_KEYS_PER_THREAD];
+        bool key_ok[QK_KEYS_PER_THREAD];
+#pragma unroll
+        for (int s = 0; s < QK_KEYS_PER_THREAD; ++s) {
+            const int u = u0 + tid + s * QK_THREADS;
+            key_ok[s] = u < p.Lk;
+            krow[s] = row_ptr<T>(p.k, b, kvh, key_ok[s] ? u : 0);
+        }
+        const int qr = tid / 4, qc = 4 * (tid % 4);
+        const bool q_ok = i0 + qr < p.nq;
+        const float* qrow = p.qbar + (((size_t)b * p.Hq + h) * p.nq + (q_ok ? i0 + qr : 0)) * D + qc;
+        unsigned w[QK_KEYS_PER_THREAD][W];
+        float4 qv4;
+        auto load_stage = [&](int d0) {
+#pragma unroll
+            for (int s = 0; s < QK_KEYS_PER_THREAD; ++s) load_words<T, QK_CHUNK>(krow[s] + d0, vec, key_ok[s], w[s]);
+            qv4 = q_ok ? *reinterpret_cast<const float4*>(qrow + d0) : make_float4(0.f, 0.f, 0.f, 0.f);
+        };
+        load_stage(0);
+        __syncthreads();                                            // kms
+        for (int d0 = 0; d0 < D; d0 += QK_CHUNK) {
+#pragma unroll
+            for (int s = 0; s < QK_KEYS_PER_THREAD; ++s) {
+                float x[QK_CHUNK];
+                words_to_float<T, QK_CHUNK>(w[s], x);
+#pragma unroll
+                for (int c = 0; c < QK_CHUNK; ++c)
+                    ks[c][tid + s * QK_THREADS] = key_ok[s] ? __fsub_rn(x[c], kms[d0 + c]) : 0.f;
+            }
+            qs[qc][qr] = qv4.x; qs[qc + 1][qr] = qv4.y; qs[qc + 2][qr] = qv4.z; qs[qc + 3][qr] = qv4.w;
+            __syncthreads();
+            if (d0 + QK_CHUNK < D) load_stage(d0 + QK_CHUNK);
+            if (warp_sees) {
+#pragma unroll
+                for (int c = 0; c < QK_CHUNK; ++c) {
+                    const float4 qa = *reinterpret_cast<const float4*>(&qs[c][8 * warp]);
+                    const float4 qb = *reinterpret_cast<const float4*>(&qs[c][8 * warp + 4]);
+                    const float4 ka = *reinterpret_cast<const float4*>(&ks[c][8 * lane]);
+                    const float4 kb = *reinterpret_cast<const float4*>(&ks[c][8 * lane + 4]);
+                    const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+                    const float kv[8] = {ka.x, ka.y, ka.z, ka.w, kb.x, kb.y, kb.z, kb.w};
+#pragma unroll
+                    for (int r = 0; r < 8; ++r)
+#pragma unroll
+                        for (int v = 0; v < 8; ++v) acc[r][v] = __fmaf_rn(qv[r], kv[v], acc[r][v]);
+                }
+            }
+            __syncthreads();
+        }
+    }
+
+    // Per row: the LSE of its 64 logits over the 8 lanes of the key block, then one store. In
+    // log2 units (ex2 / lg2 are single instructions), back to natural log at the store. Where
+    // every row of the warp sees every key of the tile (all but the causal diagonal and the
+    // sequence end: warp-uniform) n_iu = all rows, log n = 0, and no count is needed.
+    const float c2 = __fmul_rn(p.scale, LOG2E);
+    const int u_last = u0 + QK_KEYS - 1;
+    const bool full = u_last < p.Lk && (!p.causal || u_last - (p.Lk - p.Lq) <= wi * BQ);
+    const int j = blockIdx.y * (QK_KEYS / BK) + lane / 8;           // this lane's key block
+    const float* k_sim = p.k_sim + ((size_t)b * p.Hkv + kvh) * p.nk;
+    const float theta = p.theta[h];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+        const int i = wi + r;
+        if (i >= p.nq) break;                                       // warp-uniform
+        float a[8], m = -CUDART_INF_F;
+        if (full) {
+#pragma unroll
+            for (int v = 0; v < 8; ++v) a[v] = __fmul_rn(c2, acc[r][v]);
+        } else {
+            const float log2_rows = log2f((float)min(BQ, p.Lq - i * BQ));
+#pragma unroll
+            for (int v = 0; v < 8; ++v) {
+                const int n = seeing_rows(i, u0 + 8 * lane + v, p.Lq, p.Lk, p.causal);
+                a[v] = n > 0 ? __fmul_rn(c2, acc[r][v]) + (log2f((float)n) - log2_rows) : -CUDART_INF_F;
+            }
+        }
+#pragma unroll
+        for (int v = 0; v < 8; ++v) m = fmaxf(m, a[v]);
+#pragma unroll
+        for (int o = 1; o < 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        const float ms = m == -CUDART_INF_F ? 0.f : m;              // exp2(-inf - 0) = 0
+        float s = 0.f;
+#pragma unroll
+        for (int v = 0; v < 8; ++v) s += exp2f(a[v] - ms);
+#pragma unroll
+        for (int o = 1; o < 8; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if ((lane & 7) == 0 && j < p.nk) {
+            const bool finite = block_valid(i, j, p.Lq, p.Lk, p.causal) && k_sim[j] > theta;
+            p.s_hat[(((size_t)b * p.Hq + h) * p.nq + i) * p.nk + j] =
+                finite && m != -CUDART_INF_F ? __fmul_rn(m + log2f(s), LN2) : -CUDART_INF_F;
+        }
+    }
+}
+
 struct SelectParams {
     const float* s_hat;      // [B, Hq, nq, nk] compressed_map's S^
     const float* q_sim;      // [B, Hq, nq]

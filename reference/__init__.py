@@ -7,9 +7,9 @@ from .attention import PV_MODES, QK_MODES, block_sparse_attention, quantized_ope
 from .dense import block_attention_mass, dense_attention
 from .layout import expand_block_map, from_hnd, num_blocks, to_hnd, token_mask, valid_blocks
 from .oracle import exact_attention, oracle_block_map
-from .predict import (block_self_similarity, pool_blocks, predict_block_map, select_blocks,
-                      select_mass_threshold, select_topcdf, select_topk)
-from .quant import (QuantStats, channel_scales, dequantize_int8_per_block,
+from .predict import (block_self_similarity, pool_blocks, predict_block_map, qbar_keys_logits,
+                      select_blocks, select_mass_threshold, select_topcdf, select_topk)
+from .quant import (QuantStats, channel_scales, dequantize_int8_per_block, expand_kv_heads,
                     quantize_int8_per_block, quantize_v_fp8, quant_stats, round_e4m3, round_fp16,
                     smooth_k)
 from .stats import cosine_similarity, error_metrics, relative_l1, rmse, sparsity_stats
@@ -17,8 +17,9 @@ from .stats import cosine_similarity, error_metrics, relative_l1, rmse, sparsity
 __all__ = [
     "PV_MODES", "QK_MODES", "QuantStats", "block_attention_mass", "block_self_similarity",
     "block_sparse_attention", "channel_scales", "cosine_similarity", "dense_attention",
-    "dequantize_int8_per_block", "error_metrics", "expand_block_map", "from_hnd", "num_blocks",
-    "pool_blocks", "predict_block_map", "quantize_int8_per_block", "quantize_v_fp8", "quant_stats",
+    "dequantize_int8_per_block", "error_metrics", "expand_block_map", "expand_kv_heads",
+    "from_hnd", "num_blocks", "pool_blocks", "predict_block_map", "qbar_keys_logits",
+    "quantize_int8_per_block", "quantize_v_fp8", "quant_stats",
     "quantized_operands", "relative_l1", "rmse", "round_e4m3", "round_fp16", "select_blocks",
     "select_mass_threshold", "select_topcdf", "select_topk", "smooth_k", "sparsity_stats",
     "to_hnd", "token_mask", "valid_blocks",

@@ -11,9 +11,9 @@ from ..config import CONFIG
 from .layout import num_blocks, valid_blocks
 from .quant import F32, _blocked, expand_kv_heads, smooth_k
 
-# The estimates Stage 1 can select from: the paper's compressed map (select.cu) and, in the
-# reference only, "qbar_keys" (predictors.estimate_block_mass: the pooled query of each query
-# block against every smoothed key; bench/results/predictor_study.md).
+# The estimates Stage 1 can select from (select.cu has a kernel for each): the paper's compressed
+# map and "qbar_keys" (qbar_keys_logits: the pooled query of each query block against every
+# smoothed key; bench/results/predictor_study.md).
 PREDICTORS = ("paper", "qbar_keys")
 
 
@@ -103,6 +103,38 @@ def select_mass_threshold(p_hat, finite, threshold):
     return keep | (top & need)
 
 
+def qbar_keys_logits(qbar, ks, *, Lq, is_causal, scale, cfg=CONFIG):
+    """The qbar-keys estimate as logits over key blocks (``select.cu`` qbar_keys_map), float64
+    ``[B, Hq, nq, nk]``::
+
+        S^_ij = LSE_{u in key block j} (scale * qbar_i . ks_u + log n_iu)
+
+    ``qbar`` float32 ``[B, Hq, nq, D]`` (pooled Q), ``ks`` float32 ``[B, Hkv, Lk, D]`` (smoothed
+    K, every key); ``n_iu`` the share of the rows of query block i that see key u (1, or causal a
+    fraction on the diagonal), ``-inf`` where no row sees a key of the block. ``softmax_j S^_ij`` is
+    the softmax of the block's pooled query over every key it sees, summed per key block:
+    :func:`predictors.estimate_block_mass` with its defaults (there with the unrounded float64
+    mean of the query rows; here the pooled rows the kernels share). Computed a few query blocks
+    at a time (memory ``nq_chunk x Lk`` per head).
+    """
+    from .predictors import _lse_blocks, visible_keys
+    qbar = np.asarray(qbar, dtype=np.float64)
+    ks = expand_kv_heads(np.asarray(ks, dtype=np.float64), qbar.shape[1])
+    B, Hq, nq, _ = qbar.shape
+    Lk = ks.shape[2]
+    nk = num_blocks(Lk, cfg.block_k)
+    out = np.empty((B, Hq, nq, nk))
+    step = max(1, (1 << 22) // max(1, B * Hq * Lk))
+    for i0 in range(0, nq, step):
+        i1 = min(nq, i0 + step)
+        a = scale * np.matmul(qbar[:, :, i0:i1], ks.swapaxes(-1, -2))           # [B, Hq, c, Lk]
+        n = visible_keys(Lq, Lk, cfg.block_q, 1, is_causal, cfg, groups=slice(i0, i1))
+        with np.errstate(divide="ignore"):
+            a = np.where(n > 0, a + np.log(np.maximum(n, 1e-300)), -np.inf)
+        out[:, :, i0:i1] = _lse_blocks(a, cfg.block_k, nk)
+    return out
+
+
 def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, topk=None,
                       mass_threshold=None, attention_sink=True, return_details=False,
                       predictor="paper", cfg=CONFIG):
@@ -110,41 +142,40 @@ def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, t
 
     ``q``, ``k``: HND arrays. ``simthreshd1``, ``cdfthreshd``, ``topk``, ``mass_threshold``:
     float32 ``[Hq]`` (exactly one of the last three given). ``predictor``: "paper" (the compressed
-    map, as the kernels) or "qbar_keys" (reference only): P^ is then
-    ``predictors.estimate_block_mass`` with its defaults (each query block's pooled query against
-    every smoothed key, softmax over the keys it sees, summed per key block), rounded once to
-    float32, 0 on the columns that are not finite; the rules, fix blocks, causal validity and
-    sink are the same. With ``return_details`` also a dict of the intermediate arrays
-    (similarities, self-similar flags, compressed map, selection) for tests and figures.
+    map) or "qbar_keys" (:func:`qbar_keys_logits`, rounded once to float32, in place of the
+    compressed map's logits; the softmax, the rules, fix blocks, causal validity and sink are the
+    same). With ``return_details`` also a dict of the intermediate arrays (similarities,
+    self-similar flags, P^, selection) for tests and figures.
     """
     q = np.asarray(q, dtype=F32)
     Lq, Lk = q.shape[2], k.shape[2]
     _, ks = smooth_k(k)
     if predictor not in PREDICTORS:
         raise ValueError(f"predictor: expected one of {PREDICTORS}, got {predictor!r}")
-    estimate = None
+    qbar = pool_blocks(q, cfg.block_q)
+    logits = None
     if predictor == "qbar_keys":
-        from .predictors import estimate_block_mass
-        estimate = estimate_block_mass(q, k, is_causal=is_causal, scale=scale, cfg=cfg).astype(F32)
-    return select_blocks(pool_blocks(q, cfg.block_q), block_self_similarity(q, cfg.block_q, cfg),
+        logits = qbar_keys_logits(qbar, ks, Lq=Lq, is_causal=is_causal, scale=scale, cfg=cfg)
+    return select_blocks(qbar, block_self_similarity(q, cfg.block_q, cfg),
                          pool_blocks(ks, cfg.block_k), block_self_similarity(ks, cfg.block_k, cfg),
                          valid_blocks(Lq, Lk, cfg.block_q, cfg.block_k, is_causal), scale=scale,
                          simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                          mass_threshold=mass_threshold, attention_sink=attention_sink,
-                         return_details=return_details, p_hat=estimate)
+                         return_details=return_details, logits=logits)
 
 
 def select_blocks(qbar, q_sim, kbar, k_sim, valid, *, scale, simthreshd1, cdfthreshd=None,
                   topk=None, mass_threshold=None, attention_sink=True, return_details=False,
-                  p_hat=None):
+                  logits=None):
     """Selection from the pooled statistics (``cuda/select.cu``): compressed map, TopCdf, TopK or
     the mass threshold, fix blocks, causal validity and sink.
 
     ``qbar`` float32 ``[B, Hq, nq, D]`` and ``q_sim`` ``[B, Hq, nq]``; ``kbar`` ``[B, Hkv, nk, D]``
     and ``k_sim`` ``[B, Hkv, nk]`` (pooled smoothed K, per kv head); ``valid`` bool ``[nq, nk]``,
     the causal validity of these query blocks (a subset of rows is fine: sequence parallelism).
-    ``p_hat``: float32 ``[B, Hq, nq, nk]``, an estimate to select from instead of the compressed
-    map (reference-only predictors; its non-finite columns are set to 0).
+    ``logits``: ``[B, Hq, nq, nk]`` (any float dtype, rounded to float32), logits to select from
+    in place of the compressed map's ``scale * qbar_i . kbar_j`` (the qbar-keys estimate, or a
+    kernel's own S^ in the GPU tests); the softmax and everything after are the same.
     """
     B, Hq = qbar.shape[:2]
     head = (slice(None), None, None)                     # per-head value -> [Hq, 1, 1]
@@ -154,19 +185,19 @@ def select_blocks(qbar, q_sim, kbar, k_sim, valid, *, scale, simthreshd1, cdfthr
     k_ok = k_sim[..., None, :] > theta                                 # [B, Hq, 1, nk]
     kbar = expand_kv_heads(kbar, Hq)
     finite = valid & k_ok
-    if p_hat is not None:
-        p_hat = np.where(finite, p_hat, F32(0)).astype(F32)
-    else:
+    if logits is None:
         # The compressed map's dot products, exponentials and softmax sum are taken in float64
         # and rounded once to float32 (select.cu does the same), so that P^ is defined to the
         # last bit up to float64 summation order, and the selection below mirrors the kernel.
         dots = np.matmul(qbar.astype(np.float64), kbar.astype(np.float64).swapaxes(-1, -2)).astype(F32)
-        s_hat = np.where(finite, F32(scale) * dots, -np.inf).astype(F32)
-        row_max = s_hat.max(axis=-1, keepdims=True)
-        row_max = np.where(np.isfinite(row_max), row_max, F32(0))
-        e = np.exp((s_hat - row_max).astype(np.float64)).astype(F32)
-        total = e.astype(np.float64).sum(axis=-1, keepdims=True).astype(F32)
-        p_hat = np.where(total > 0, e / np.where(total > 0, total, F32(1)), F32(0)).astype(F32)
+        logits = F32(scale) * dots
+    with np.errstate(invalid="ignore"):
+        s_hat = np.where(finite, np.asarray(logits).astype(F32), -np.inf).astype(F32)
+    row_max = s_hat.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, F32(0))
+    e = np.exp((s_hat - row_max).astype(np.float64)).astype(F32)
+    total = e.astype(np.float64).sum(axis=-1, keepdims=True).astype(F32)
+    p_hat = np.where(total > 0, e / np.where(total > 0, total, F32(1)), F32(0)).astype(F32)
 
     if sum(x is not None for x in (cdfthreshd, topk, mass_threshold)) != 1:
         raise ValueError("cdfthreshd, topk, mass_threshold: exactly one of them must be given")

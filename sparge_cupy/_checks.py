@@ -134,15 +134,11 @@ def check_thresholds(shapes, *, simthreshd1, cdfthreshd, topk, mass_threshold=No
     return theta, tau, kk, mt
 
 
-def check_predictor(predictor, xp_name):
-    """The Stage-1 estimate: "paper" everywhere, the others (reference.predict.PREDICTORS) on
-    NumPy arrays only (no kernel yet)."""
+def check_predictor(predictor, xp_name=None):
+    """The Stage-1 estimate: one of reference.predict.PREDICTORS (each has a kernel and a
+    reference mirror, so every array type takes every one)."""
     from .reference.predict import PREDICTORS
-    check_choice("predictor", predictor, PREDICTORS)
-    if predictor != "paper" and xp_name != "numpy":
-        raise ValueError(f"predictor: {predictor!r} runs in the NumPy reference only (the kernels "
-                         f"implement 'paper'); pass NumPy arrays, got {xp_name}")
-    return predictor
+    return check_choice("predictor", predictor, PREDICTORS)
 
 
 def check_pvthreshd(pvthreshd, Hq):

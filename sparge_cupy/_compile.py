@@ -108,7 +108,8 @@ def kernel_names(cc):
                       ("block_stats.cu", f"sparge::quantize_q<{T}, signed char, {D}>"),
                       ("block_stats.cu", f"sparge::quantize_q<{T}, __half, {D}>"),
                       ("quant_v.cu", f"sparge::v_channel_amax<{T}, {D}>"),
-                      ("quant_v.cu", f"sparge::quantize_v<{T}, false, {D}>")]
+                      ("quant_v.cu", f"sparge::quantize_v<{T}, false, {D}>"),
+                      ("select.cu", f"sparge::qbar_keys_map<{T}, {D}>")]
             if fp8:
                 names.append(("quant_v.cu", f"sparge::quantize_v<{T}, true, {D}>"))
             for qk in ("int8", "fp16"):

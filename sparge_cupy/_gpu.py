@@ -12,6 +12,7 @@ The pipeline (one launch per line; kernels in ``cuda/``):
     head_scales          K mean, max |K - km|, rebalancing scales per kv head       block_stats.cu
     k_pass (K)           pass B: pooled K - km, its similarity, the K operand       block_stats.cu
     compressed_map       S^ in tiles of 64 x 64 block pairs                         select.cu
+      or qbar_keys_map (K)   predictor="qbar_keys": S^ from every smoothed key         select.cu
     select_rows / _blocks  S^ rows -> bool block map (a warp or a block per row)    select.cu
     quantize_q (Q)       pass B: the Q operand                                      block_stats.cu
     v_channel_amax (V)   pass A: channel max |V| (pv="fp8")                         quant_v.cu
@@ -82,6 +83,10 @@ MAP_PARAMS = _struct([
     ("qbar", _PTR), ("kbar", _PTR), ("k_sim", _PTR), ("theta", _PTR), ("s_hat", _PTR),
     ("Hq", _I32), ("Hkv", _I32), ("nq", _I32), ("nk", _I32), ("D", _I32), ("Lq", _I32),
     ("Lk", _I32), ("causal", _I32), ("scale", _F32)])
+QBAR_KEYS_PARAMS = _struct([
+    ("k", TENSOR_VIEW), ("qbar", _PTR), ("km", _PTR), ("k_sim", _PTR), ("theta", _PTR),
+    ("s_hat", _PTR), ("Hq", _I32), ("Hkv", _I32), ("nq", _I32), ("nk", _I32), ("Lq", _I32),
+    ("Lk", _I32), ("causal", _I32), ("scale", _F32)])
 SELECT_PARAMS = _struct([
     ("s_hat", _PTR), ("q_sim", _PTR), ("k_sim", _PTR), ("theta", _PTR), ("tau", _PTR),
     ("topk", _PTR), ("mass_threshold", _PTR), ("block_map", _PTR), ("Hq", _I32), ("Hkv", _I32),
@@ -96,6 +101,7 @@ ATTN_PARAMS = _struct([
 STRUCTS = {"TensorView": TENSOR_VIEW, "QStatsParams": Q_STATS_PARAMS,
            "HeadScalesParams": HEAD_SCALES_PARAMS, "KPassParams": K_PASS_PARAMS,
            "QuantizeQParams": QUANTIZE_Q_PARAMS, "MapParams": MAP_PARAMS,
+           "QbarKeysParams": QBAR_KEYS_PARAMS,
            "SelectParams": SELECT_PARAMS, "AttnParams": ATTN_PARAMS}
 
 
@@ -426,6 +432,7 @@ def _set_smem(kern, nbytes, what):
 
 
 MAP_TILE = 64                        # compressed_map's tile of query and key blocks (select.cu)
+QK_WARPS, QK_KEYS = 8, 256          # qbar_keys_map: warps (8 query blocks each), keys per program
 
 
 def select_row_keys(nk):
@@ -434,22 +441,46 @@ def select_row_keys(nk):
     return next((e for e in SELECT_ROW_KEYS if nk <= 32 * e), None)
 
 
-def select(st, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, topk, attention_sink,
-           mass_threshold=None, row_kernel="auto"):
-    """The bool block map ``[B, Hq, nq, nk]`` from the pooled statistics; exactly one of
-    ``cdfthreshd``, ``topk``, ``mass_threshold`` is not None. ``row_kernel``: ``"auto"`` (a warp
-    per row where the row fits, :func:`select_row_keys`) or ``"block"`` (select_blocks always:
-    the two give the same map, which the GPU tests check)."""
+def estimate_logits(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, predictor="paper"):
+    """S^ ``[B, Hq, nq, nk]`` float32, the logits the selection takes the softmax of (-inf where
+    a block is causally invalid or its K block not self-similar): the compressed map
+    (``predictor="paper"``, from the pooled blocks) or the qbar-keys estimate (``"qbar_keys"``,
+    from the pooled Q against every key of ``k``, the K :class:`Operand`)."""
     cp = _cupy()
     B, Hq, nq, D = st.qbar.shape
-    Hkv, nk = st.kbar.shape[1], st.kbar.shape[2]
-    theta, tau, kk, mt = (device_constant(x) for x in (simthreshd1, cdfthreshd, topk, mass_threshold))
-    qbar, kbar = cp.ascontiguousarray(st.qbar), cp.ascontiguousarray(st.kbar)
+    Hkv, nk = st.k_sim.shape[1], st.k_sim.shape[2]
+    theta = device_constant(simthreshd1)
+    qbar = cp.ascontiguousarray(st.qbar)
     s_hat = cp.empty((B, Hq, nq, nk), dtype=cp.float32)
+    if predictor == "qbar_keys":
+        get_kernel("select.cu", f"sparge::qbar_keys_map<{ELEMENT_TYPES[k.dtype]}, {D}>")(
+            (-(-nq // (8 * QK_WARPS)), -(-Lk // QK_KEYS), B * Hq), (32 * QK_WARPS,), (_params(
+                QBAR_KEYS_PARAMS, k=k.view(), qbar=qbar, km=st.km, k_sim=st.k_sim, theta=theta,
+                s_hat=s_hat, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk, Lq=Lq, Lk=Lk, causal=int(is_causal),
+                scale=scale),))
+        return s_hat
     get_kernel("select.cu", "sparge::compressed_map")(
         (-(-nk // MAP_TILE), -(-nq // MAP_TILE), B * Hq), (THREADS,), (_params(
-            MAP_PARAMS, qbar=qbar, kbar=kbar, k_sim=st.k_sim, theta=theta, s_hat=s_hat, Hq=Hq,
-            Hkv=Hkv, nq=nq, nk=nk, D=D, Lq=Lq, Lk=Lk, causal=int(is_causal), scale=scale),))
+            MAP_PARAMS, qbar=qbar, kbar=cp.ascontiguousarray(st.kbar), k_sim=st.k_sim,
+            theta=theta, s_hat=s_hat, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk, D=D, Lq=Lq, Lk=Lk,
+            causal=int(is_causal), scale=scale),))
+    return s_hat
+
+
+def select(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, topk,
+           attention_sink, mass_threshold=None, predictor="paper", s_hat=None, row_kernel="auto"):
+    """The bool block map ``[B, Hq, nq, nk]`` from the pooled statistics; exactly one of
+    ``cdfthreshd``, ``topk``, ``mass_threshold`` is not None. ``predictor``, ``k``: see
+    :func:`estimate_logits`; ``s_hat``: its result, given (then neither is used).
+    ``row_kernel``: ``"auto"`` (a warp per row where the row fits, :func:`select_row_keys`) or
+    ``"block"`` (select_blocks always: the two give the same map, which the GPU tests check)."""
+    cp = _cupy()
+    if s_hat is None:
+        s_hat = estimate_logits(st, k, Lq=Lq, Lk=Lk, is_causal=is_causal, scale=scale,
+                                simthreshd1=simthreshd1, predictor=predictor)
+    B, Hq, nq, nk = s_hat.shape
+    Hkv = st.k_sim.shape[1]
+    theta, tau, kk, mt = (device_constant(x) for x in (simthreshd1, cdfthreshd, topk, mass_threshold))
     block_map = cp.empty((B, Hq, nq, nk), dtype=cp.bool_)
     smem, pow2 = select_smem_bytes(nk)
     params = (_params(
@@ -589,13 +620,14 @@ def _as_operands(layout, *arrays):
 
 
 def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
-                      attention_sink, mass_threshold=None):
+                      attention_sink, mass_threshold=None, predictor="paper"):
     q, k = _as_operands(layout, q, k)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter)
-    block_map = select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
+    block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-                       mass_threshold=mass_threshold, attention_sink=attention_sink)
+                       mass_threshold=mass_threshold, attention_sink=attention_sink,
+                       predictor=predictor)
     check_counter(counter, q=q, k=k)
     return block_map
 
@@ -621,15 +653,16 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd
 
 def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
                 attention_sink, pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None,
-                mass_threshold=None):
+                mass_threshold=None, predictor="paper"):
     """Prediction and attention sharing the statistics of Q and K; the pass that pools K - km
     also writes the K operand."""
     q, k, v = _as_operands(layout, q, k, v)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter, k_operand=(qk, rebalance))
-    block_map = select(st, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
+    block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-                       mass_threshold=mass_threshold, attention_sink=attention_sink)
+                       mass_threshold=mass_threshold, attention_sink=attention_sink,
+                       predictor=predictor)
     return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
                    pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
                    return_lse=return_lse, return_stats=return_stats, out=out)

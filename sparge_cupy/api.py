@@ -93,9 +93,9 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
         whole key sequence), one threshold for all rows, and each row's largest block; not in the
         paper (README, "Predictors beyond the paper"). Tune it with ``sparge-cupy tune --mode mass``.
         Exactly one of cdfthreshd, topk, mass_threshold applies.
-      predictor: the estimate the rule selects from: "paper" (the compressed map) or, on NumPy
-        arrays only, "qbar_keys" (each query block's pooled query against every smoothed key;
-        README, "Predictors beyond the paper").
+      predictor: the estimate the rule selects from: "paper" (the compressed map: pooled queries
+        against pooled keys) or "qbar_keys" (each query block's pooled query against every
+        smoothed key, about 1/256 of attention's FLOPs; README, "Predictors beyond the paper").
       attention_sink: always keep key block 0.
     Returns:
       bool ``[B, Hq, ceil(Lq/128), ceil(Lk/64)]`` on the arrays' device.
@@ -107,7 +107,7 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
     if xp_name == "cupy":
         from . import _gpu
         return _gpu.predict_block_map(q, k, is_causal=is_causal, scale=scale, layout=layout,
-                                      attention_sink=attention_sink, **sel)
+                                      attention_sink=attention_sink, predictor=predictor, **sel)
     ref = _reference()
     return ref.predict_block_map(ref.to_hnd(q, layout), ref.to_hnd(k, layout), is_causal=is_causal,
                                  scale=scale, attention_sink=attention_sink, predictor=predictor,
@@ -160,7 +160,7 @@ def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
     if xp_name == "cupy":
         from . import _gpu
         return _gpu.sparge_attn(q, k, v, is_causal=is_causal, scale=scale, layout=layout,
-                                attention_sink=attention_sink, **sel, **opts)
+                                attention_sink=attention_sink, predictor=predictor, **sel, **opts)
     ref = _reference()
     block_map = ref.predict_block_map(ref.to_hnd(q, layout), ref.to_hnd(k, layout),
                                       is_causal=is_causal, scale=scale,

@@ -40,6 +40,26 @@ def _to_torch(x):
     return torch.from_dlpack(x)
 
 
+class _StreamHandle:
+    """A raw ``cudaStream_t`` through the CUDA stream protocol (``__cuda_stream__``: version 0,
+    the handle), which ``cupy.cuda.Stream.from_external`` takes."""
+
+    def __init__(self, ptr):
+        self.ptr = int(ptr)
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+def _external_stream(ptr, device_id):
+    """A CuPy stream on torch's stream ``ptr``: ``Stream.from_external`` (CuPy 14, which
+    deprecates ``ExternalStream``), else ``ExternalStream``."""
+    import cupy
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(_StreamHandle(ptr))
+    return cupy.cuda.ExternalStream(ptr, device_id)
+
+
 @contextlib.contextmanager
 def _on_current_stream(t):
     """CuPy launches on the device of ``t`` and torch's current stream there."""
@@ -47,7 +67,7 @@ def _on_current_stream(t):
     torch = _torch()
     with cupy.cuda.Device(t.device.index):
         stream = torch.cuda.current_stream(t.device)
-        with cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index):
+        with _external_stream(stream.cuda_stream, t.device.index):
             yield
 
 
@@ -95,11 +115,11 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
     shapes, scale = _check(q, k, None, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     ck.check_flag("attention_sink", attention_sink)
-    ck.check_predictor(predictor, "torch")
+    predictor = ck.check_predictor(predictor)
     with _on_current_stream(q):
         qo, ko = _operands(layout, q, k)
         bmap = _gpu.predict_block_map(qo, ko, is_causal=is_causal, scale=scale, layout=layout,
-                                      attention_sink=attention_sink, **sel)
+                                      attention_sink=attention_sink, predictor=predictor, **sel)
         return _to_torch(bmap)
 
 
@@ -134,9 +154,10 @@ def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
     shapes, scale = _check(q, k, v, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     ck.check_flag("attention_sink", attention_sink)
-    ck.check_predictor(predictor, "torch")
+    predictor = ck.check_predictor(predictor)
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
     with _on_current_stream(q):
         qo, ko, vo = _operands(layout, q, k, v)
         return _run_attention(_gpu.sparge_attn, q, qo, ko, vo, is_causal=is_causal, scale=scale,
-                              layout=layout, attention_sink=attention_sink, **sel, **opts)
+                              layout=layout, attention_sink=attention_sink, predictor=predictor,
+                              **sel, **opts)

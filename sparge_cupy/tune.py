@@ -266,23 +266,21 @@ def to_hf_settings(results, meta=None):
     Per layer: the per-head thresholds (dense heads as theta = -1, tau = 1, topk = 1 or
     mass_threshold = 0, lambda null: every block, no filter), or ``{"dense": true}`` when every
     head of the layer is dense (the integration then runs the model's own attention there). The
-    options (``qk``, ``pv``, ``rebalance``, ``attention_sink``) are global in that format, so every
-    layer must have been tuned with the same ones. Layer names must name an index (``"5"``,
-    ``"model.layers.5.self_attn"``).
+    options (``qk``, ``pv``, ``rebalance``, ``attention_sink``, ``predictor``) are global in that
+    format, so every layer must have been tuned with the same ones. Layer names must name an index
+    (``"5"``, ``"model.layers.5.self_attn"``).
     """
     if not isinstance(results, dict):
         results = {r.layer: r for r in results}
     options, layers = None, {}
     for name, r in results.items():
-        opts = {"qk": r.qk, "rebalance": bool(r.rebalance), "pv": r.pv, "attention_sink": bool(r.attention_sink)}
+        opts = {"qk": r.qk, "rebalance": bool(r.rebalance), "pv": r.pv,
+                "attention_sink": bool(r.attention_sink), "predictor": r.predictor}
         if options is None:
             options = opts
         elif opts != options:
             raise ValueError(f"results: layer {name!r} was tuned with {opts}, another layer with {options}; "
                              "the hf settings hold one set of options")
-        if r.predictor != "paper":
-            raise ValueError(f"results: layer {name!r} was tuned with predictor {r.predictor!r}, "
-                             "which runs in the NumPy reference only; the hf integration runs 'paper'")
         if r.dense.all():
             layers[name] = {"dense": True}
             continue

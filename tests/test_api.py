@@ -59,8 +59,8 @@ def test_mass_threshold_through_the_api(qkv):
 
 
 def test_qbar_keys_predictor_through_the_api(qkv):
-    """predictor="qbar_keys" reaches the reference on NumPy arrays; the kernels refuse it by name."""
-    from sparge_cupy import _checks
+    """predictor="qbar_keys" reaches the reference on NumPy arrays (the GPU tests check the
+    kernel against it)."""
     q, k, v = qkv
     kw = dict(is_causal=True, scale=0.1, simthreshd1=-1.0, mass_threshold=1.0)
     bm = sc.predict_block_map(q, k, predictor="qbar_keys", **kw)
@@ -69,9 +69,7 @@ def test_qbar_keys_predictor_through_the_api(qkv):
     assert_equal(bm, want, what="block map")
     out = sc.sparge_attn(q, k, v, predictor="qbar_keys", **kw)
     assert_equal(out, sc.block_sparse_attn(q, k, v, bm, is_causal=True, scale=0.1), what="output")
-    with pytest.raises(ValueError, match="predictor: 'qbar_keys' runs in the NumPy reference only"):
-        _checks.check_predictor("qbar_keys", "cupy")
-    assert _checks.check_predictor("paper", "cupy") == "paper"
+    assert (bm != sc.predict_block_map(q, k, **kw)).any(), "the two estimates should differ here"
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])

@@ -251,6 +251,92 @@ def test_block_map_mass_threshold_limits_and_ties():
                                                                   layout="NHD", pv="fp16").get())
 
 
+def _qbar_keys_tolerance(qbar, ks, km, logits, scale, D):
+    """Bound on |S^_gpu - S^_ref| of the qbar-keys estimate (select.cu qbar_keys_map, float32,
+    against reference.qbar_keys_logits, float64 rounded once): each logit is a float32 FMA chain
+    over D channels, |error| <= (D + 4) u sum_c |qbar_c| (|ks_uc| + |km_c|) with u = 2^-24 (the
+    products, the smoothing and the pooled inputs' own rounding); the block's LSE moves by at
+    most its largest logit error, plus the float32 exponentials, 64-term sum, logarithms and final
+    roundings: 2^-20 (1 + |S^|)."""
+    u, H = 2.0 ** -24, qbar.shape[1]
+    k_abs = np.abs(ks.astype(np.float64)) + np.abs(km.astype(np.float64))      # [B, Hkv, Lk, D]
+    a = np.matmul(np.abs(qbar.astype(np.float64)), R.expand_kv_heads(k_abs, H).swapaxes(-1, -2))
+    nk = logits.shape[-1]
+    pad = nk * BK - a.shape[-1]
+    a = np.concatenate([a, np.zeros(a.shape[:-1] + (pad,))], axis=-1).reshape(a.shape[:-1] + (nk, BK))
+    return scale * (D + 4) * u * a.max(axis=-1) + 2.0 ** -20 * (1 + np.abs(np.where(np.isfinite(logits), logits, 0)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_qbar_keys_logits_match_reference(case, record_property):
+    """predictor="qbar_keys": the kernel's S^ (every smoothed key against each pooled query, LSE
+    per key block) is the reference's within the float32 bound of _qbar_keys_tolerance, -inf at
+    exactly the causally invalid and non-self-similar blocks; the selection on it is the
+    reference's selection on the same S^ bit for bit; the public map equals the reference's up to
+    near-ties of that size."""
+    (q, k, _), (qg, kg, _) = _inputs(case)
+    Hq, D, layout, causal = case[1], case[5], case[7], case[8]
+    Lq, Lk = case[3], case[4]
+    scale = 1.3 / np.sqrt(D)
+    theta = np.linspace(-1.0, 0.6, Hq).astype(np.float32)       # some heads mask K columns
+    qo, ko = _gpu.operand(qg, layout), _gpu.operand(kg, layout)
+    st = _gpu.block_statistics(qo, ko, pooled=True)
+    kw = dict(Lq=Lq, Lk=Lk, is_causal=causal, scale=scale, simthreshd1=theta)
+    s_gpu = _gpu.estimate_logits(st, ko, predictor="qbar_keys", **kw)
+    got = s_gpu.get()
+    qh, kh = _hnd(q, layout).astype(np.float32), _hnd(k, layout)
+    km, ks = R.smooth_k(kh)
+    qbar = R.pool_blocks(qh, BQ)
+    want = R.qbar_keys_logits(qbar, ks, Lq=Lq, is_causal=causal, scale=scale).astype(np.float32)
+    k_ok = R.expand_kv_heads(st.k_sim.get()[:, :, None], Hq)[:, :, 0] > theta[None, :, None]
+    finite = R.valid_blocks(Lq, Lk, BQ, BK, causal) & k_ok[:, :, None, :]
+    assert np.array_equal(np.isfinite(got), finite), "S^ is -inf elsewhere than the masked blocks"
+    tol = _qbar_keys_tolerance(qbar, ks, km, want, scale, D)
+    with np.errstate(invalid="ignore"):                           # -inf - -inf off the mask
+        err = np.abs(np.where(finite, got.astype(np.float64) - want, 0.0))
+    bad = np.argwhere(err > tol)
+    record_property("metrics", f"max |S^ - ref| {err.max():.2e}, max bound {tol.max():.2e}")
+    assert not len(bad), (f"{len(bad)} of {finite.sum()} S^ entries beyond the bound, first (b, h, i, j) "
+                          f"{bad[:5].tolist()}: {got[tuple(bad[0])]} vs {want[tuple(bad[0])]}, "
+                          f"bound {tol[tuple(bad[0])]:.3g}")
+    mt = np.geomspace(0.3, 3.0, Hq).astype(np.float32)
+    sel = dict(cdfthreshd=None, topk=None, mass_threshold=mt, attention_sink=True)
+    gpu_map = _gpu.select(st, s_hat=s_gpu, **kw, **sel).get()
+    same = R.select_blocks(st.qbar.get(), st.q_sim.get(), st.kbar.get(), st.k_sim.get(),
+                           R.valid_blocks(Lq, Lk, BQ, BK, causal), scale=scale, simthreshd1=theta,
+                           mass_threshold=mt, logits=got)
+    rows = np.argwhere((gpu_map != same).any(axis=-1))
+    assert not len(rows), f"selection on the kernel's S^ differs in {len(rows)} rows: {rows[:5].tolist()}"
+    api = sc.predict_block_map(qg, kg, is_causal=causal, scale=scale, layout=layout,
+                               simthreshd1=theta, mass_threshold=mt, predictor="qbar_keys").get()
+    assert np.array_equal(api, gpu_map), "the public entry point runs another map"
+    ref_map, details = R.predict_block_map(qh, kh, is_causal=causal, scale=scale, simthreshd1=theta,
+                                           mass_threshold=mt, predictor="qbar_keys",
+                                           return_details=True)
+    bad_rows = unexplained_map_rows(api, ref_map, details, theta=theta, mass_threshold=mt,
+                                    rel=max(1e-5, 4 * float(tol.max())))
+    assert not bad_rows, f"block map rows differ beyond near-ties: {bad_rows[:8]}"
+
+
+def test_qbar_keys_through_sparge_attn_and_torch():
+    """sparge_attn(predictor="qbar_keys") runs predict_block_map's map (CuPy and torch), and the
+    estimate differs from the paper's on this input."""
+    (q, k, v), (qg, kg, vg) = _inputs(CASES[3])
+    kw = dict(is_causal=True, layout="NHD", simthreshd1=-1.0, mass_threshold=1.0)
+    bm = sc.predict_block_map(qg, kg, predictor="qbar_keys", **kw)
+    out = sc.sparge_attn(qg, kg, vg, predictor="qbar_keys", pv="fp16", **kw)
+    assert cupy.array_equal(out, sc.block_sparse_attn(qg, kg, vg, bm, is_causal=True,
+                                                      layout="NHD", pv="fp16"))
+    assert (bm != sc.predict_block_map(qg, kg, **kw)).any(), "qbar_keys should differ from paper"
+    torch = pytest.importorskip("torch")
+    import sparge_cupy.torch as st
+    tq, tk, tv = (torch.from_numpy(x).to("cuda") for x in (q, k, v))
+    tmap = st.predict_block_map(tq, tk, predictor="qbar_keys", **kw)
+    np.testing.assert_array_equal(tmap.cpu().numpy(), bm.get())
+    tout = st.sparge_attn(tq, tk, tv, predictor="qbar_keys", pv="fp16", **kw)
+    np.testing.assert_array_equal(tout.cpu().numpy(), out.get())
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention against the blocked mirror and the float64 truth.
 

@@ -276,11 +276,11 @@ def test_mass_mode_meets_the_bounds_and_beats_topcdf(causal_gqa, causal_mass_tun
 
 
 def test_qbar_keys_predictor_tunes_and_reevaluates(causal_gqa, causal_mass_tuned):
-    """The tuner on the reference-only qbar_keys estimate: its kwargs carry the predictor, the
-    bounds hold through the public API, and the hf settings refuse it (no kernel)."""
+    """The tuner on the qbar_keys estimate: its kwargs carry the predictor, the bounds hold
+    through the public API, and the hf settings carry it as an option."""
     q, k, v, scale = causal_gqa
     tuned = T.tune_layer([q], [k], [v], is_causal=True, scale=scale, l1=L1, pv_l1=PV_L1,
-                         layer="qk", mode="mass", predictor="qbar_keys", thetas=(-1.0, 0.5))
+                         layer="7", mode="mass", predictor="qbar_keys", thetas=(-1.0, 0.5))
     assert tuned.predictor == "qbar_keys" and tuned.kwargs()["predictor"] == "qbar_keys"
     assert tuned.verified and tuned.meets_bound.all()
     l1_s2, stats = _reevaluate(tuned, q, k, v, is_causal=True, scale=scale, stage2=True)
@@ -288,8 +288,10 @@ def test_qbar_keys_predictor_tunes_and_reevaluates(causal_gqa, causal_mass_tuned
     np.testing.assert_allclose(l1_s2, tuned.l1, rtol=1e-6)
     assert T.LayerTuning.from_json(tuned.to_json()).predictor == "qbar_keys"
     assert causal_mass_tuned.predictor == "paper" and "predictor" not in causal_mass_tuned.kwargs()
-    with pytest.raises(ValueError, match="predictor 'qbar_keys'"):
-        T.to_hf_settings([tuned])
+    settings = T.to_hf_settings([tuned])
+    assert settings["options"]["predictor"] == "qbar_keys"
+    from sparge_cupy import hf
+    assert hf.SpargeSettings.from_dict(settings).predictor == "qbar_keys"
 
 
 def test_mass_mode_full_head_keeps_every_block():
