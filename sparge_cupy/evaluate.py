@@ -12,6 +12,9 @@ measures per query head, against dense float64 attention on the same inputs (SPE
 - ``tuned_mass``: the same with the mass threshold rule (``mode="mass"``: keep ``nk * P^ >= t``,
   one threshold per head across rows; README "Predictors beyond the paper"); column
   ``mass_threshold``.
+- ``tuned_qbar``: the configuration that can reach the oracle: the qbar-keys estimate
+  (``predictor="qbar_keys"``) with the mass threshold rule and FP16 Q K^T / FP16 P V (the INT8 /
+  FP8 floor alone is half the error budget, ``bench/results/quant_floor_gemma3.md``).
 - ``oracle``: :func:`reference.oracle_block_map` at the same L1 bound: the sparsest map a
   predictor that saw the true attention could keep (float64, no quantization), and the same map
   run with INT8/FP8.
@@ -69,9 +72,11 @@ from .tune import RULE_KEYWORDS
 GEMMA_LAYERS = (5, 11, 17)
 DEFAULT_TOKENS = (4096, 8192)
 DEFAULT_NAME = "gemma3_eval_pydoc"
-STEPS = ("presets", "tuned", "tuned_mass", "oracle", "floors", "sweep")
+STEPS = ("presets", "tuned", "tuned_mass", "tuned_qbar", "oracle", "floors", "sweep")
+TUNED_STEPS = ("tuned", "tuned_mass", "tuned_qbar")
 # group names each step writes (--merge replaces rows by (tokens, layer, group))
 STEP_GROUPS = {"presets": ("preset",), "tuned": ("tuned",), "tuned_mass": ("tuned_mass",),
+               "tuned_qbar": ("tuned_qbar",),
                "oracle": ("oracle",),
                "floors": ("floor",), "sweep": ("sweep", "oracle_frontier")}
 # (setting, theta, tau): the shipped defaults, then theta = -1 (no fix block) at three taus
@@ -80,6 +85,7 @@ PRESETS = (("default", CONFIG.simthreshd1, CONFIG.cdfthreshd),
            ("theta=-1 tau=0.95", -1.0, 0.95),
            ("theta=-1 tau=0.98", -1.0, 0.98))
 USER_QUANT = {"qk": "int8", "rebalance": True, "pv": "fp8"}      # the API's defaults
+QBAR_QUANT = {"qk": "fp16", "rebalance": True, "pv": "fp16"}     # step tuned_qbar's
 # (setting, qk, rebalance, pv); "fp32" (no rounding) exists only in the NumPy reference
 FLOORS = (("int8+rebalance/fp8", "int8", True, "fp8"),
           ("int8+rebalance/fp16", "int8", True, "fp16"),
@@ -196,9 +202,9 @@ class _Layer:
         return self.l1(out)
 
     # -- the public API (GPU) or the reference ----------------------------------------------------
-    def predict(self, theta, **rule):
+    def predict(self, theta, predictor="paper", **rule):
         """The block map of theta and one selection rule (``cdfthreshd=`` or ``mass_threshold=``)."""
-        kw = dict(is_causal=self.is_causal, scale=self.scale,
+        kw = dict(is_causal=self.is_causal, scale=self.scale, predictor=predictor,
                   simthreshd1=np.broadcast_to(np.asarray(theta, F32), (self.H,)).copy(),
                   **{n: np.broadcast_to(np.asarray(t, F32), (self.H,)).copy() for n, t in rule.items()})
         if self.use_gpu:
@@ -255,21 +261,25 @@ def tuned_block_map(x, tuning):
     if tuning.mode == "topk":
         raise ValueError("tuning: the evaluation reads TopCdf ('cdf') and mass threshold ('mass') "
                          "tunings, not 'topk'")
-    bm = x.predict(tuning.simthreshd1, **{RULE_KEYWORDS[tuning.mode]: tuning.threshold})
+    bm = x.predict(tuning.simthreshd1, predictor=tuning.predictor,
+                   **{RULE_KEYWORDS[tuning.mode]: tuning.threshold})
     bm[:, np.asarray(tuning.dense, bool)] = True
     return bm & x.valid
 
 
-def step_tuned(x, ctx, *, l1, pv_l1, thetas, log, mode="cdf"):
-    """Tune this layer with TopCdf (group "tuned") or the mass threshold (``mode="mass"``, group
-    "tuned_mass"); rows for Stage 1 alone and with Stage 2."""
+def step_tuned(x, ctx, *, l1, pv_l1, thetas, log, mode="cdf", predictor="paper", quant=None,
+               group="tuned"):
+    """Tune this layer (``tune_layer`` with ``mode``, ``predictor`` and the quantization
+    ``quant``, default the API's) into group ``group``; rows for Stage 1 alone and with Stage 2."""
     from .tune import tune_layer
+    quant = dict(USER_QUANT if quant is None else quant)
     q, k, v = x.dev
     r = tune_layer([q], [k], [v], is_causal=x.is_causal, scale=x.scale, l1=l1, pv_l1=pv_l1,
-                   layer=str(ctx["layer"]), thetas=thetas, log=log, mode=mode, **USER_QUANT)
+                   layer=str(ctx["layer"]), thetas=thetas, log=log, mode=mode, predictor=predictor,
+                   **quant)
     bm = tuned_block_map(x, r)
     lam = np.asarray(r.pvthreshd, F32)
-    common = dict(group="tuned" if mode == "cdf" else "tuned_mass", **USER_QUANT)
+    common = dict(group=group, **quant)
     thresholds = {"theta": r.simthreshd1, "tau" if mode == "cdf" else "mass_threshold": r.threshold}
     rows = _rows(ctx, {"stage1_sparsity": r.stage1_sparsity, "stage2_sparsity": 0.0,
                        "total_sparsity": r.stage1_sparsity, "rel_l1": r.stage1_l1,
@@ -353,17 +363,18 @@ def step_perplexity(tokens, tunings, *, last, log):
         dense = hf.perplexity(model, ids, "sdpa", last=last)["ppl"]
     sparge = hf.perplexity(model, ids, "sparge", last=last)["ppl"]
     base = dict(tokens=tokens, group="perplexity", ppl_tokens=last, backend="model on CPU")
+    quant = {"qk": settings.qk, "rebalance": settings.rebalance, "pv": settings.pv}
     rows = [dict(base, layer="all", head="all", setting="dense", ppl=dense),
-            dict(base, layer="all", head="all", setting="sparge", ppl=sparge, **USER_QUANT)]
+            dict(base, layer="all", head="all", setting="sparge", ppl=sparge, **quant)]
     for layer, s in sorted(settings.summary().items(), key=lambda kv: kv[0]):
         if "stage1_sparsity" not in s:
             continue
         for h, s1 in enumerate(s["stage1_sparsity_per_head"]):
             rows.append(dict(base, layer=layer, head=h, setting="sparge run", stage1_sparsity=s1,
-                             **USER_QUANT))
+                             **quant))
         rows.append(dict(base, layer=layer, head="all", setting="sparge run",
                          stage1_sparsity=s["stage1_sparsity"], stage2_sparsity=s["stage2_sparsity"],
-                         total_sparsity=s["total_sparsity"], **USER_QUANT))
+                         total_sparsity=s["total_sparsity"], **quant))
     return rows
 
 
@@ -496,14 +507,15 @@ class _Progress:
 
 def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05, pv_l1=0.06,
              thetas=None, frontier=ORACLE_FRONTIER, perplexity=False, ppl_tokens=(4096,),
-             ppl_last=2048, use_gpu=False, quiet=False):
+             ppl_last=2048, ppl_tuning="tuned", use_gpu=False, quiet=False):
     """Run the steps on every (tokens, layer); returns ``(rows, timings)``: the CSV rows and
-    ``{"<tokens>/<layer>/<step>": seconds}``."""
+    ``{"<tokens>/<layer>/<step>": seconds}``. The perplexity runs the thresholds of step
+    ``ppl_tuning`` (one of TUNED_STEPS)."""
     from .tune import DEFAULT_THETAS
     thetas = DEFAULT_THETAS if thetas is None else tuple(thetas)
     steps = [s for s in STEPS if s in steps]
-    if perplexity and "tuned" not in steps:
-        raise ValueError("steps: --perplexity runs the thresholds tuned here; include the 'tuned' step")
+    if perplexity and ppl_tuning not in steps:
+        raise ValueError(f"steps: --perplexity runs the thresholds of step {ppl_tuning!r}; include it")
     ppl_at = [n for n in tokens if perplexity and n in ppl_tokens]
     work = len(tokens) * len(layers) * (1 + len(steps)) + len(ppl_at)
     prog = _Progress(work, quiet)
@@ -520,7 +532,9 @@ def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05
 
     tuned_kw = dict(l1=l1, pv_l1=pv_l1, thetas=thetas, log=prog.log)
     step_fns = {"presets": (step_presets, {}), "tuned": (step_tuned, tuned_kw),
-                "tuned_mass": (step_tuned, dict(tuned_kw, mode="mass")),
+                "tuned_mass": (step_tuned, dict(tuned_kw, mode="mass", group="tuned_mass")),
+                "tuned_qbar": (step_tuned, dict(tuned_kw, mode="mass", predictor="qbar_keys",
+                                                quant=QBAR_QUANT, group="tuned_qbar")),
                 "oracle": (step_oracle, dict(l1=l1)), "floors": (step_floors, {}),
                 "sweep": (step_sweep, dict(l1=l1, frontier=frontier))}
     try:
@@ -536,9 +550,9 @@ def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05
                     prog.start(f"{n} tokens, layer {layer}: {step}")
                     fn, kw = step_fns[step]
                     res = timed(f"{n}/{layer}/{step}", fn, x, ctx, **kw)
-                    if step in ("tuned", "tuned_mass"):
+                    if step in TUNED_STEPS:
                         res, tuning = res
-                        if step == "tuned":          # the perplexity runs the TopCdf tuning
+                        if step == ppl_tuning:       # the thresholds the perplexity runs
                             tunings[(n, layer)] = tuning
                     rows += res
                 del x, data            # free this layer before loading the next
@@ -577,6 +591,8 @@ def add_arguments(p):
                    help="token counts to compute perplexity at (default %(default)s)")
     p.add_argument("--ppl-last", type=int, default=2048, metavar="T",
                    help="perplexity of the last T tokens (default %(default)s)")
+    p.add_argument("--ppl-tuning", choices=TUNED_STEPS, default="tuned",
+                   help="the tuning step whose thresholds the perplexity runs (default %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="gpu: the CuPy kernels; cpu: the NumPy reference (auto: gpu if found)")
     p.add_argument("--out-dir", default="sparge_eval_out", metavar="DIR",
@@ -628,8 +644,8 @@ def run(args):
     t0 = time.perf_counter()
     rows, timings = evaluate(args.tokens, args.layers, steps=args.steps, l1=args.l1, pv_l1=args.pv_l1,
                              thetas=thetas, frontier=args.oracle_frontier, perplexity=args.perplexity,
-                             ppl_tokens=args.ppl_tokens, ppl_last=args.ppl_last, use_gpu=use_gpu,
-                             quiet=args.quiet)
+                             ppl_tokens=args.ppl_tokens, ppl_last=args.ppl_last,
+                             ppl_tuning=args.ppl_tuning, use_gpu=use_gpu, quiet=args.quiet)
     runs = []
     if args.merge and csv_path.is_file():
         rows = merge_rows(read_csv(csv_path), rows)
@@ -672,6 +688,8 @@ def _argv_of(args):
         parts += ["--oracle-frontier", *(f"{b:g}" for b in args.oracle_frontier)]
     if args.perplexity:
         parts += ["--perplexity", "--ppl-tokens", *map(str, args.ppl_tokens), f"--ppl-last {args.ppl_last}"]
+        if args.ppl_tuning != "tuned":
+            parts.append(f"--ppl-tuning {args.ppl_tuning}")
     parts += [f"--device {args.device}", f"--name {args.name}"]   # --out-dir: where the report is
     if args.merge:
         parts.append("--merge")
@@ -721,10 +739,14 @@ def summary(rows):
             total = _mean(t2, "total_sparsity")
             floor = _mean(pick("floor", "int8+rebalance/fp8"), "rel_l1")
             m1 = _mean(pick("tuned_mass", "stage 1"), "stage1_sparsity")
+            b1 = _mean(pick("tuned_qbar", "stage 1"), "stage1_sparsity")
             of_oracle = (lambda s: s / oracle if oracle and math.isfinite(oracle) and oracle > 0 else math.nan)
             d = {"tokens": n, "layer": layer, "oracle": oracle, "tuned_s1": t1,
                  "ratio": of_oracle(t1), "mass_s1": m1, "mass_ratio": of_oracle(m1),
                  "mass_total": _mean(pick("tuned_mass", "stage 1+2"), "total_sparsity"),
+                 "qbar_s1": b1, "qbar_ratio": of_oracle(b1),
+                 "qbar_total": _mean(pick("tuned_qbar", "stage 1+2"), "total_sparsity"),
+                 "qbar_l1_s1": _mean(pick("tuned_qbar", "stage 1"), "rel_l1"),
                  "tuned_total": total, "stage2_added": total - t1,
                  "tuned_l1_s1": _mean(pick("tuned", "stage 1"), "rel_l1"), "tuned_l1": _mean(t2, "rel_l1"),
                  "oracle_l1_quant": _mean(pick("oracle"), "rel_l1"), "floor_l1": floor,
@@ -736,18 +758,21 @@ def summary(rows):
             per_layer[-1]["ppl_dense"] = ppl["dense"]["ppl"]
             per_layer[-1]["ppl_sparge"] = ppl["sparge"]["ppl"]
             per_layer[-1]["ppl_tokens"] = ppl["dense"]["ppl_tokens"]
+            per_layer[-1]["ppl_quant"] = f"{ppl['sparge']['qk']} / {ppl['sparge']['pv']}"
         out += per_layer
     return out
 
 
 def summary_lines(rows):
     lines = [f"{'tokens':>6} {'layer':>5} {'oracle':>7} {'tuned':>7} {'ratio':>6} {'mass':>6} {'ratio':>6} "
-             f"{'+stage2':>8} {'total':>6} {'L1 s1':>7} {'L1':>7} {'floor':>7}  perplexity dense / sparge"]
+             f"{'qbar':>6} {'ratio':>6} {'+stage2':>8} {'total':>6} {'L1 s1':>7} {'L1':>7} {'floor':>7}"
+             "  perplexity dense / sparge"]
     for d in summary(rows):
         ppl = (f"{d['ppl_dense']:.3f} / {d['ppl_sparge']:.3f} (last {int(d['ppl_tokens'])})"
                if "ppl_dense" in d else "")
         lines.append(f"{d['tokens']:>6} {str(d['layer']):>5} {_f(d['oracle']):>7} {_f(d['tuned_s1']):>7} "
                      f"{_f(d['ratio'], '.0%'):>6} {_f(d['mass_s1']):>6} {_f(d['mass_ratio'], '.0%'):>6} "
+                     f"{_f(d['qbar_s1']):>6} {_f(d['qbar_ratio'], '.0%'):>6} "
                      f"{_f(d['stage2_added'], '+.3f'):>8} {_f(d['tuned_total']):>6} "
                      f"{_f(d['tuned_l1_s1'], '.4f'):>7} {_f(d['tuned_l1'], '.4f'):>7} "
                      f"{_f(d['floor_l1'], '.4f'):>7}  {ppl}")
@@ -804,17 +829,22 @@ def report(rows, runs, *, figures=()):
               "INT8+rebalance/FP8 (quantization alone); default: Stage-1 sparsity at the shipped "
               f"defaults (theta {CONFIG.simthreshd1}, tau {CONFIG.cdfthreshd}); mass s1, mass total: "
               "the same tuning with the mass threshold rule instead of TopCdf (step tuned_mass), "
-              "its ratio to the oracle in brackets.", ""]
+              "its ratio to the oracle in brackets; qbar s1, qbar total: the qbar-keys estimate "
+              "with the mass threshold rule and FP16 Q K^T / FP16 P V (step tuned_qbar), "
+              "ratio in brackets.", ""]
     body = []
     for d in summary(rows):
         body.append([d["tokens"], d["layer"] if d["layer"] != "mean" else "**mean**", _f(d["oracle"]),
                      _f(d["tuned_s1"]), _f(d["ratio"], ".0%"), _f(d["stage2_added"], "+.3f"),
                      _f(d["tuned_total"]), f"{_f(d['tuned_l1_s1'], '.4f')} / {_f(d['tuned_l1'], '.4f')}",
                      _f(d["floor_l1"], ".4f"), _f(d["default_s1"]),
-                     f"{_f(d['mass_s1'])} ({_f(d['mass_ratio'], '.0%')})", _f(d["mass_total"])])
+                     f"{_f(d['mass_s1'])} ({_f(d['mass_ratio'], '.0%')})", _f(d["mass_total"]),
+                     f"{_f(d['qbar_s1'])} ({_f(d['qbar_ratio'], '.0%')})", _f(d["qbar_total"])])
     lines += [_table(["tokens", "layer", "oracle", "tuned s1", "ratio", "+ Stage 2", "tuned total",
-                      "L1 s1 / s1+2", "floor L1", "default s1", "mass s1", "mass total"], body), ""]
-    for key, what in (("ratio", "TopCdf"), ("mass_ratio", "mass threshold")):
+                      "L1 s1 / s1+2", "floor L1", "default s1", "mass s1", "mass total",
+                      "qbar s1", "qbar total"], body), ""]
+    for key, what in (("ratio", "TopCdf"), ("mass_ratio", "mass threshold"),
+                      ("qbar_ratio", "qbar-keys + mass threshold, FP16 / FP16")):
         means = [d for d in summary(rows) if d["layer"] == "mean" and math.isfinite(d[key])]
         if means:
             lines += [f"Against issue 5's target (tuned Stage 1 at L1 <= 0.05 reaches 90% of the "
@@ -824,12 +854,13 @@ def report(rows, runs, *, figures=()):
     ppl = [d for d in summary(rows) if "ppl_dense" in d]
     if ppl:
         lines += ["Perplexity of the last tokens (Gemma 3 270M on the CPU, the three full layers "
-                  "through the `sparge` attention implementation with the thresholds tuned above, "
-                  "the sliding-window layers dense):", ""]
-        lines += [_table(["tokens", "last", "dense", "sparge", "change"],
+                  "through the `sparge` attention implementation with the thresholds of one tuning "
+                  "step above (`--ppl-tuning`; its quantization in the last column), the "
+                  "sliding-window layers dense):", ""]
+        lines += [_table(["tokens", "last", "dense", "sparge", "change", "qk / pv"],
                          [[d["tokens"], int(d["ppl_tokens"]), f"{d['ppl_dense']:.4f}",
-                           f"{d['ppl_sparge']:.4f}", f"{d['ppl_sparge'] / d['ppl_dense'] - 1:+.2%}"]
-                          for d in ppl]), ""]
+                           f"{d['ppl_sparge']:.4f}", f"{d['ppl_sparge'] / d['ppl_dense'] - 1:+.2%}",
+                           d.get("ppl_quant", "-")] for d in ppl]), ""]
         run_rows = [r for r in rows if r["group"] == "perplexity" and r["setting"] == "sparge run"
                     and r["head"] == "all"]
         if run_rows:

@@ -58,6 +58,8 @@ def test_every_step_gives_one_row_per_head_and_setting(rows):
     expected = {("preset", p[0]) for p in ev.PRESETS} | {("tuned", "stage 1"), ("tuned", "stage 1+2"),
                                                           ("tuned_mass", "stage 1"),
                                                           ("tuned_mass", "stage 1+2"),
+                                                          ("tuned_qbar", "stage 1"),
+                                                          ("tuned_qbar", "stage 1+2"),
                                                           ("oracle", "l1<=0.05")}
     expected |= {("floor", f[0]) for f in ev.FLOORS}
     expected |= {("sweep", f"theta=-1 tau={t:.6g}") for t in ev.SWEEP_TAUS}
@@ -95,7 +97,7 @@ def test_numbers_agree_with_each_other(rows):
             assert oracle["rel_l1_sparsity_only"] <= 0.05 + 1e-12, oracle
             # the oracle map with quantization adds at most about the quantization floor
             assert oracle["rel_l1"] <= oracle["rel_l1_sparsity_only"] + 2 * floor["int8+rebalance/fp8"]
-            for group in ("tuned", "tuned_mass"):
+            for group in ("tuned", "tuned_mass", "tuned_qbar"):
                 s1 = pick(rows, group=group, setting="stage 1", **key)[0]
                 s12 = pick(rows, group=group, setting="stage 1+2", **key)[0]
                 assert s1["rel_l1"] <= 0.05 and s12["rel_l1"] <= 0.06, (s1, s12)
@@ -105,6 +107,8 @@ def test_numbers_agree_with_each_other(rows):
                 assert s1["rel_l1_sparsity_only"] <= s1["rel_l1"] + 2 * floor["int8+rebalance/fp8"]
                 rule, other = ("tau", "mass_threshold") if group == "tuned" else ("mass_threshold", "tau")
                 assert s1[rule] >= 0 and s1.get(other) is None, s1
+                quant = ev.QBAR_QUANT if group == "tuned_qbar" else ev.USER_QUANT
+                assert (s1["qk"], s1["pv"]) == (quant["qk"], quant["pv"]), s1
             sweep = sorted(pick(rows, group="sweep", **key), key=lambda r: r["tau"])
             sp = [r["stage1_sparsity"] for r in sweep]
             assert all(a >= b for a, b in zip(sp, sp[1:])), f"sweep sparsity rises with tau: {sp}"
