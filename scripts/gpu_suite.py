@@ -60,6 +60,8 @@ def worker():
                            cdfthreshd=0.9, pvthreshd=4.0, qk=qk, pv=pv, return_lse=True,
                            return_stats=True)
         sc.predict_block_map(q, k, is_causal=causal, layout=layout, topk=0.3)
+        sc.predict_block_map(q, k, is_causal=causal, layout=layout, mass_threshold=1.0,
+                             predictor="qbar_keys")
     try:
         import torch
 
