@@ -24,13 +24,13 @@ from sparge_cupy import _compile, _gpu  # noqa: E402
 KERNELS = ("q_stats", "k_sums", "k_pass", "quantize_q")
 
 
-def variant_get_kernel(extra):
-    """A get_kernel that builds block_stats.cu with the NVRTC options ``extra`` added."""
+def variant_get_kernel(extra, variant_source="block_stats.cu"):
+    """A get_kernel that builds ``variant_source`` with the NVRTC options ``extra`` added."""
     cache = {}
     cc = int(cupy.cuda.Device().compute_capability)
 
     def get_kernel(source, name):
-        if source != "block_stats.cu":
+        if source != variant_source:
             return _compile.get_kernel(source, name)
         if name not in cache:
             options = _compile.base_options() + (_compile.arch_flag(cc),) + tuple(extra)
