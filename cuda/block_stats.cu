@@ -329,10 +329,25 @@ __device__ __forceinline__ float block_delta(float lane_amax) {
     return (INT8 && amax > 0.f) ? __fdiv_rn(amax, INT8_MAX_F) : 1.f;
 }
 
+// What the quantizers' row loop needs of the block's scale: delta (block_delta), its reciprocal,
+// and whether div_rn serves every division of the warp: `lane_fast` says the lane's other divisors
+// (its channels' s_c) passed div_rn_ok; the result is the same on every lane, as the Flag
+// dispatch of a row loop with warp shuffles needs. Lane 0 stores delta at `out` (if given).
+struct BlockScale {
+    float delta, rd;
+    bool fast;
+};
+template <bool INT8>
+__device__ __forceinline__ BlockScale block_scale(float lane_amax, bool lane_fast, float* out) {
+    const float delta = block_delta<INT8>(lane_amax);
+    if (out && (threadIdx.x & 31) == 0) *out = delta;
+    return {delta, __frcp_rn(delta), __all_sync(0xffffffffu, lane_fast && div_rn_ok(delta)) != 0};
+}
+
 struct KPassParams {
     TensorView x;            // K [B, H, L, D]
     const float* km;         // [B, H, D] K mean
-    const float* s_c;        // [B, H, D] rebalancing scales (all 1 without rebalancing)
+    const float* s_c;        // [B, H, D] rebalancing scales, or nullptr (no rebalancing: all 1)
     const float* kmax;       // [B, H, nk, D] k_sums' block channel max and min of K
     const float* kmin;
     float* pooled;           // [B, H, nk, D] kbar, or nullptr (no prediction: then sim too)
@@ -368,17 +383,15 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) k_pass
     for (int c = 0; c < CPL; ++c) {
         const size_t ch = ((size_t)b * p.H + h) * D + c0 + c;
         km[c] = p.km[ch];
-        s[c] = p.s_c[ch];
+        s[c] = p.s_c ? p.s_c[ch] : 1.f;
         rs[c] = __frcp_rn(s[c]);
         fast = fast && div_rn_ok(s[c]);
         const float m = fmaxf(__fsub_rn(p.kmax[blk * D + c0 + c], km[c]),
                               __fsub_rn(km[c], p.kmin[blk * D + c0 + c]));
         a = fmaxf(a, __fdiv_rn(m, s[c]));
     }
-    const float delta = block_delta<INT8>(a);
-    const float rd = __frcp_rn(delta);
-    fast = fast && div_rn_ok(delta);
-    if (p.out && lane == 0) p.delta[blk] = delta;
+    const BlockScale sc = block_scale<INT8>(a, fast, p.out ? p.delta + blk : nullptr);
+    const float delta = sc.delta, rd = sc.rd;
 
     const bool pooled = p.pooled != nullptr;
     OutT* out = p.out ? static_cast<OutT*>(p.out) + blk * BK * D + c0 : nullptr;
@@ -404,7 +417,7 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) k_pass
         });
     };
     if (!out) rows(Flag<true>{}, Flag<false>{}, Flag<true>{});
-    else if (!fast) rows(Flag<true>{}, Flag<true>{}, Flag<false>{});   // rare: pooled or not
+    else if (!sc.fast) rows(Flag<true>{}, Flag<true>{}, Flag<false>{});   // rare: pooled or not
     else if (pooled) rows(Flag<true>{}, Flag<true>{}, Flag<true>{});
     else rows(Flag<false>{}, Flag<true>{}, Flag<true>{});
     if (pooled) pool.finish(n, p.pooled + blk * D, p.sim + blk);
@@ -412,7 +425,7 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) k_pass
 
 struct QuantizeQParams {
     TensorView x;            // Q [B, H, L, D]
-    const float* s_c;        // [B, Hkv, D] rebalancing scales (all 1 without rebalancing)
+    const float* s_c;        // [B, Hkv, D] rebalancing scales, or nullptr (no rebalancing: all 1)
     const float* km;         // [B, Hkv, D] K mean, for q . km, or nullptr (no LSE)
     const float* block_amax; // [B, H, nq, D] q_stats' per-channel max |Q| of each block
     void* out;               // [B, H, nq * BQ, D] int8 or fp16
@@ -445,14 +458,12 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) quanti
 #pragma unroll
     for (int c = 0; c < CPL; ++c) {
         const size_t ch = ((size_t)b * Hkv + kvh) * D + c0 + c;
-        s[c] = p.s_c[ch];
+        s[c] = p.s_c ? p.s_c[ch] : 1.f;
         km[c] = p.km ? p.km[ch] : 0.f;
         a = fmaxf(a, __fmul_rn(p.block_amax[blk * D + c0 + c], s[c]));
     }
-    const float delta = block_delta<INT8>(a);
-    const float rd = __frcp_rn(delta);
-    const bool fast = div_rn_ok(delta);
-    if (lane == 0) p.delta[blk] = delta;
+    const BlockScale sc = block_scale<INT8>(a, true, p.delta + blk);
+    const float delta = sc.delta, rd = sc.rd;
 
     OutT* out = static_cast<OutT*>(p.out) + blk * BQ * D + c0;
     float* qkm = p.q_dot_km ? p.q_dot_km + ((size_t)b * p.H + h) * p.L + row0 : nullptr;
@@ -472,7 +483,7 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) quanti
             }
         });
     };
-    if (fast) rows(Flag<true>{});
+    if (sc.fast) rows(Flag<true>{});
     else rows(Flag<false>{});
 }
 

@@ -344,7 +344,7 @@ def _k_pass(k, st, *, pooled, k_operand):
         out_t, out_dtype = _operand_type(qk)
         k_op, dk = cp.empty((B, Hkv, nk * BK, D), out_dtype), cp.empty((B, Hkv, nk), cp.float32)
         result = (qk, rebalance, k_op, dk)
-    s_c = st.s_c if k_operand is None or k_operand[1] else cp.ones_like(st.s_c)
+    s_c = st.s_c if k_operand is None or k_operand[1] else None       # None: no rebalancing
     get_kernel("block_stats.cu", f"sparge::k_pass<{T}, {out_t}, {D}>")(_warp_grid(nk, Hkv, B), (STATS_THREADS,), (_params(
         K_PASS_PARAMS, x=k.view(), km=st.km, s_c=s_c, kmax=st.k_block_max, kmin=st.k_block_min,
         pooled=st.kbar if pooled else None, sim=st.k_sim if pooled else None, out=k_op, delta=dk,
@@ -368,7 +368,7 @@ def quantize_qk(q, k, st, *, qk, rebalance, with_q_dot_km):
     q_dot_km = cp.empty((B, Hq, Lq), cp.float32) if with_q_dot_km else None
     get_kernel("block_stats.cu", f"sparge::quantize_q<{ELEMENT_TYPES[q.dtype]}, {out_t}, {D}>")(
         _warp_grid(nq, Hq, B), (STATS_THREADS,), (_params(
-            QUANTIZE_Q_PARAMS, x=q.view(), s_c=st.s_c if rebalance else cp.ones_like(st.s_c),
+            QUANTIZE_Q_PARAMS, x=q.view(), s_c=st.s_c if rebalance else None,
             km=st.km if with_q_dot_km else None, block_amax=st.q_block_amax, out=q_op, delta=dq,
             q_dot_km=q_dot_km, H=Hq, L=Lq, heads_per_kv=Hq // Hkv),))
     made = st.k_operand

@@ -87,6 +87,28 @@ def test_quantized_operands_bit_identical(case, qk, rebalance):
     assert not q_op[..., D:].any() and not k_op[..., D:].any(), "padding channels must be zero"
 
 
+@pytest.mark.parametrize("pooled", [True, False])
+def test_extreme_rebalancing_scale_bit_identical(pooled):
+    """A channel whose rebalancing scale leaves div_rn's range (|K| ~ 1e31 against |Q| ~ 1e-31:
+    s_c ~ 1e31 > 2^100) sends k_pass to IEEE division on the lanes holding it; the choice must
+    be the whole warp's (the row loop shuffles) and the operands stay the reference's bit for
+    bit, from sparge_attn's k_pass (pooled) and from quantize_qk's."""
+    q, k, _ = make_qkv(1, 2, 1, 300, 333, 64, dtype=np.float32, seed=5)
+    q[..., 3] *= np.float32(1e-31)
+    k[..., 3] *= np.float32(1e31)
+    qo, ko = _gpu.operand(cupy.asarray(q), "HND"), _gpu.operand(cupy.asarray(k), "HND")
+    st = _gpu.block_statistics(qo, ko, pooled=pooled, k_operand=("int8", True))
+    assert st.s_c.get()[0, 0, 3] > 2.0 ** 100, "the test needs a scale outside div_rn's range"
+    q_op, dq, k_op, dk, _ = _gpu.quantize_qk(qo, ko, st, qk="int8", rebalance=True,
+                                             with_q_dot_km=False)
+    rq, rdq, rk, rdk, _ = R.quantized_operands(q, k, scale=1.0, qk="int8", rebalance=True)
+    for got, want, what in ((q_op.get()[:, :, :300], rq, "Q operand"),
+                            (k_op.get()[:, :, :333], rk, "K operand"),
+                            (dq.get(), rdq, "dq"), (dk.get(), rdk, "dk")):
+        bad = np.argwhere(got.astype(np.float32) != want)
+        assert not len(bad), f"{what}: {len(bad)} entries differ, first {bad[:5].tolist()}"
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_block_statistics_match_reference(case):
     (q, k, _), (qg, kg, _) = _inputs(case)
