@@ -53,7 +53,7 @@ def main(variants):
         rows.append((B, L, D, causal, "attention kernel, all blocks (dense work)",
                      pb.region_ms(lambda: _gpu.run_attention(P.qo, P.ko, P.qz, full, **P.common,
                                                              **P.attn), 10), None))
-        del P
+        P = None                             # free this shape's arrays
         cupy.get_default_memory_pool().free_all_blocks()
     print("\n| B | L | D | causal | what | ms | useful FMA TFLOP/s | S^ = first variant's |")
     print("|---|---|---|---|---|---|---|---|")
