@@ -344,16 +344,23 @@ def step_sweep(x, ctx, *, l1, frontier):
     return rows
 
 
-def step_perplexity(tokens, tunings, *, last, log):
+def step_perplexity(tokens, tunings, *, last, log, stage2=True):
     """Perplexity of the last ``last`` tokens, dense (the capture run's stored per-token NLL when it
-    covers them, else recomputed with "sdpa") and with "sparge" running ``tunings``; per-layer
-    sparsity of the sparge run as the integration recorded it."""
+    covers them, else recomputed with "sdpa") and with "sparge" running ``tunings`` (without their
+    Stage 2 lambdas unless ``stage2``); per-layer sparsity of the sparge run as the integration
+    recorded it. The sparge row's ``bound`` is the L1 bound its thresholds were tuned to."""
     from . import hf
     from .tune import to_hf_settings
     nll_file = load_capture(tokens, None)
     ids = np.asarray(nll_file["token_ids"]).reshape(-1)
     model, _ = hf.load_gemma3_270m(log=log)
-    settings = hf.SpargeSettings.from_dict(to_hf_settings(tunings))
+    doc = to_hf_settings(tunings)
+    if not stage2:
+        for entry in doc["layers"].values():
+            entry.pop("pvthreshd", None)             # the filter off: Stage 1's thresholds alone
+    settings = hf.SpargeSettings.from_dict(doc)
+    r0 = next(iter(tunings.values()))
+    bound = r0.pv_l1_bound if stage2 else r0.l1_bound
     settings.collect_stats = True
     hf.register(settings)
     dense_nll = np.asarray(nll_file.get("nll_dense", np.zeros(0)), np.float64)
@@ -365,7 +372,7 @@ def step_perplexity(tokens, tunings, *, last, log):
     base = dict(tokens=tokens, group="perplexity", ppl_tokens=last, backend="model on CPU")
     quant = {"qk": settings.qk, "rebalance": settings.rebalance, "pv": settings.pv}
     rows = [dict(base, layer="all", head="all", setting="dense", ppl=dense),
-            dict(base, layer="all", head="all", setting="sparge", ppl=sparge, **quant)]
+            dict(base, layer="all", head="all", setting="sparge", ppl=sparge, bound=bound, **quant)]
     for layer, s in sorted(settings.summary().items(), key=lambda kv: kv[0]):
         if "stage1_sparsity" not in s:
             continue
@@ -507,10 +514,10 @@ class _Progress:
 
 def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05, pv_l1=0.06,
              thetas=None, frontier=ORACLE_FRONTIER, perplexity=False, ppl_tokens=(4096,),
-             ppl_last=2048, ppl_tuning="tuned", use_gpu=False, quiet=False):
+             ppl_last=2048, ppl_tuning="tuned", ppl_stage2=True, use_gpu=False, quiet=False):
     """Run the steps on every (tokens, layer); returns ``(rows, timings)``: the CSV rows and
     ``{"<tokens>/<layer>/<step>": seconds}``. The perplexity runs the thresholds of step
-    ``ppl_tuning`` (one of TUNED_STEPS)."""
+    ``ppl_tuning`` (one of TUNED_STEPS), with its Stage 2 lambdas unless not ``ppl_stage2``."""
     from .tune import DEFAULT_THETAS
     thetas = DEFAULT_THETAS if thetas is None else tuple(thetas)
     steps = [s for s in STEPS if s in steps]
@@ -560,6 +567,7 @@ def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05
                 prog.start(f"{n} tokens: perplexity, dense and sparge")
                 tuned_here = {str(layer): tunings[(n, layer)] for layer in layers}
                 rows += timed(f"{n}/all/perplexity", step_perplexity, n, tuned_here, last=ppl_last,
+                              stage2=ppl_stage2,
                               log=prog.log)
     finally:
         prog.close()
@@ -593,6 +601,8 @@ def add_arguments(p):
                    help="perplexity of the last T tokens (default %(default)s)")
     p.add_argument("--ppl-tuning", choices=TUNED_STEPS, default="tuned",
                    help="the tuning step whose thresholds the perplexity runs (default %(default)s)")
+    p.add_argument("--ppl-stage1-only", action="store_true",
+                   help="the perplexity runs the Stage 1 thresholds alone (tuned to --l1), no Stage 2")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="gpu: the CuPy kernels; cpu: the NumPy reference (auto: gpu if found)")
     p.add_argument("--out-dir", default="sparge_eval_out", metavar="DIR",
@@ -645,7 +655,8 @@ def run(args):
     rows, timings = evaluate(args.tokens, args.layers, steps=args.steps, l1=args.l1, pv_l1=args.pv_l1,
                              thetas=thetas, frontier=args.oracle_frontier, perplexity=args.perplexity,
                              ppl_tokens=args.ppl_tokens, ppl_last=args.ppl_last,
-                             ppl_tuning=args.ppl_tuning, use_gpu=use_gpu, quiet=args.quiet)
+                             ppl_tuning=args.ppl_tuning, ppl_stage2=not args.ppl_stage1_only,
+                             use_gpu=use_gpu, quiet=args.quiet)
     runs = []
     if args.merge and csv_path.is_file():
         rows = merge_rows(read_csv(csv_path), rows)
@@ -690,6 +701,8 @@ def _argv_of(args):
         parts += ["--perplexity", "--ppl-tokens", *map(str, args.ppl_tokens), f"--ppl-last {args.ppl_last}"]
         if args.ppl_tuning != "tuned":
             parts.append(f"--ppl-tuning {args.ppl_tuning}")
+        if args.ppl_stage1_only:
+            parts.append("--ppl-stage1-only")
     parts += [f"--device {args.device}", f"--name {args.name}"]   # --out-dir: where the report is
     if args.merge:
         parts.append("--merge")
@@ -759,6 +772,7 @@ def summary(rows):
             per_layer[-1]["ppl_sparge"] = ppl["sparge"]["ppl"]
             per_layer[-1]["ppl_tokens"] = ppl["dense"]["ppl_tokens"]
             per_layer[-1]["ppl_quant"] = f"{ppl['sparge']['qk']} / {ppl['sparge']['pv']}"
+            per_layer[-1]["ppl_bound"] = ppl["sparge"].get("bound")
         out += per_layer
     return out
 
@@ -857,10 +871,10 @@ def report(rows, runs, *, figures=()):
                   "through the `sparge` attention implementation with the thresholds of one tuning "
                   "step above (`--ppl-tuning`; its quantization in the last column), the "
                   "sliding-window layers dense):", ""]
-        lines += [_table(["tokens", "last", "dense", "sparge", "change", "qk / pv"],
+        lines += [_table(["tokens", "last", "dense", "sparge", "change", "qk / pv", "tuned to L1 <="],
                          [[d["tokens"], int(d["ppl_tokens"]), f"{d['ppl_dense']:.4f}",
                            f"{d['ppl_sparge']:.4f}", f"{d['ppl_sparge'] / d['ppl_dense'] - 1:+.2%}",
-                           d.get("ppl_quant", "-")] for d in ppl]), ""]
+                           d.get("ppl_quant", "-"), _f(d.get("ppl_bound"), "g")] for d in ppl]), ""]
         run_rows = [r for r in rows if r["group"] == "perplexity" and r["setting"] == "sparge run"
                     and r["head"] == "all"]
         if run_rows:

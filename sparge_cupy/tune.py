@@ -411,7 +411,8 @@ class _ExactEvaluator:
         if self.gpu:
             from . import api
             bm = api.predict_block_map(x.q, x.k, is_causal=x.is_causal, scale=x.scale,
-                                       simthreshd1=self.thetas[theta_idx], attention_sink=self.sink, **sel)
+                                       simthreshd1=self.thetas[theta_idx], attention_sink=self.sink,
+                                       predictor=self.predictor, **sel)
         else:
             from . import reference as R
             bm = R.predict_block_map(x.q, x.k, is_causal=x.is_causal, scale=x.scale,
