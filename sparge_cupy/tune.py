@@ -868,7 +868,7 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
       is_causal, scale: one value, or one per input (scale None: D^-1/2).
       l1: bound on the relative L1 error with Stage 1 alone; pv_l1 (> l1): with Stage 2 on.
       mode: "cdf" (tune tau), "topk" or "mass" (the mass threshold rule, ``mass_threshold``).
-      predictor: the Stage-1 estimate, "paper" or (NumPy inputs only) "qbar_keys".
+      predictor: the Stage-1 estimate, "paper" or "qbar_keys" (both on NumPy and CuPy inputs).
       qk, pv, rebalance, attention_sink: as the user will run (qk = pv = "fp32", no
         quantization, exists on NumPy inputs only: for measurements).
       thetas: the theta grid. min_sparsity: heads below this total sparsity run dense.
@@ -1028,7 +1028,7 @@ def add_arguments(p):
     p.add_argument("--mode", choices=MODES, default="cdf",
                    help="tune tau (cdf), topk, or the mass threshold t of the rule nk * P^ >= t (mass)")
     p.add_argument("--predictor", choices=("paper", "qbar_keys"), default="paper",
-                   help="Stage-1 estimate (qbar_keys: CPU reference only)")
+                   help="Stage-1 estimate (qbar_keys: pooled Q against every key; default %(default)s)")
     p.add_argument("--qk", choices=ck.QK_MODES + ("fp32",), default="int8",
                    help="QK^T operands (fp32: unquantized, CPU reference only)")
     p.add_argument("--pv", choices=ck.PV_MODES + ("fp32",), default="fp8",
