@@ -112,6 +112,7 @@ __device__ __forceinline__ void store_pair(OutT* dst, float v0, float v1, bool s
     if (second) dst[1] = from_float<OutT>(v1);
 }
 
+template <int V> struct Int { static constexpr int value = V; };
 template <bool C, typename A, typename B> struct Select { using type = A; };
 template <typename A, typename B> struct Select<false, A, B> { using type = B; };
 
@@ -529,95 +530,56 @@ struct WgSmem {
     static constexpr int bytes = 1024 + Q + 2 * (K + V);
 };
 
-template <int D, bool QK_INT8, bool PV_FP8, typename OutT>
-__global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn_wg(const AttnParams p) {
-#if SPARGE_HAS_WGMMA
-    static_assert(D == 64 || D == 128 || D == 256, "native head dims; the launcher pads others");
+// One warp's 16 query rows in the wgmma kernels (rows 16 w .. 16 w + 15 of the query block for
+// consumer warp w = 0..7; the same rows as warp w of the mma.sync kernel, hence its Stage 2
+// group): the online-softmax state, the masks, Stage 2, the step that turns a block's scores
+// into P, and the epilogue. Accumulator register 4n + e of a thread is element e of n-tile n in
+// mma.sync's C-fragment order (rows g and g + 8, columns 8n + 2 t4 + {0, 1}).
+template <bool QK_INT8, bool PV_FP8>
+struct WgRows {
     using AccT = typename Select<QK_INT8, int, float>::type;
-    using Smem = WgSmem<D, QK_INT8, PV_FP8>;
-    constexpr int QRB = Smem::QRB, VRB = Smem::VRB;
-    constexpr int PV_STEPS = VRB / 32;               // 32-byte k steps of P V (16 or 32 keys)
-    constexpr int S_TILES = BK / 8;
-    constexpr int O_TILES = D / 8;
+    static constexpr int PV_STEPS = BK * (PV_FP8 ? 1 : 2) / 32;  // 32-byte k steps of P V
+    static constexpr int S_TILES = BK / 8;
 
-    extern __shared__ unsigned char smem_raw[];
-    __shared__ int wg_skip[ATTN_WARPS];
-    unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-    // Tiles: Q, then K stage 0, K stage 1, V stage 0, V stage 1 (all 1024-byte aligned).
-    unsigned char* sQ = base;
-    unsigned char* sK0 = sQ + Smem::Q;
-    unsigned char* sV0 = sK0 + 2 * Smem::K;
+    float m[2], l[2];                 // running max and (this thread's share of) the row sum, log2 domain
+    int t_row[2], key_lim[2];         // key u is masked for row r iff u > key_lim[r]
+    bool row_real[2], group_real, filter_on;
+    float lambda, dq_i;
+    const float* dk_row;
+    int visited, skipped;
+    int lane, warp, wg;               // warp: 0..7 (consumer warps), wg = warp / 4
 
-    const int i = p.nq - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform for the compiler: uniform registers
-    const int g = lane >> 2, t4 = lane & 3;
-    const int kvh = h / (p.Hq / p.Hkv);
-    const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
-    const unsigned char* gQ = static_cast<const unsigned char*>(p.q) + qblk * BQ * QRB;
-    const unsigned char* gK = static_cast<const unsigned char*>(p.k) +
-                              ((size_t)b * p.Hkv + kvh) * (size_t)p.nk * BK * QRB;
-    const size_t v_row = (size_t)p.nk * VRB;         // bytes between channels of V^T
-    const unsigned char* gV = static_cast<const unsigned char*>(p.vt) + ((size_t)b * p.Hkv + kvh) * D * v_row;
-    const unsigned char* map_row = p.block_map + qblk * p.nk;
-
-    const long long last_row = min((long long)(i + 1) * BQ, (long long)p.Lq) - 1;
-    int j_last = p.nk - 1;
-    if (p.causal) {
-        const long long lim = last_row + p.Lk - p.Lq;
-        j_last = lim < 0 ? -1 : (int)min((long long)p.nk - 1, lim / BK);
-    }
-    // The next kept block after j, or j_last + 1. The warp reads 32 map entries at once into a
-    // bit mask (warp-uniform), so a sparse row costs one load per 32 blocks, not one per block.
-    int win_base = -64;                              // bit x of win: block win_base + x is kept
-    unsigned win = 0;
-    auto next_block = [&](int j) {
-        int x = j + 1;
-        while (x <= j_last) {
-            if (x >= win_base + 32) {
-                win_base = x;
-                win = __ballot_sync(0xffffffffu, x + lane <= j_last && map_row[x + lane]);
-            }
-            const unsigned rest = win >> (x - win_base);
-            if (rest) return x + __ffs(rest) - 1;
-            x = win_base + 32;
+    __device__ __forceinline__ WgRows(const AttnParams& p, int i_, int h, int b, int kvh, size_t qblk,
+                                      int warp_, int lane_)
+        : lane(lane_), warp(warp_), wg(__shfl_sync(0xffffffffu, warp_ >> 2, 0)) {
+        const int row0 = i_ * BQ + warp * 16, g = lane >> 2;
+        t_row[0] = row0 + g;
+        t_row[1] = row0 + g + 8;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            m[r] = -CUDART_INF_F;
+            l[r] = 0.f;
+            row_real[r] = t_row[r] < p.Lq;
+            // Last visible key: the tail Lk - 1, and t + Lk - Lq when causal, clamped to [-1, Lk - 1].
+            long long lim = p.Lk - 1;
+            if (p.causal) lim = min(lim, (long long)t_row[r] + p.Lk - p.Lq);
+            key_lim[r] = (int)max(lim, -1ll);
         }
-        return j_last + 1;
-    };
-    auto load_kv = [&](int j, int stage) {
-        load_tile_swizzled<BK, QRB>(sK0 + stage * Smem::K, gK + (size_t)j * BK * QRB, QRB, tid);
-        load_tile_swizzled<D, VRB>(sV0 + stage * Smem::V, gV + (size_t)j * VRB, v_row, tid);
-    };
-    // Descriptor low words: this warpgroup's Q rows, K and V^T stage 0 (stage 1 follows).
-    const unsigned q_lo = desc_lo(sQ) + ((64 * wg * (QRB < 128 ? QRB : 128)) >> 4);
-    const unsigned k_lo0 = desc_lo(sK0), v_lo0 = desc_lo(sV0);
-
-    float o[D / 2];
-#pragma unroll
-    for (int n = 0; n < D / 2; ++n) o[n] = 0.f;
-    float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
-    const int row0 = i * BQ + warp * 16;
-    const int t_row[2] = {row0 + g, row0 + g + 8};
-    const bool row_real[2] = {t_row[0] < p.Lq, t_row[1] < p.Lq};
-    // Last visible key of each row (the tail Lk - 1, and t + Lk - Lq when causal), clamped to
-    // [-1, Lk - 1]: key u is masked iff u > key_lim[r].
-    int key_lim[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        long long lim = p.Lk - 1;
-        if (p.causal) lim = min(lim, (long long)t_row[r] + p.Lk - p.Lq);
-        key_lim[r] = (int)max(lim, -1ll);
+        group_real = row0 < p.Lq;
+        lambda = p.pvthreshd[h];
+        filter_on = lambda < CUDART_INF_F;
+        dq_i = p.dq[qblk];
+        dk_row = p.dk + ((size_t)b * p.Hkv + kvh) * p.nk;
+        visited = skipped = 0;
     }
-    const bool group_real = row0 < p.Lq;
-    const float lambda = p.pvthreshd[h];
-    const bool filter_on = lambda < CUDART_INF_F;
-    const float dq_i = p.dq[qblk];
-    const float* dk_row = p.dk + ((size_t)b * p.Hkv + kvh) * p.nk;
-    int visited = 0, skipped = 0;
 
-    // One kept block's softmax: scores from the accumulator, Stage 2, online softmax, and P as
-    // the A fragments of P V. Returns whether the whole warpgroup skips the block's P V.
-    auto softmax_block = [&](AccT (&acc)[32], int j, unsigned (&pa)[PV_STEPS][4], float (&a_keep)[2]) {
+    // One kept block j's softmax: scores from the accumulator, Stage 2, online softmax, and P as
+    // the A fragments of P V. alpha[r] is o's rescale for row r (1 where the group skips), for
+    // the caller to apply with (FP8: to) the block's P V. Returns whether the whole warpgroup
+    // skips the block's P V.
+    __device__ __forceinline__ bool step(const AttnParams& p, int i, AccT (&acc)[32], int j,
+                                         unsigned (&pa)[PV_STEPS][4], float (&alpha)[2], int* wg_skip) {
+        const int t4 = lane & 3;
         const float c = __fmul_rn(__fmul_rn(__fmul_rn(dq_i, dk_row[j]), p.scale), LOG2E);
         const bool need_mask = (j == p.nk - 1 && p.Lk % BK != 0) ||
                                (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
@@ -671,9 +633,9 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
             wg_all_skip = wg_skip[4 * wg] && wg_skip[4 * wg + 1] && wg_skip[4 * wg + 2] && wg_skip[4 * wg + 3];
         }
 
-        a_keep[0] = a_keep[1] = 1.f;                 // FP8: o's rescale, applied with the block's P V
+        alpha[0] = alpha[1] = 1.f;
         if (!skip) {
-            float bias[2], alpha[2];
+            float bias[2];
             const float c_exp = fmaxf(c, 1.17549435e-38f);  // c underflowed to 0: -inf * 0 is NaN
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
@@ -697,8 +659,6 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
                 l[r] = l[r] * alpha[r] + ((x[0] + x[1]) + (x[2] + x[3]));
             }
             if constexpr (PV_FP8) {
-                a_keep[0] = alpha[0];
-                a_keep[1] = alpha[1];
 #pragma unroll
                 for (int ks = 0; ks < PV_STEPS; ++ks) {
 #pragma unroll
@@ -714,11 +674,6 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
                 }
             } else {
 #pragma unroll
-                for (int n = 0; n < O_TILES; ++n) {
-                    o[4 * n] *= alpha[0]; o[4 * n + 1] *= alpha[0];
-                    o[4 * n + 2] *= alpha[1]; o[4 * n + 3] *= alpha[1];
-                }
-#pragma unroll
                 for (int ks = 0; ks < PV_STEPS; ++ks) {
                     pa[ks][0] = pack_half2(s[2 * ks][0], s[2 * ks][1]);
                     pa[ks][1] = pack_half2(s[2 * ks][2], s[2 * ks][3]);
@@ -731,20 +686,148 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
             for (int ks = 0; ks < PV_STEPS; ++ks) pa[ks][0] = pa[ks][1] = pa[ks][2] = pa[ks][3] = 0u;
         }
         return wg_all_skip;
-    };
+    }
 
-    // o = o * alpha + t (FP8 two-level accumulation: Hopper's e4m3 wgmma adds into its
-    // accumulator with about 13 mantissa bits, not float32, which over a long row loses the
-    // small terms; so each block's P V_j, 64 keys, goes to a fresh accumulator t first).
-    auto add_block = [&](const float* t, int first, int count, const float (&a_keep)[2]) {
+    // o *= alpha (rows g, g + 8: registers 4n + {0, 1} and 4n + {2, 3}).
+    template <int N>
+    __device__ __forceinline__ void rescale(float (&o)[N], const float (&alpha)[2]) const {
 #pragma unroll
-        for (int x = 0; x < count; ++x) o[first + x] = fmaf(o[first + x], a_keep[(x >> 1) & 1], t[x]);
+        for (int x = 0; x < N; ++x) o[x] *= alpha[(x >> 1) & 1];
+    }
+    // o[first ..] = o * alpha + t: the FP8 two-level accumulation. Hopper's e4m3 wgmma adds into
+    // its accumulator with about 13 mantissa bits, not float32, which over a long row loses the
+    // small terms; so each block's P V_j, 64 keys, goes to a fresh accumulator t first.
+    template <int N, int M>
+    __device__ __forceinline__ void add_block(float (&o)[N], const float (&t)[M], int first,
+                                              const float (&alpha)[2]) const {
+#pragma unroll
+        for (int x = 0; x < M; ++x) o[first + x] = fmaf(o[first + x], alpha[(x >> 1) & 1], t[x]);
+    }
+
+    // The epilogue: Stage 2 counts, then O = o / l (FP8: times dv) in the user's layout and dtype,
+    // zeros for an empty row, and the LSE.
+    template <int D, typename OutT>
+    __device__ __forceinline__ void store(const AttnParams& p, const float (&o)[D / 2], int h, int b,
+                                          int kvh, size_t qblk) {
+        if (p.group_counts && lane == 0) {
+            atomicAdd(p.group_counts + qblk * 2, visited);
+            atomicAdd(p.group_counts + qblk * 2 + 1, skipped);
+        }
+        const float* dv = PV_FP8 ? p.dv + ((size_t)b * p.Hkv + kvh) * D : nullptr;
+        const bool paired = (p.d_out % 2) == 0;
+        const int t4 = lane & 3;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+            if (!row_real[r]) continue;
+            const bool empty = l[r] == 0.f;
+            OutT* out = static_cast<OutT*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
+                        (long long)t_row[r] * p.out_stride_t;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                const int d = n * 8 + 2 * t4;
+                if (d >= p.d_out) continue;
+                float v0 = 0.f, v1 = 0.f;
+                if (!empty) {                        // FP8: o and l both count p448
+                    v0 = __fdiv_rn(o[4 * n + 2 * r], l[r]);
+                    v1 = __fdiv_rn(o[4 * n + 2 * r + 1], l[r]);
+                    if constexpr (PV_FP8) {
+                        v0 = __fmul_rn(v0, dv[d]);
+                        v1 = __fmul_rn(v1, dv[d + 1]);
+                    }
+                }
+                store_pair<OutT>(out + d, v0, v1, d + 1 < p.d_out, paired);
+            }
+            if (p.lse && t4 == 0) {
+                const size_t at = ((size_t)b * p.Hq + h) * p.Lq + t_row[r];
+                p.lse[at] = empty ? -CUDART_INF_F
+                                  : __fadd_rn(__fmul_rn(m[r] + (log2f(l[r]) - (PV_FP8 ? LOG2_FP8_MAX : 0.f)), LN2),
+                                              __fmul_rn(p.scale, p.q_dot_km[at]));
+            }
+        }
+    }
+};
+
+// The last key block any row of query block i sees (causal: none past the diagonal), -1 if none.
+__device__ __forceinline__ int last_key_block(const AttnParams& p, int i) {
+    if (!p.causal) return p.nk - 1;
+    const long long last_row = min((long long)(i + 1) * BQ, (long long)p.Lq) - 1;
+    const long long lim = last_row + p.Lk - p.Lq;
+    return lim < 0 ? -1 : (int)min((long long)p.nk - 1, lim / BK);
+}
+
+// The kept key blocks of one map row in increasing order, as seen by one warp: it reads 32 map
+// entries at once into a bit mask (warp-uniform), so a sparse row costs one load per 32 blocks.
+struct MapScan {
+    const unsigned char* row;
+    int last, lane;
+    int base = -64;                   // bit x of win: block base + x is kept
+    unsigned win = 0;
+    // The next kept block after j, or last + 1.
+    __device__ __forceinline__ int next(int j) {
+        int x = j + 1;
+        while (x <= last) {
+            if (x >= base + 32) {
+                base = x;
+                win = __ballot_sync(0xffffffffu, x + lane <= last && row[x + lane]);
+            }
+            const unsigned rest = win >> (x - base);
+            if (rest) return x + __ffs(rest) - 1;
+            x = base + 32;
+        }
+        return last + 1;
+    }
+};
+
+template <int D, bool QK_INT8, bool PV_FP8, typename OutT>
+__global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value)
+sparse_attn_wg(const __grid_constant__ AttnParams p) {
+#if SPARGE_HAS_WGMMA
+    static_assert(D == 64 || D == 128 || D == 256, "native head dims; the launcher pads others");
+    using Rows = WgRows<QK_INT8, PV_FP8>;
+    using AccT = typename Rows::AccT;
+    using Smem = WgSmem<D, QK_INT8, PV_FP8>;
+    constexpr int QRB = Smem::QRB, VRB = Smem::VRB;
+    constexpr int PV_STEPS = Rows::PV_STEPS;
+
+    extern __shared__ unsigned char smem_raw[];
+    __shared__ int wg_skip[ATTN_WARPS];
+    unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    // Tiles: Q, then K stage 0, K stage 1, V stage 0, V stage 1 (all 1024-byte aligned).
+    unsigned char* sQ = base;
+    unsigned char* sK0 = sQ + Smem::Q;
+    unsigned char* sV0 = sK0 + 2 * Smem::K;
+
+    const int i = p.nq - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform for the compiler: uniform registers
+    const int kvh = h / (p.Hq / p.Hkv);
+    const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
+    const unsigned char* gQ = static_cast<const unsigned char*>(p.q) + qblk * BQ * QRB;
+    const unsigned char* gK = static_cast<const unsigned char*>(p.k) +
+                              ((size_t)b * p.Hkv + kvh) * (size_t)p.nk * BK * QRB;
+    const size_t v_row = (size_t)p.nk * VRB;         // bytes between channels of V^T
+    const unsigned char* gV = static_cast<const unsigned char*>(p.vt) + ((size_t)b * p.Hkv + kvh) * D * v_row;
+    const int j_last = last_key_block(p, i);
+    MapScan scan{p.block_map + qblk * p.nk, j_last, lane};
+    auto load_kv = [&](int j, int stage) {
+        load_tile_swizzled<BK, QRB>(sK0 + stage * Smem::K, gK + (size_t)j * BK * QRB, QRB, tid);
+        load_tile_swizzled<D, VRB>(sV0 + stage * Smem::V, gV + (size_t)j * VRB, v_row, tid);
     };
+    // Descriptor low words: this warpgroup's Q rows, K and V^T stage 0 (stage 1 follows).
+    const unsigned q_lo = desc_lo(sQ) + ((64 * wg * (QRB < 128 ? QRB : 128)) >> 4);
+    const unsigned k_lo0 = desc_lo(sK0), v_lo0 = desc_lo(sV0);
+
+    float o[D / 2];
+#pragma unroll
+    for (int n = 0; n < D / 2; ++n) o[n] = 0.f;
+    Rows rows(p, i, h, b, kvh, qblk, warp, lane);
 
     // One block per iteration: S = Q K_j^T, softmax, P V_j, each waited before the next; the
     // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two
     // CTAs per SM at D <= 128).
-    int j = next_block(-1), stage = 0;
+    int j = scan.next(-1), stage = 0;
     if (j <= j_last) {
         load_tile_swizzled<BQ, QRB>(sQ, gQ, QRB, tid);
         load_kv(j, 0);
@@ -754,7 +837,7 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
         cp_async_wait_all();
         fence_proxy_async_smem();                // cp.async wrote what the tensor cores read
         __syncthreads();                         // K_j, V_j visible; stage ^ 1 is free
-        const int j_next = next_block(j);
+        const int j_next = scan.next(j);
         if (j_next <= j_last) load_kv(j_next, stage ^ 1);
         cp_async_commit();
 
@@ -763,8 +846,9 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
         wgmma_wait<0>();
         fence_operands(acc);
         unsigned pa[PV_STEPS][4];
-        float a_keep[2];
-        const bool wg_all_skip = softmax_block(acc, j, pa, a_keep);
+        float alpha[2];
+        const bool wg_all_skip = rows.step(p, i, acc, j, pa, alpha, wg_skip);
+        if constexpr (!PV_FP8) rows.rescale(o, alpha);
         if (!wg_all_skip) {                      // O += P V_j (warpgroup-uniform branch)
             const unsigned v_lo = v_lo0 + stage * (Smem::V >> 4);
             if constexpr (PV_FP8) {
@@ -778,7 +862,7 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
                     wgmma_commit();
                     wgmma_wait<0>();
                     fence_operands(t);
-                    add_block(t, c * NC / 2, NC / 2, a_keep);
+                    rows.add_block(o, t, c * NC / 2, alpha);
                 }
             } else {
                 wgmma_fence();
@@ -793,43 +877,247 @@ __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value) sparse_attn
         j = j_next;
     }
     cp_async_wait_all();
+    rows.template store<D, OutT>(p, o, h, b, kvh, qblk);
+#else
+    __trap();
+#endif
+}
 
-    if (p.group_counts && lane == 0) {
-        atomicAdd(p.group_counts + qblk * 2, visited);
-        atomicAdd(p.group_counts + qblk * 2 + 1, skipped);
+// =============================================================================================
+// sm_90a, D <= 128: the same attention, warp-specialized (the FlashAttention-3 structure).
+// Same parameters, inputs, semantics, rounding and row-to-warp mapping as sparse_attn_wg; the
+// launcher picks it on compute capability 9.0 where it measured faster (D = 128 with fp16 P V and
+// Stage 2 off; _gpu.attn_kernel_choice, bench/NOTES.md).
+//
+// One CTA per SM of three warpgroups. Warpgroup 0, the producer, gives up its registers
+// (setmaxnreg 24): its warp 0 walks the kept blocks and has the tensor memory accelerator (TMA)
+// copy Q once and each kept block's K and V^T tiles, swizzle included, into a ring of
+// WsSmem::stages stages (mbarriers: full[s] counts a stage's bytes in, empty[s] counts the 8
+// consumer warps out). Warpgroups 1 and 2, the consumers (setmaxnreg 240), compute query rows
+// 0-63 and 64-127 with no CTA-wide barrier, and overlap within the warpgroup:
+//   block n:  issue S_{n+1} = Q K_{n+1}^T and O(+)= P_n V_n   (both asynchronous)
+//             wait S_{n+1}; softmax of block n + 1 -> P_{n+1}    (while P_n V_n runs)
+//             wait P_n V_n; FP8: o = o alpha_n + P_n V_n; fp16: o *= alpha_{n+1}; release stage n
+// so the tensor cores work on block n's P V and block n + 1's scores while the warp computes
+// exponentials. P goes from registers (two buffers: P_n is read by the tensor cores while P_{n+1}
+// is written); FP8 P V_n goes to a fresh accumulator t (the two-level accumulation above).
+// =============================================================================================
+
+// The operands' TMA tensor maps (cuTensorMapEncodeTiled, sparge_cupy/_gpu.py: wg_tensor_maps):
+// each a 2D byte tensor [rows, row bytes] with a box of one swizzled tile panel.
+//   q:  [B Hq nq BQ, D qe]   box [BQ, min(D qe, 128)]     k: [B Hkv nk BK, D qe]  box [BK, min(D qe, 128)]
+//   vt: [B Hkv D, nk BK ve]  box [D, BK ve]
+struct alignas(64) TensorMap { unsigned long long opaque[16]; };
+struct WgMaps { TensorMap q, k, vt; };
+static_assert(sizeof(WgMaps) == 384, "mirrored by WG_MAPS in sparge_cupy/_gpu.py");
+
+#if SPARGE_HAS_WGMMA
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Arrives (count 1) and adds `bytes` to the transactions the current phase waits for.
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_AGAIN:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_AGAIN;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+// One box of `map` at (byte column c0, row c1) into shared memory; completes on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const TensorMap* map, int c0, int c1,
+                                         unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        ::"r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1),
+          "r"(smem_addr(bar)) : "memory");
+}
+#endif
+
+constexpr int WS_THREADS = 384;       // producer warpgroup + 2 consumer warpgroups
+constexpr int WS_PRODUCER_REGS = 24, WS_CONSUMER_REGS = 240;   // 128 x 24 + 256 x 240 <= 64K
+static_assert(128 * WS_PRODUCER_REGS + 256 * WS_CONSUMER_REGS <= 65536, "one CTA's registers");
+
+// Dynamic shared memory the launcher gives sparse_attn_ws: 1 KB for aligning the tiles, Q, and
+// `stages` stages of K and V^T (4, or fewer where they would not fit in the 227 KB of one CTA).
+// attn_smem_bytes in sparge_cupy/_gpu.py computes the same number.
+constexpr int CTA_SMEM_BYTES = 227 * 1024;
+template <int D, bool QK_INT8, bool PV_FP8>
+struct WsSmem {
+    static constexpr int QRB = D * (QK_INT8 ? 1 : 2), VRB = BK * (PV_FP8 ? 1 : 2);
+    static constexpr int Q = BQ * QRB, K = BK * QRB, V = D * VRB;
+    static constexpr int budget = CTA_SMEM_BYTES - 1024 - 1024 - Q;   // static arrays, alignment
+    static constexpr int stages = budget >= 4 * (K + V) ? 4 : budget >= 3 * (K + V) ? 3 : 2;
+    static constexpr int bytes = 1024 + Q + stages * (K + V);
+};
+
+template <int D, bool QK_INT8, bool PV_FP8, typename OutT>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+sparse_attn_ws(const __grid_constant__ AttnParams p, const __grid_constant__ WgMaps maps) {
+#if SPARGE_HAS_WGMMA
+    static_assert(D == 64 || D == 128, "D = 256 runs sparse_attn_wg (its o and t need the registers)");
+    using Rows = WgRows<QK_INT8, PV_FP8>;
+    using AccT = typename Rows::AccT;
+    using Smem = WsSmem<D, QK_INT8, PV_FP8>;
+    constexpr int QRB = Smem::QRB, VRB = Smem::VRB, STAGES = Smem::stages;
+    constexpr int QSW = QRB < 128 ? QRB : 128;       // bytes per row of a Q / K tile panel
+    constexpr int PV_STEPS = Rows::PV_STEPS;
+
+    extern __shared__ unsigned char smem_raw[];
+    __shared__ int wg_skip[ATTN_WARPS];
+    __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES], q_full;
+    unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    // Tiles: Q, then K stages 0 .. STAGES - 1, V stages 0 .. STAGES - 1 (all 1024-byte aligned).
+    unsigned char* sQ = base;
+    unsigned char* sK0 = sQ + Smem::Q;
+    unsigned char* sV0 = sK0 + STAGES * Smem::K;
+
+    const int i = p.nq - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform: uniform registers
+    const int kvh = h / (p.Hq / p.Hkv);
+    const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
+    const int j_last = last_key_block(p, i);
+    MapScan scan{p.block_map + qblk * p.nk, j_last, lane};
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], ATTN_WARPS);
+        }
+        mbar_init(&q_full, 1);
+        mbar_init_fence();
     }
+    __syncthreads();                             // the barriers are initialised (the only CTA barrier)
 
-    const float* dv = PV_FP8 ? p.dv + ((size_t)b * p.Hkv + kvh) * D : nullptr;
-    const bool paired = (p.d_out % 2) == 0;
+    if (wg == 0) {
+        // The producer. Tensor-map rows (the launcher checks that they fit in an int): Q block
+        // i's first row, this kv head's first K row and first V^T row.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(WS_PRODUCER_REGS));
+        if (warp == 0) {
+            const int q_row = (int)qblk * BQ;
+            const int k_row = (b * p.Hkv + kvh) * p.nk * BK;
+            const int v_row = (b * p.Hkv + kvh) * D;
+            int j = scan.next(-1);
+            if (j <= j_last && lane == 0) {
+                mbar_expect_tx(&q_full, Smem::Q);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        if (!row_real[r]) continue;
-        const bool empty = l[r] == 0.f;
-        OutT* out = static_cast<OutT*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
-                    (long long)t_row[r] * p.out_stride_t;
+                for (int c = 0; c < QRB / QSW; ++c) tma_load(sQ + c * BQ * QSW, &maps.q, c * QSW, q_row, &q_full);
+            }
+            // Kept block number n goes to stage n % STAGES once the consumers released the
+            // block before it there (use n / STAGES - 1 of that stage, parity of that number).
+            for (int n = 0; j <= j_last; ++n, j = scan.next(j)) {
+                const int s = n % STAGES;
+                if (n >= STAGES) mbar_wait(&empty[s], (n / STAGES - 1) & 1);
+                if (lane == 0) {
+                    mbar_expect_tx(&full[s], Smem::K + Smem::V);
 #pragma unroll
-        for (int n = 0; n < O_TILES; ++n) {
-            const int d = n * 8 + 2 * t4;
-            if (d >= p.d_out) continue;
-            float v0 = 0.f, v1 = 0.f;
-            if (!empty) {                            // FP8: o and l both count p448
-                v0 = __fdiv_rn(o[4 * n + 2 * r], l[r]);
-                v1 = __fdiv_rn(o[4 * n + 2 * r + 1], l[r]);
-                if constexpr (PV_FP8) {
-                    v0 = __fmul_rn(v0, dv[d]);
-                    v1 = __fmul_rn(v1, dv[d + 1]);
+                    for (int c = 0; c < QRB / QSW; ++c)
+                        tma_load(sK0 + s * Smem::K + c * BK * QSW, &maps.k, c * QSW, k_row + j * BK, &full[s]);
+                    tma_load(sV0 + s * Smem::V, &maps.vt, j * VRB, v_row, &full[s]);
                 }
             }
-            store_pair<OutT>(out + d, v0, v1, d + 1 < p.d_out, paired);
         }
-        if (p.lse && t4 == 0) {
-            const size_t at = ((size_t)b * p.Hq + h) * p.Lq + t_row[r];
-            p.lse[at] = empty ? -CUDART_INF_F
-                              : __fadd_rn(__fmul_rn(m[r] + (log2f(l[r]) - (PV_FP8 ? LOG2_FP8_MAX : 0.f)), LN2),
-                                          __fmul_rn(p.scale, p.q_dot_km[at]));
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(WS_CONSUMER_REGS));
+        const int cw = warp - 4, cwg = wg - 1;   // consumer warp 0..7, consumer warpgroup 0..1
+        Rows rows(p, i, h, b, kvh, qblk, cw, lane);
+        // Descriptor low words: this warpgroup's Q rows, K and V^T stage 0 (stage s follows).
+        const unsigned q_lo = desc_lo(sQ) + ((64 * cwg * QSW) >> 4);
+        const unsigned k_lo0 = desc_lo(sK0), v_lo0 = desc_lo(sV0);
+        float o[D / 2];
+#pragma unroll
+        for (int x = 0; x < D / 2; ++x) o[x] = 0.f;
+
+        int j = scan.next(-1);
+        if (j <= j_last) {
+            mbar_wait(&q_full, 0);
+            mbar_wait(&full[0], 0);
+            AccT acc[32];                        // S = Q K_j^T (the first k step overwrites)
+            wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0);
+            wgmma_wait<0>();
+            fence_operands(acc);
+            // Block n's P and o's rescale for it; the next block's.
+            unsigned pa[2][PV_STEPS][4];
+            float alpha[2][2];
+            rows.step(p, i, acc, j, pa[0], alpha[0], wg_skip);
+            // P_n V_n into t (FP8) or o (fp16), one commit group. Issued whatever Stage 2 decided:
+            // a skipped group's P is zero, so the product adds nothing (the launcher runs
+            // sparse_attn_wg when Stage 2 is on, where skipping saves the product; here a branch
+            // around the wgmmas would make the compiler serialize every wgmma of the loop).
+            auto issue_pv = [&](int n, const unsigned (&a)[PV_STEPS][4], float (&t)[D / 2]) {
+                const unsigned v_lo = v_lo0 + (n % STAGES) * (Smem::V >> 4);
+                wgmma_fence();
+                if constexpr (PV_FP8) {
+#pragma unroll
+                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, true>(t, a[ks], v_lo, 0, ks, ks > 0);
+                } else {
+#pragma unroll
+                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, false>(o, a[ks], v_lo, 0, ks, 1);
+                }
+                wgmma_commit();
+            };
+            // After P_n V_n completed: FP8 adds it to o; then the warp releases stage n.
+            auto finish_pv = [&](int n, const float (&a)[2], float (&t)[D / 2]) {
+                if constexpr (PV_FP8) {
+                    fence_operands(t);
+                    rows.add_block(o, t, 0, a);
+                } else {
+                    fence_operands(o);
+                }
+                if (lane == 0) mbar_arrive(&empty[n % STAGES]);   // this warp is done with K_n, V_n
+            };
+            // Kept block n with a next block: buffers cur / nxt = n % 2 / (n + 1) % 2 (compile-
+            // time after the unrolling below). Returns false, having done nothing, if n is the last.
+            auto block = [&](int n, auto cur_c, auto nxt_c) {
+                constexpr int cur = decltype(cur_c)::value, nxt = decltype(nxt_c)::value;
+                // j_next is warp-uniform (a ballot); the broadcast tells the compiler.
+                const int j_next = __shfl_sync(0xffffffffu, scan.next(j), 0);
+                if (j_next > j_last) return false;
+                const int stage1 = (n + 1) % STAGES;
+                mbar_wait(&full[stage1], ((n + 1) / STAGES) & 1);
+                wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + stage1 * (Smem::K >> 4));   // S_{n+1}
+                float t[D / 2];
+                issue_pv(n, pa[cur], t);                                                // P_n V_n
+                wgmma_wait<1>();                 // S_{n+1} is in: block n + 1's softmax meanwhile
+                fence_operands(acc);
+                rows.step(p, i, acc, j_next, pa[nxt], alpha[nxt], wg_skip);
+                wgmma_wait<0>();
+                finish_pv(n, alpha[cur], t);
+                if constexpr (!PV_FP8) rows.rescale(o, alpha[nxt]);   // o for P_{n+1} V_{n+1}
+                j = j_next;
+                return true;
+            };
+            auto last_block = [&](int n, auto cur_c) {
+                constexpr int cur = decltype(cur_c)::value;
+                float t[D / 2];
+                issue_pv(n, pa[cur], t);
+                wgmma_wait<0>();
+                finish_pv(n, alpha[cur], t);
+            };
+            for (int n = 0;; n += 2) {
+                if (!block(n, Int<0>{}, Int<1>{})) {
+                    last_block(n, Int<0>{});
+                    break;
+                }
+                if (!block(n + 1, Int<1>{}, Int<0>{})) {
+                    last_block(n + 1, Int<1>{});
+                    break;
+                }
+            }
         }
+        wgmma_wait<0>();                         // nothing is in flight (for the compiler too)
+        fence_operands(o);
+        rows.template store<D, OutT>(p, o, h, b, kvh, qblk);
     }
 #else
     __trap();

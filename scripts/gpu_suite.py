@@ -56,9 +56,10 @@ def worker():
         q, k, v = (cupy.asarray(x) for x in make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=np.dtype(dtype),
                                                      layout=layout, seed=Lq))
         for qk, pv in modes:
-            sc.sparge_attn(q, k, v, is_causal=causal, layout=layout, simthreshd1=0.3,
-                           cdfthreshd=0.9, pvthreshd=4.0, qk=qk, pv=pv, return_lse=True,
-                           return_stats=True)
+            for lam in (4.0, None):          # Stage 2 on and off: on Hopper, wgmma and ws kernels
+                sc.sparge_attn(q, k, v, is_causal=causal, layout=layout, simthreshd1=0.3,
+                               cdfthreshd=0.9, pvthreshd=lam, qk=qk, pv=pv, return_lse=True,
+                               return_stats=True)
         sc.predict_block_map(q, k, is_causal=causal, layout=layout, topk=0.3)
         sc.predict_block_map(q, k, is_causal=causal, layout=layout, mass_threshold=1.0,
                              predictor="qbar_keys")
@@ -108,7 +109,7 @@ def device_info():
 
 def run_tests(timeout, log_dir, kernel="auto"):
     """tests/test_gpu.py with the attention kernel ``kernel`` (SPARGE_ATTN_KERNEL; "auto" is the
-    device's default, "mma" the portable kernel, which then runs the attention tests only)."""
+    device's default; a forced kernel runs the attention tests only)."""
     xml = log_dir / f"gpu_tests_{kernel}.xml"
     workers = ["-n", str(min(8, max(1, (os.cpu_count() or 2) // 2)))] if _has("xdist") else []
     workers += ["--timeout=180"] if _has("pytest_timeout") else []
@@ -295,19 +296,27 @@ def _tests_section(tests, title):
     return lines
 
 
+# The attention tests again with each kernel forced (SPARGE_ATTN_KERNEL), where the device has
+# more than one: Hopper's default picks ws or wgmma by head dim, P V mode and Stage 2, so each is
+# forced on every case once, and mma is the portable kernel.
+FORCED_KERNELS = {"mma": "the portable mma.sync kernel", "wgmma": "the wgmma kernel",
+                  "ws": "the warp-specialized kernel where it runs (D <= 128, every mode, Stage 2 included)"}
+
+
 def write_report(info, tests, sanitizers, timings, out_dirs, breakdown=(), cache_demo=None,
-                 tests_mma=None):
+                 forced=()):
     from sparge_cupy import _gpu
     code, rows, metrics, secs, _ = tests
     lines = [f"# GPU suite: {info['card']}", "",
              f"- card: {info['card']} (compute capability {info['cc']}), driver {info['driver']}, "
              f"CUDA runtime {info['runtime']}, CuPy {info['cupy']}",
              f"- date: {info['date']}", f"- commit: {info['commit']}",
-             f"- attention kernel by default on this card: {_gpu.attn_kernel_choice()}", ""]
+             f"- attention kernel by default on this card: {_gpu.attn_kernel_choice(D=128, pv='fp16')} "
+             f"(head dim 128, pv='fp16', Stage 2 off), {_gpu.attn_kernel_choice()} (otherwise)", ""]
     lines += _tests_section(tests, "GPU tests (tests/test_gpu.py, default attention kernel)")
-    if tests_mma is not None:
+    for kernel, result in forced:
         lines += [""] + _tests_section(
-            tests_mma, "Attention tests again with the portable mma.sync kernel (SPARGE_ATTN_KERNEL=mma)")
+            result, f"Attention tests again with {FORCED_KERNELS[kernel]} (SPARGE_ATTN_KERNEL={kernel})")
     if metrics:
         lines += ["", "Errors recorded by the tests (relative L1; 'mirror' = the blocked mirror of "
                   "reference/ on the same quantized operands, 'dense' = float64 attention with the "
@@ -365,10 +374,12 @@ def main():
     tests = run_tests(args.test_timeout, log_dir)
     print(f"tests done in {tests[3]:.0f} s (exit {tests[0]})", flush=True)
     from sparge_cupy import _gpu
-    tests_mma = None
+    forced = []
     if _gpu.attn_kernel_choice() != "mma":
-        tests_mma = run_tests(args.test_timeout, log_dir, kernel="mma")
-        print(f"mma.sync attention tests done in {tests_mma[3]:.0f} s (exit {tests_mma[0]})", flush=True)
+        for kernel in FORCED_KERNELS:
+            forced.append((kernel, run_tests(args.test_timeout, log_dir, kernel=kernel)))
+            print(f"{kernel} attention tests done in {forced[-1][1][3]:.0f} s (exit {forced[-1][1][0]})",
+                  flush=True)
     sanitizers = [] if args.skip_sanitizers else run_sanitizers(args.sanitizer_timeout, log_dir)
     timings, breakdown = [], []
     if not args.skip_timings:
@@ -378,12 +389,12 @@ def main():
         except Exception as exc:        # report, do not lose the rest of the run
             print(f"timings failed: {exc!r}", flush=True)
     cache_demo = run_cache_and_demo(args.test_timeout, log_dir)
-    text = write_report(info, tests, sanitizers, timings, out_dirs, breakdown, cache_demo, tests_mma)
-    fails = [line for t in (tests, tests_mma) if t for line in t[4].splitlines()
+    text = write_report(info, tests, sanitizers, timings, out_dirs, breakdown, cache_demo, forced)
+    fails = [line for t in [tests] + [r for _, r in forced] for line in t[4].splitlines()
              if line.startswith(("FAILED", "ERROR"))]
     print("\n".join(fails[:40]))
     print(text[-6000:])
-    ok = (tests[0] == 0 and (tests_mma is None or tests_mma[0] == 0) and all(r[1] == "clean" for r in sanitizers if r[0] != "initcheck")
+    ok = (tests[0] == 0 and all(r[0] == 0 for _, r in forced) and all(r[1] == "clean" for r in sanitizers if r[0] != "initcheck")
           and cache_demo[1][0] == 0)
     return 0 if ok else 1
 

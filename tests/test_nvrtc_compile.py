@@ -56,17 +56,11 @@ def _offset_checks(struct, dtype):
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("source,structs", [
-    ("block_stats.cu", ("TensorView", "QStatsParams", "HeadScalesParams", "KPassParams",
-                        "QuantizeQParams")),
-    ("select.cu", ("MapParams", "SelectParams")),
-    ("sparse_attn.cu", ("AttnParams",)),
-])
-def test_param_structs_match_c_layout(source, structs):
+def _compile_with_checks(source, checks):
+    """Compile ``cuda/<source>`` for sm_90a with ``checks`` (static_asserts) appended; fail the
+    test with NVRTC's log if it does not build."""
     from cupy.cuda import nvrtc
-    code = _compile.source_text(source) + "\n" + "\n".join(
-        _offset_checks(s, _gpu.STRUCTS[s]) for s in structs)
-    prog = nvrtc.createProgram(code, source, [], [])
+    prog = nvrtc.createProgram(_compile.source_text(source) + "\n" + "\n".join(checks), source, [], [])
     try:
         try:
             nvrtc.compileProgram(prog, list(_compile.base_options()) + [_compile.arch_flag(90)])
@@ -74,6 +68,16 @@ def test_param_structs_match_c_layout(source, structs):
             pytest.fail(nvrtc.getProgramLog(prog))
     finally:
         nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.parametrize("source,structs", [
+    ("block_stats.cu", ("TensorView", "QStatsParams", "HeadScalesParams", "KPassParams",
+                        "QuantizeQParams")),
+    ("select.cu", ("MapParams", "SelectParams")),
+    ("sparse_attn.cu", ("AttnParams", "WgMaps")),
+])
+def test_param_structs_match_c_layout(source, structs):
+    _compile_with_checks(source, [_offset_checks(s, _gpu.STRUCTS[s]) for s in structs])
 
 
 def test_kernel_constants_match_config():
@@ -125,13 +129,23 @@ def test_wgmma_kernel_only_on_sm90():
 def test_attention_kernel_choice(monkeypatch):
     monkeypatch.delenv("SPARGE_ATTN_KERNEL", raising=False)
     assert _gpu.attn_kernel_choice(90) == "wgmma"
+    assert _gpu.attn_kernel_choice(90, D=128, pv="fp16") == "ws"
+    assert _gpu.attn_kernel_choice(90, D=64, pv="fp16") == "wgmma"
+    assert _gpu.attn_kernel_choice(90, D=256, pv="fp16") == "wgmma"
+    assert _gpu.attn_kernel_choice(90, D=128, pv="fp16", stage2=True) == "wgmma"
     assert _gpu.attn_kernel_choice(80) == "mma"
     assert _gpu.attn_kernel_choice(89) == "mma"
     monkeypatch.setenv("SPARGE_ATTN_KERNEL", "mma")
     assert _gpu.attn_kernel_choice(90) == "mma"
     monkeypatch.setenv("SPARGE_ATTN_KERNEL", "wgmma")
+    assert _gpu.attn_kernel_choice(90) == "wgmma"
     with pytest.raises(ValueError, match="SPARGE_ATTN_KERNEL=wgmma needs compute capability 9.0"):
         _gpu.attn_kernel_choice(80)
+    monkeypatch.setenv("SPARGE_ATTN_KERNEL", "ws")
+    assert _gpu.attn_kernel_choice(90, D=128, stage2=True) == "ws"
+    assert _gpu.attn_kernel_choice(90, D=256) == "wgmma"
+    with pytest.raises(ValueError, match="SPARGE_ATTN_KERNEL=ws needs compute capability 9.0"):
+        _gpu.attn_kernel_choice(89)
     monkeypatch.setenv("SPARGE_ATTN_KERNEL", "fast")
     with pytest.raises(ValueError, match="SPARGE_ATTN_KERNEL: expected one of"):
         _gpu.attn_kernel_choice(90)
@@ -139,6 +153,20 @@ def test_attention_kernel_choice(monkeypatch):
 
 def test_wgmma_shared_memory_fits_sm90():
     # H100: 227 KiB per block after opt-in.
-    worst = max(_gpu.attn_smem_bytes(D, qk, pv, "wgmma") for D in _compile.HEAD_DIMS
-                for qk in ("int8", "fp16") for pv in ("fp8", "fp16"))
+    worst = max(_gpu.attn_smem_bytes(D, qk, pv, kernel) for D in _compile.HEAD_DIMS
+                for qk in ("int8", "fp16") for pv in ("fp8", "fp16") for kernel in ("wgmma", "ws"))
     assert worst <= 227 * 1024
+
+
+def test_ws_stages_match_launcher():
+    """The launcher's shared-memory size and K/V stage count of the warp-specialized kernel are the
+    kernel's WsSmem, for each head dim and mode it runs."""
+    checks, B = [], lambda x: "true" if x else "false"
+    for D in _compile.WS_HEAD_DIMS:
+        for qk in ("int8", "fp16"):
+            for pv in ("fp8", "fp16"):
+                t = f"sparge::WsSmem<{D}, {B(qk == 'int8')}, {B(pv == 'fp8')}>"
+                checks += [f"static_assert({t}::bytes == {_gpu.attn_smem_bytes(D, qk, pv, 'ws')}, "
+                           f'"{t}: bytes");',
+                           f"static_assert({t}::stages == {_gpu.ws_stages(D, qk, pv)}, \"{t}: stages\");"]
+    _compile_with_checks("sparse_attn.cu", checks)
