@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BQ, BK = 128, 64
 GATE = {"ours": 0.08, "sage": 0.05, "fp16": 0.01}   # relative L1 on sampled rows, random inputs
 METHODS = ("sdpa_flash", "sdpa_cudnn", "sageattn_1.0.6", "flex_attention", "sparge_int8_fp8",
-           "sparge_fp16_fp8", "sparge_int8_fp16", "sparge_int8_fp8_kernel", "sparge_e2e_tau0.9")
+           "sparge_fp16_fp8", "sparge_int8_fp16", "sparge_fp16_fp16", "sparge_int8_fp8_kernel",
+           "sparge_e2e_tau0.9")
 
 
 def visible_pairs(Lq, Lk, causal):
@@ -150,6 +151,8 @@ def methods(q, k, v, bm_t, *, causal, scale, density):
                                                          qk="fp16"), "ours", True)
     m["sparge_int8_fp16"] = (lambda: st.block_sparse_attn(q, k, v, bm_t, is_causal=causal, scale=scale,
                                                           pv="fp16"), "ours", True)
+    m["sparge_fp16_fp16"] = (lambda: st.block_sparse_attn(q, k, v, bm_t, is_causal=causal, scale=scale,
+                                                          qk="fp16", pv="fp16"), "fp16", True)
     return m
 
 
