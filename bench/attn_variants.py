@@ -6,9 +6,9 @@ kept, filter off, CUDA events, median after warm-up.
     python bench/attn_variants.py --ncu --versions wgmma  # one launch (for ncu)
     python bench/attn_variants.py --quick --versions mma wgmma
 
-Versions: the kernels of cuda/sparse_attn.cu as the package builds them (mma: mma.sync, wgmma:
-sm_90a warpgroup MMA, ws: warp-specialized sm_90a with TMA loads) and builds with extra NVRTC
-options (VERSIONS); bench/NOTES.md records what each was measured at.
+Versions: the two kernels of cuda/sparse_attn.cu as the package builds them (mma: mma.sync,
+wgmma: sm_90a warpgroup MMA with TMA loads) and builds with extra NVRTC options (VERSIONS);
+bench/NOTES.md records what each was measured at.
 
 Dense-equivalent TOPS as SPEC.md section 4 counts them (causal: unmasked pairs only).
 """
@@ -32,7 +32,6 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
               #        package's own build)
     "mma": ("mma", None),
     "wgmma": ("wgmma", None),
-    "ws": ("ws", None),
     "wgmma-1cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=1",)),
     "wgmma-3cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=3",)),
 }
@@ -75,7 +74,7 @@ def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
     _, Hkv, Lk, _ = ko.shape
     nq, nk = -(-Lq // BQ), -(-Lk // BK)
     which, _ = VERSIONS[version]
-    threads = _gpu.WS_THREADS if which == "ws" else _gpu.THREADS
+    threads = _gpu.THREADS
     kern = kernel(version, D, qk, pv)
     smem = _gpu.attn_smem_bytes(D, qk, pv, which)
     if smem > 48 * 1024:
@@ -88,7 +87,7 @@ def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
         out_stride_b=Hq * Lq * D, out_stride_h=Lq * D, out_stride_t=D, Hq=Hq, Hkv=Hkv, Lq=Lq,
         Lk=Lk, nq=nq, nk=nk, d_out=D, causal=int(causal), scale=D ** -0.5)
     grid = (nq, Hq, B)
-    args = (params, _gpu.wg_tensor_maps(qz, D, qk, pv)) if which == "ws" else (params,)
+    args = (params,) if which == "mma" else (params, _gpu.wg_tensor_maps(qz, D, qk, pv))
 
     def run():
         kern(grid, (threads,), args, shared_mem=smem)
@@ -140,8 +139,6 @@ def main():
             flops = 4 * B * H * visible_pairs(L, L, causal) * D
             ref = None
             for ver in a.versions:
-                if VERSIONS[ver][0] == "ws" and D not in _compile.WS_HEAD_DIMS:
-                    continue
                 run, out = launcher(ver, qo, ko, qz, bmap, causal, qk, pv)
                 out.fill(cp.nan)
                 run()

@@ -112,7 +112,6 @@ __device__ __forceinline__ void store_pair(OutT* dst, float v0, float v1, bool s
     if (second) dst[1] = from_float<OutT>(v1);
 }
 
-template <int V> struct Int { static constexpr int value = V; };
 template <bool C, typename A, typename B> struct Select { using type = A; };
 template <typename A, typename B> struct Select<false, A, B> { using type = B; };
 
@@ -409,8 +408,12 @@ __global__ void __launch_bounds__(ATTN_THREADS, D <= 128 ? 2 : 1) sparse_attn(co
 // groups skip, so compute is saved per 64 rows.
 // Shared memory: Q (128 rows) and two stages of K and V^T, each operand tile K-major with
 // 16-byte chunks swizzled (the wgmma pattern of its row width, 64 or 128 bytes; wider rows are
-// split into 128-byte column panels). cp.async by all threads, one barrier per key block: the
-// loads of the next kept block fly while this one is computed.
+// split into 128-byte column panels). Thread 0 has the tensor memory accelerator (TMA) load each
+// tile, swizzle included, from the launcher's tensor maps (WgMaps), completing on the stage's
+// mbarrier; one CTA barrier per key block frees the other stage, into which the next kept block
+// is loaded while this one is computed. No other thread spends an instruction on loads (with
+// cp.async by all threads they took ~100 of ~500 per block: the TMA made the kernel 1.15-1.4x
+// faster, bench/NOTES.md), and the barrier keeps the two warpgroups in step.
 // =============================================================================================
 
 #include "wgmma.cuh"
@@ -419,29 +422,10 @@ namespace sparge {
 
 constexpr int WG_THREADS = 256;
 
-// Byte offset of chunk (row r, byte b) of a K-major tile of `rows` rows of `row_bytes` bytes in
-// its swizzled shared-memory image: column panels of SW = min(row_bytes, 128) bytes, each
-// [rows][SW], 16-byte chunks XOR-swizzled within 8-row groups (the wgmma SW-byte pattern).
-template <int ROWS, int ROW_BYTES>
-__device__ __forceinline__ int swizzled_offset(int r, int b) {
-    constexpr int SW = ROW_BYTES < 128 ? ROW_BYTES : 128;
-    static_assert(SW == 64 || SW == 128, "64- or 128-byte rows and panels");
-    const int off = r * SW + (b % SW);
-    return (b / SW) * ROWS * SW + (off ^ (((off >> 7) & (SW / 16 - 1)) << 4));
-}
-
-// cp.async a dense [ROWS][ROW_BYTES] tile (rows `src_stride` bytes apart) into its swizzled image.
-template <int ROWS, int ROW_BYTES>
-__device__ __forceinline__ void load_tile_swizzled(unsigned char* dst, const unsigned char* src,
-                                                   size_t src_stride, int tid) {
-    constexpr int CHUNKS = ROW_BYTES / 16;
-    static_assert(ROWS * CHUNKS % WG_THREADS == 0, "whole 16-byte chunks per thread");
-#pragma unroll
-    for (int it = 0; it < ROWS * CHUNKS / WG_THREADS; ++it) {
-        const int c = tid + it * WG_THREADS, r = c / CHUNKS, b = (c % CHUNKS) * 16;
-        cp_async16(dst + swizzled_offset<ROWS, ROW_BYTES>(r, b), src + (size_t)r * src_stride + b);
-    }
-}
+// Tile images in shared memory: a K-major tile of ROWS rows of ROW_BYTES bytes is stored as
+// column panels of SW = min(ROW_BYTES, 128) bytes, each [ROWS][SW], 16-byte chunks XOR-swizzled
+// within 8-row groups: the wgmma SW-byte swizzle, which is what the TMA writes for a tensor map
+// with CU_TENSOR_MAP_SWIZZLE_<SW>B and a box of [ROWS, SW] rows x bytes (the launcher's maps).
 
 // Matrix descriptors from their low word: make_smem_desc's fields split into the start address
 // (low word, bits 0-13, plus the unused leading byte offset 1 at bit 16) and the compile-time
@@ -502,11 +486,6 @@ __device__ __forceinline__ void wg_pv(float (&acc)[N / 2], const unsigned (&a)[4
 #define SPARGE_WG_PV_CHUNK 64
 #endif
 
-__device__ __forceinline__ void fence_proxy_async_smem() {
-#if SPARGE_HAS_WGMMA
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
 // The 128 threads of warpgroup wg (0 or 1) meet at named barrier 1 + wg (0 is __syncthreads).
 // Immediate barrier ids: ptxas then reserves 3 barriers per CTA, not all 16.
 __device__ __forceinline__ void warpgroup_barrier_sync(int wg) {
@@ -530,10 +509,52 @@ struct WgSmem {
     static constexpr int bytes = 1024 + Q + 2 * (K + V);
 };
 
-// One warp's 16 query rows in the wgmma kernels (rows 16 w .. 16 w + 15 of the query block for
-// consumer warp w = 0..7; the same rows as warp w of the mma.sync kernel, hence its Stage 2
-// group): the online-softmax state, the masks, Stage 2, the step that turns a block's scores
-// into P, and the epilogue. Accumulator register 4n + e of a thread is element e of n-tile n in
+// The operands' TMA tensor maps (cuTensorMapEncodeTiled, sparge_cupy/_gpu.py: wg_tensor_maps):
+// each a 2D byte tensor [rows, row bytes] with a box of one swizzled tile panel.
+//   q:  [B Hq nq BQ, D qe]   box [BQ, min(D qe, 128)]     k: [B Hkv nk BK, D qe]  box [BK, min(D qe, 128)]
+//   vt: [B Hkv D, nk BK ve]  box [D, BK ve]
+struct alignas(64) TensorMap { unsigned long long opaque[16]; };
+struct WgMaps { TensorMap q, k, vt; };
+static_assert(sizeof(WgMaps) == 384, "mirrored by WG_MAPS in sparge_cupy/_gpu.py");
+
+#if SPARGE_HAS_WGMMA
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Arrives (count 1) and adds `bytes` to the transactions the current phase waits for.
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+// Adds `bytes` to the transactions the current phase waits for (no arrival).
+__device__ __forceinline__ void mbar_add_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_AGAIN:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_AGAIN;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+// One box of `map` at (byte column c0, row c1) into shared memory; completes on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const TensorMap* map, int c0, int c1,
+                                         unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        ::"r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1),
+          "r"(smem_addr(bar)) : "memory");
+}
+#endif
+
+// One warp's 16 query rows in the wgmma kernel (rows 16 w .. 16 w + 15 of the query block for
+// warp w = 0..7; the same rows as warp w of the mma.sync kernel, hence its Stage 2 group): the
+// online-softmax state, the masks, Stage 2, the step that turns a block's scores into P, and the
+// epilogue. Accumulator register 4n + e of a thread is element e of n-tile n in
 // mma.sync's C-fragment order (rows g and g + 8, columns 8n + 2 t4 + {0, 1}).
 template <bool QK_INT8, bool PV_FP8>
 struct WgRows {
@@ -547,7 +568,7 @@ struct WgRows {
     float lambda, dq_i;
     const float* dk_row;
     int visited, skipped;
-    int lane, warp, wg;               // warp: 0..7 (consumer warps), wg = warp / 4
+    int lane, warp, wg;               // warp 0..7, its warpgroup (warp-uniform for the compiler)
 
     __device__ __forceinline__ WgRows(const AttnParams& p, int i_, int h, int b, int kvh, size_t qblk,
                                       int warp_, int lane_)
@@ -782,7 +803,7 @@ struct MapScan {
 
 template <int D, bool QK_INT8, bool PV_FP8, typename OutT>
 __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value)
-sparse_attn_wg(const __grid_constant__ AttnParams p) {
+sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgMaps maps) {
 #if SPARGE_HAS_WGMMA
     static_assert(D == 64 || D == 128 || D == 256, "native head dims; the launcher pads others");
     using Rows = WgRows<QK_INT8, PV_FP8>;
@@ -804,16 +825,26 @@ sparse_attn_wg(const __grid_constant__ AttnParams p) {
     const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform for the compiler: uniform registers
     const int kvh = h / (p.Hq / p.Hkv);
     const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
-    const unsigned char* gQ = static_cast<const unsigned char*>(p.q) + qblk * BQ * QRB;
-    const unsigned char* gK = static_cast<const unsigned char*>(p.k) +
-                              ((size_t)b * p.Hkv + kvh) * (size_t)p.nk * BK * QRB;
-    const size_t v_row = (size_t)p.nk * VRB;         // bytes between channels of V^T
-    const unsigned char* gV = static_cast<const unsigned char*>(p.vt) + ((size_t)b * p.Hkv + kvh) * D * v_row;
     const int j_last = last_key_block(p, i);
     MapScan scan{p.block_map + qblk * p.nk, j_last, lane};
+    // Thread 0 has the TMA load stage s's tiles (the swizzled images the wgmmas read); full[s]
+    // counts their bytes in.
+    constexpr int QSW = QRB < 128 ? QRB : 128;
+    __shared__ __align__(8) unsigned long long full[2];
+    if (tid == 0) {
+        mbar_init(&full[0], 1);
+        mbar_init(&full[1], 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
+    const int k_row = (b * p.Hkv + kvh) * p.nk * BK, v_row0 = (b * p.Hkv + kvh) * D;
     auto load_kv = [&](int j, int stage) {
-        load_tile_swizzled<BK, QRB>(sK0 + stage * Smem::K, gK + (size_t)j * BK * QRB, QRB, tid);
-        load_tile_swizzled<D, VRB>(sV0 + stage * Smem::V, gV + (size_t)j * VRB, v_row, tid);
+        if (tid != 0) return;
+        mbar_expect_tx(&full[stage], Smem::K + Smem::V);
+#pragma unroll
+        for (int c = 0; c < QRB / QSW; ++c)
+            tma_load(sK0 + stage * Smem::K + c * BK * QSW, &maps.k, c * QSW, k_row + j * BK, &full[stage]);
+        tma_load(sV0 + stage * Smem::V, &maps.vt, j * VRB, v_row0, &full[stage]);
     };
     // Descriptor low words: this warpgroup's Q rows, K and V^T stage 0 (stage 1 follows).
     const unsigned q_lo = desc_lo(sQ) + ((64 * wg * (QRB < 128 ? QRB : 128)) >> 4);
@@ -828,19 +859,17 @@ sparse_attn_wg(const __grid_constant__ AttnParams p) {
     // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two
     // CTAs per SM at D <= 128).
     int j = scan.next(-1), stage = 0;
-    if (j <= j_last) {
-        load_tile_swizzled<BQ, QRB>(sQ, gQ, QRB, tid);
-        load_kv(j, 0);
+    if (j <= j_last && tid == 0) {
+        mbar_add_tx(&full[0], Smem::Q);
+#pragma unroll
+        for (int c = 0; c < QRB / QSW; ++c) tma_load(sQ + c * BQ * QSW, &maps.q, c * QSW, (int)qblk * BQ, &full[0]);
     }
-    cp_async_commit();
-    while (j <= j_last) {
-        cp_async_wait_all();
-        fence_proxy_async_smem();                // cp.async wrote what the tensor cores read
-        __syncthreads();                         // K_j, V_j visible; stage ^ 1 is free
+    if (j <= j_last) load_kv(j, 0);
+    for (int n = 0; j <= j_last; ++n) {
+        mbar_wait(&full[stage], (n >> 1) & 1);   // K_j, V_j (and Q) are in
+        __syncthreads();                         // every warp is done with stage ^ 1
         const int j_next = scan.next(j);
         if (j_next <= j_last) load_kv(j_next, stage ^ 1);
-        cp_async_commit();
-
         AccT acc[32];                            // S = Q K_j^T (the first k step overwrites)
         wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + stage * (Smem::K >> 4));
         wgmma_wait<0>();
@@ -876,249 +905,7 @@ sparse_attn_wg(const __grid_constant__ AttnParams p) {
         stage ^= 1;
         j = j_next;
     }
-    cp_async_wait_all();
     rows.template store<D, OutT>(p, o, h, b, kvh, qblk);
-#else
-    __trap();
-#endif
-}
-
-// =============================================================================================
-// sm_90a, D <= 128: the same attention, warp-specialized (the FlashAttention-3 structure).
-// Same parameters, inputs, semantics, rounding and row-to-warp mapping as sparse_attn_wg; the
-// launcher picks it on compute capability 9.0 where it measured faster (D = 128 with fp16 P V and
-// Stage 2 off; _gpu.attn_kernel_choice, bench/NOTES.md).
-//
-// One CTA per SM of three warpgroups. Warpgroup 0, the producer, gives up its registers
-// (setmaxnreg 24): its warp 0 walks the kept blocks and has the tensor memory accelerator (TMA)
-// copy Q once and each kept block's K and V^T tiles, swizzle included, into a ring of
-// WsSmem::stages stages (mbarriers: full[s] counts a stage's bytes in, empty[s] counts the 8
-// consumer warps out). Warpgroups 1 and 2, the consumers (setmaxnreg 240), compute query rows
-// 0-63 and 64-127 with no CTA-wide barrier, and overlap within the warpgroup:
-//   block n:  issue S_{n+1} = Q K_{n+1}^T and O(+)= P_n V_n   (both asynchronous)
-//             wait S_{n+1}; softmax of block n + 1 -> P_{n+1}    (while P_n V_n runs)
-//             wait P_n V_n; FP8: o = o alpha_n + P_n V_n; fp16: o *= alpha_{n+1}; release stage n
-// so the tensor cores work on block n's P V and block n + 1's scores while the warp computes
-// exponentials. P goes from registers (two buffers: P_n is read by the tensor cores while P_{n+1}
-// is written); FP8 P V_n goes to a fresh accumulator t (the two-level accumulation above).
-// =============================================================================================
-
-// The operands' TMA tensor maps (cuTensorMapEncodeTiled, sparge_cupy/_gpu.py: wg_tensor_maps):
-// each a 2D byte tensor [rows, row bytes] with a box of one swizzled tile panel.
-//   q:  [B Hq nq BQ, D qe]   box [BQ, min(D qe, 128)]     k: [B Hkv nk BK, D qe]  box [BK, min(D qe, 128)]
-//   vt: [B Hkv D, nk BK ve]  box [D, BK ve]
-struct alignas(64) TensorMap { unsigned long long opaque[16]; };
-struct WgMaps { TensorMap q, k, vt; };
-static_assert(sizeof(WgMaps) == 384, "mirrored by WG_MAPS in sparge_cupy/_gpu.py");
-
-#if SPARGE_HAS_WGMMA
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_init_fence() {
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-// Arrives (count 1) and adds `bytes` to the transactions the current phase waits for.
-__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
-}
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nWAIT_AGAIN:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_AGAIN;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
-}
-// One box of `map` at (byte column c0, row c1) into shared memory; completes on `bar`.
-__device__ __forceinline__ void tma_load(void* dst, const TensorMap* map, int c0, int c1,
-                                         unsigned long long* bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-        ::"r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1),
-          "r"(smem_addr(bar)) : "memory");
-}
-#endif
-
-constexpr int WS_THREADS = 384;       // producer warpgroup + 2 consumer warpgroups
-constexpr int WS_PRODUCER_REGS = 24, WS_CONSUMER_REGS = 240;   // 128 x 24 + 256 x 240 <= 64K
-static_assert(128 * WS_PRODUCER_REGS + 256 * WS_CONSUMER_REGS <= 65536, "one CTA's registers");
-
-// Dynamic shared memory the launcher gives sparse_attn_ws: 1 KB for aligning the tiles, Q, and
-// `stages` stages of K and V^T (4, or fewer where they would not fit in the 227 KB of one CTA).
-// attn_smem_bytes in sparge_cupy/_gpu.py computes the same number.
-constexpr int CTA_SMEM_BYTES = 227 * 1024;
-template <int D, bool QK_INT8, bool PV_FP8>
-struct WsSmem {
-    static constexpr int QRB = D * (QK_INT8 ? 1 : 2), VRB = BK * (PV_FP8 ? 1 : 2);
-    static constexpr int Q = BQ * QRB, K = BK * QRB, V = D * VRB;
-    static constexpr int budget = CTA_SMEM_BYTES - 1024 - 1024 - Q;   // static arrays, alignment
-    static constexpr int stages = budget >= 4 * (K + V) ? 4 : budget >= 3 * (K + V) ? 3 : 2;
-    static constexpr int bytes = 1024 + Q + stages * (K + V);
-};
-
-template <int D, bool QK_INT8, bool PV_FP8, typename OutT>
-__global__ void __launch_bounds__(WS_THREADS, 1)
-sparse_attn_ws(const __grid_constant__ AttnParams p, const __grid_constant__ WgMaps maps) {
-#if SPARGE_HAS_WGMMA
-    static_assert(D == 64 || D == 128, "D = 256 runs sparse_attn_wg (its o and t need the registers)");
-    using Rows = WgRows<QK_INT8, PV_FP8>;
-    using AccT = typename Rows::AccT;
-    using Smem = WsSmem<D, QK_INT8, PV_FP8>;
-    constexpr int QRB = Smem::QRB, VRB = Smem::VRB, STAGES = Smem::stages;
-    constexpr int QSW = QRB < 128 ? QRB : 128;       // bytes per row of a Q / K tile panel
-    constexpr int PV_STEPS = Rows::PV_STEPS;
-
-    extern __shared__ unsigned char smem_raw[];
-    __shared__ int wg_skip[ATTN_WARPS];
-    __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES], q_full;
-    unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-    // Tiles: Q, then K stages 0 .. STAGES - 1, V stages 0 .. STAGES - 1 (all 1024-byte aligned).
-    unsigned char* sQ = base;
-    unsigned char* sK0 = sQ + Smem::Q;
-    unsigned char* sV0 = sK0 + STAGES * Smem::K;
-
-    const int i = p.nq - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform: uniform registers
-    const int kvh = h / (p.Hq / p.Hkv);
-    const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
-    const int j_last = last_key_block(p, i);
-    MapScan scan{p.block_map + qblk * p.nk, j_last, lane};
-
-    if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], ATTN_WARPS);
-        }
-        mbar_init(&q_full, 1);
-        mbar_init_fence();
-    }
-    __syncthreads();                             // the barriers are initialised (the only CTA barrier)
-
-    if (wg == 0) {
-        // The producer. Tensor-map rows (the launcher checks that they fit in an int): Q block
-        // i's first row, this kv head's first K row and first V^T row.
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(WS_PRODUCER_REGS));
-        if (warp == 0) {
-            const int q_row = (int)qblk * BQ;
-            const int k_row = (b * p.Hkv + kvh) * p.nk * BK;
-            const int v_row = (b * p.Hkv + kvh) * D;
-            int j = scan.next(-1);
-            if (j <= j_last && lane == 0) {
-                mbar_expect_tx(&q_full, Smem::Q);
-#pragma unroll
-                for (int c = 0; c < QRB / QSW; ++c) tma_load(sQ + c * BQ * QSW, &maps.q, c * QSW, q_row, &q_full);
-            }
-            // Kept block number n goes to stage n % STAGES once the consumers released the
-            // block before it there (use n / STAGES - 1 of that stage, parity of that number).
-            for (int n = 0; j <= j_last; ++n, j = scan.next(j)) {
-                const int s = n % STAGES;
-                if (n >= STAGES) mbar_wait(&empty[s], (n / STAGES - 1) & 1);
-                if (lane == 0) {
-                    mbar_expect_tx(&full[s], Smem::K + Smem::V);
-#pragma unroll
-                    for (int c = 0; c < QRB / QSW; ++c)
-                        tma_load(sK0 + s * Smem::K + c * BK * QSW, &maps.k, c * QSW, k_row + j * BK, &full[s]);
-                    tma_load(sV0 + s * Smem::V, &maps.vt, j * VRB, v_row, &full[s]);
-                }
-            }
-        }
-    } else {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(WS_CONSUMER_REGS));
-        const int cw = warp - 4, cwg = wg - 1;   // consumer warp 0..7, consumer warpgroup 0..1
-        Rows rows(p, i, h, b, kvh, qblk, cw, lane);
-        // Descriptor low words: this warpgroup's Q rows, K and V^T stage 0 (stage s follows).
-        const unsigned q_lo = desc_lo(sQ) + ((64 * cwg * QSW) >> 4);
-        const unsigned k_lo0 = desc_lo(sK0), v_lo0 = desc_lo(sV0);
-        float o[D / 2];
-#pragma unroll
-        for (int x = 0; x < D / 2; ++x) o[x] = 0.f;
-
-        int j = scan.next(-1);
-        if (j <= j_last) {
-            mbar_wait(&q_full, 0);
-            mbar_wait(&full[0], 0);
-            AccT acc[32];                        // S = Q K_j^T (the first k step overwrites)
-            wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0);
-            wgmma_wait<0>();
-            fence_operands(acc);
-            // Block n's P and o's rescale for it; the next block's.
-            unsigned pa[2][PV_STEPS][4];
-            float alpha[2][2];
-            rows.step(p, i, acc, j, pa[0], alpha[0], wg_skip);
-            // P_n V_n into t (FP8) or o (fp16), one commit group. Issued whatever Stage 2 decided:
-            // a skipped group's P is zero, so the product adds nothing (the launcher runs
-            // sparse_attn_wg when Stage 2 is on, where skipping saves the product; here a branch
-            // around the wgmmas would make the compiler serialize every wgmma of the loop).
-            auto issue_pv = [&](int n, const unsigned (&a)[PV_STEPS][4], float (&t)[D / 2]) {
-                const unsigned v_lo = v_lo0 + (n % STAGES) * (Smem::V >> 4);
-                wgmma_fence();
-                if constexpr (PV_FP8) {
-#pragma unroll
-                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, true>(t, a[ks], v_lo, 0, ks, ks > 0);
-                } else {
-#pragma unroll
-                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, false>(o, a[ks], v_lo, 0, ks, 1);
-                }
-                wgmma_commit();
-            };
-            // After P_n V_n completed: FP8 adds it to o; then the warp releases stage n.
-            auto finish_pv = [&](int n, const float (&a)[2], float (&t)[D / 2]) {
-                if constexpr (PV_FP8) {
-                    fence_operands(t);
-                    rows.add_block(o, t, 0, a);
-                } else {
-                    fence_operands(o);
-                }
-                if (lane == 0) mbar_arrive(&empty[n % STAGES]);   // this warp is done with K_n, V_n
-            };
-            // Kept block n with a next block: buffers cur / nxt = n % 2 / (n + 1) % 2 (compile-
-            // time after the unrolling below). Returns false, having done nothing, if n is the last.
-            auto block = [&](int n, auto cur_c, auto nxt_c) {
-                constexpr int cur = decltype(cur_c)::value, nxt = decltype(nxt_c)::value;
-                // j_next is warp-uniform (a ballot); the broadcast tells the compiler.
-                const int j_next = __shfl_sync(0xffffffffu, scan.next(j), 0);
-                if (j_next > j_last) return false;
-                const int stage1 = (n + 1) % STAGES;
-                mbar_wait(&full[stage1], ((n + 1) / STAGES) & 1);
-                wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + stage1 * (Smem::K >> 4));   // S_{n+1}
-                float t[D / 2];
-                issue_pv(n, pa[cur], t);                                                // P_n V_n
-                wgmma_wait<1>();                 // S_{n+1} is in: block n + 1's softmax meanwhile
-                fence_operands(acc);
-                rows.step(p, i, acc, j_next, pa[nxt], alpha[nxt], wg_skip);
-                wgmma_wait<0>();
-                finish_pv(n, alpha[cur], t);
-                if constexpr (!PV_FP8) rows.rescale(o, alpha[nxt]);   // o for P_{n+1} V_{n+1}
-                j = j_next;
-                return true;
-            };
-            auto last_block = [&](int n, auto cur_c) {
-                constexpr int cur = decltype(cur_c)::value;
-                float t[D / 2];
-                issue_pv(n, pa[cur], t);
-                wgmma_wait<0>();
-                finish_pv(n, alpha[cur], t);
-            };
-            for (int n = 0;; n += 2) {
-                if (!block(n, Int<0>{}, Int<1>{})) {
-                    last_block(n, Int<0>{});
-                    break;
-                }
-                if (!block(n + 1, Int<1>{}, Int<0>{})) {
-                    last_block(n + 1, Int<1>{});
-                    break;
-                }
-            }
-        }
-        wgmma_wait<0>();                         // nothing is in flight (for the compiler too)
-        fence_operands(o);
-        rows.template store<D, OutT>(p, o, h, b, kvh, qblk);
-    }
 #else
     __trap();
 #endif

@@ -85,15 +85,12 @@ def base_options():
 # ---------------------------------------------------------------------------------------------
 # Name expressions: every template instantiation the launcher may ask for.
 
-# mma.sync (sm_80 and newer); warpgroup MMA (sm_90a only); warp-specialized warpgroup MMA with TMA
-# loads (sm_90a, head dims 64 and 128).
-ATTN_KERNELS = ("mma", "wgmma", "ws")
-WS_HEAD_DIMS = (64, 128)
+ATTN_KERNELS = ("mma", "wgmma")     # mma.sync (sm_80 and newer), warpgroup MMA (sm_90a only)
 SELECT_ROW_KEYS = (1, 2, 4, 8, 16)  # select_rows<E>: a warp per map row of at most 32 E key blocks
 
 
 def attn_name(D, qk, pv, out_dtype, kernel="mma"):
-    func = {"mma": "sparse_attn", "wgmma": "sparse_attn_wg", "ws": "sparse_attn_ws"}[kernel]
+    func = {"mma": "sparse_attn", "wgmma": "sparse_attn_wg"}[kernel]
     return (f"sparge::{func}<{D}, {'true' if qk == 'int8' else 'false'}, "
             f"{'true' if pv == 'fp8' else 'false'}, {ELEMENT_TYPES[out_dtype]}>")
 
@@ -120,8 +117,6 @@ def kernel_names(cc):
                     names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt)))
                     if int(cc) == 90:
                         names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt, "wgmma")))
-                        if D in WS_HEAD_DIMS:
-                            names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt, "ws")))
     names += [("block_stats.cu", "sparge::head_scales"), ("select.cu", "sparge::compressed_map"),
               ("select.cu", "sparge::select_blocks")]
     names += [("select.cu", f"sparge::select_rows<{e}>") for e in SELECT_ROW_KEYS]

@@ -17,9 +17,9 @@ The pipeline (one launch per line; kernels in ``cuda/``):
     quantize_q (Q)       pass B: the Q operand                                      block_stats.cu
     v_channel_amax (V)   pass A: channel max |V| (pv="fp8")                         quant_v.cu
     quantize_v (V)       pass B: V^T in e4m3 (or fp16), dv                          quant_v.cu
-    sparse_attn[_wg|_ws] the attention loop and Stage 2                             sparse_attn.cu
-                         (_wg: warpgroup MMAs, _ws: warp-specialized with TMA loads, compute
-                         capability 9.0; see attn_kernel_choice)
+    sparse_attn[_wg]     the attention loop and Stage 2                             sparse_attn.cu
+                         (_wg: warpgroup MMAs and TMA loads, compute capability 9.0; see
+                         attn_kernel_choice)
 
 Q, K and V are read twice each (once to measure, once to quantize). :func:`sparge_attn` makes
 k_pass write the K operand in the same pass as the pooled K (``k_operand`` of
@@ -48,8 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks as ck
-from ._compile import (ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, SELECT_ROW_KEYS, WS_HEAD_DIMS, attn_name,
-                       get_kernel)
+from ._compile import ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, SELECT_ROW_KEYS, attn_name, get_kernel
 from .config import CONFIG
 
 BQ, BK = CONFIG.block_q, CONFIG.block_k
@@ -100,7 +99,7 @@ ATTN_PARAMS = _struct([
     ("group_counts", _PTR), ("out_stride_b", _I64), ("out_stride_h", _I64), ("out_stride_t", _I64),
     ("Hq", _I32), ("Hkv", _I32), ("Lq", _I32), ("Lk", _I32), ("nq", _I32), ("nk", _I32),
     ("d_out", _I32), ("causal", _I32), ("scale", _F32)])
-# sparse_attn_ws's second parameter: the TMA tensor maps of its three operands (CUtensorMap, 128
+# sparse_attn_wg's second parameter: the TMA tensor maps of its three operands (CUtensorMap, 128
 # opaque bytes each, made by cuTensorMapEncodeTiled: wg_tensor_maps).
 WG_MAPS = _struct([("q", np.uint8, (128,)), ("k", np.uint8, (128,)), ("vt", np.uint8, (128,))])
 STRUCTS = {"TensorView": TENSOR_VIEW, "WgMaps": WG_MAPS, "QStatsParams": Q_STATS_PARAMS,
@@ -506,27 +505,12 @@ def select(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, top
 # ---------------------------------------------------------------------------------------------
 # The attention kernel.
 
-CTA_SMEM_BYTES = 227 * 1024         # shared memory one CTA may have on Hopper (sparse_attn.cu)
-WS_THREADS = 384                    # sparse_attn_ws: a producer and two consumer warpgroups
-
-
-def ws_stages(D, qk, pv):
-    """K/V stages of the warp-specialized kernel: 4, or 3 or 2 where 4 would not fit
-    (sparse_attn.cu's WsSmem::stages, the same rule)."""
-    qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
-    budget = CTA_SMEM_BYTES - 2048 - BQ * D * qe
-    per_stage = BK * D * qe + D * BK * ve
-    return next(s for s in (4, 3, 2) if s == 2 or budget >= s * per_stage)
-
-
 def attn_smem_bytes(D, qk, pv, kernel="mma"):
     """Dynamic shared memory of the attention kernel (sparse_attn.cu): Q and K/V tiles; the
-    wgmma kernel keeps two stages of K and V, the ws kernel ``ws_stages``, both with 1 KB for
-    aligning their swizzled tiles."""
+    wgmma kernel keeps two stages of K and V and 1 KB for aligning its swizzled tiles."""
     qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
-    if kernel in ("wgmma", "ws"):
-        stages = 2 if kernel == "wgmma" else ws_stages(D, qk, pv)
-        return 1024 + BQ * D * qe + stages * (BK * D * qe + D * BK * ve)
+    if kernel == "wgmma":
+        return 1024 + BQ * D * qe + 2 * (BK * D * qe + D * BK * ve)
     return (BQ + BK) * (D * qe + 16) + D * (BK * ve + 16)
 
 
@@ -569,7 +553,7 @@ def _tensor_map(out, array, row_bytes, box_bytes, box_rows):
 
 
 def wg_tensor_maps(qz, D, qk, pv):
-    """sparse_attn_ws's WgMaps: Q [B Hq nq BQ, D qe], K [B Hkv nk BK, D qe] in boxes of one
+    """sparse_attn_wg's WgMaps: Q [B Hq nq BQ, D qe], K [B Hkv nk BK, D qe] in boxes of one
     128-byte (or narrower) column panel of a tile, V^T [B Hkv D, nk BK ve] in boxes of one tile."""
     qrb, vrb = D * (1 if qk == "int8" else 2), BK * (1 if pv == "fp8" else 2)
     panel = min(qrb, 128)
@@ -580,28 +564,19 @@ def wg_tensor_maps(qz, D, qk, pv):
     return maps
 
 
-def attn_kernel_choice(cc=None, D=128, pv="fp8", stage2=False):
-    """Which attention kernel runs for (padded) head dim ``D``: on compute capability 9.0 (Hopper,
-    sm_90a) ``"ws"`` (warp-specialized) for D = 128 with ``pv="fp16"`` and Stage 2 off, where it
-    is 1.13-1.25x faster than ``"wgmma"`` on the H200, and ``"wgmma"`` otherwise (ws is slower
-    with FP8 P V and at D = 64; with Stage 2 on, wgmma skips the P V products the filter drops,
-    ws computes them with P = 0; bench/NOTES.md); ``"mma"`` (mma.sync) elsewhere.
-    ``SPARGE_ATTN_KERNEL`` forces one: ``mma`` everywhere, ``wgmma`` on Hopper, ``ws`` on Hopper
-    wherever it runs (D <= 128, with Stage 2 too)."""
+def attn_kernel_choice(cc=None):
+    """Which attention kernel runs: ``"wgmma"`` on compute capability 9.0 (Hopper, sm_90a), else
+    ``"mma"`` (mma.sync). ``SPARGE_ATTN_KERNEL=mma`` forces the portable kernel everywhere."""
     forced = os.environ.get("SPARGE_ATTN_KERNEL", "auto")
     if forced not in ("auto",) + ATTN_KERNELS:
         raise ValueError(f"SPARGE_ATTN_KERNEL: expected one of auto, {', '.join(ATTN_KERNELS)}, "
                          f"got {forced!r}")
     cc = _compute_capability() if cc is None else int(cc)
-    if forced in ("wgmma", "ws") and cc != 90:
-        raise ValueError(f"SPARGE_ATTN_KERNEL={forced} needs compute capability 9.0, got {cc}")
-    if forced == "ws":
-        return "ws" if D in WS_HEAD_DIMS else "wgmma"
+    if forced == "wgmma" and cc != 90:
+        raise ValueError(f"SPARGE_ATTN_KERNEL=wgmma needs compute capability 9.0, got {cc}")
     if forced != "auto":
         return forced
-    if cc != 90:
-        return "mma"
-    return "ws" if D == 128 and pv == "fp16" and not stage2 else "wgmma"
+    return "wgmma" if cc == 90 else "mma"
 
 
 def _output(q, out):
@@ -654,7 +629,7 @@ def run_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, r
     ost = [s // out.itemsize for s in out.strides]
     sb, sh, stt = (ost[0], ost[1], ost[2]) if q.layout == "HND" else (ost[0], ost[2], ost[1])
 
-    which = attn_kernel_choice(D=D, pv=pv, stage2=bool(np.isfinite(pvthreshd).any()))
+    which = attn_kernel_choice()
     kern = get_kernel("sparse_attn.cu", attn_name(D, qk, pv, q.dtype, which))
     smem = attn_smem_bytes(D, qk, pv, which)
     _set_smem(kern, smem, f"q: head dim {q.D} with qk={qk!r}, pv={pv!r}")
@@ -663,9 +638,9 @@ def run_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, r
         block_map=block_map, pvthreshd=lam, q_dot_km=qz.q_dot_km, out=out, lse=lse,
         group_counts=counts, out_stride_b=sb, out_stride_h=sh, out_stride_t=stt, Hq=Hq, Hkv=Hkv,
         Lq=Lq, Lk=Lk, nq=nq, nk=nk, d_out=q.D, causal=int(is_causal), scale=scale),)
-    if which == "ws":
+    if which == "wgmma":
         params += (wg_tensor_maps(qz, D, qk, pv),)
-    kern(_grid(nq, Hq, B), (WS_THREADS if which == "ws" else THREADS,), params, shared_mem=smem)
+    kern(_grid(nq, Hq, B), (THREADS,), params, shared_mem=smem)
 
     results = [out]
     if return_lse:

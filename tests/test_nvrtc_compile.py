@@ -129,23 +129,13 @@ def test_wgmma_kernel_only_on_sm90():
 def test_attention_kernel_choice(monkeypatch):
     monkeypatch.delenv("SPARGE_ATTN_KERNEL", raising=False)
     assert _gpu.attn_kernel_choice(90) == "wgmma"
-    assert _gpu.attn_kernel_choice(90, D=128, pv="fp16") == "ws"
-    assert _gpu.attn_kernel_choice(90, D=64, pv="fp16") == "wgmma"
-    assert _gpu.attn_kernel_choice(90, D=256, pv="fp16") == "wgmma"
-    assert _gpu.attn_kernel_choice(90, D=128, pv="fp16", stage2=True) == "wgmma"
     assert _gpu.attn_kernel_choice(80) == "mma"
     assert _gpu.attn_kernel_choice(89) == "mma"
     monkeypatch.setenv("SPARGE_ATTN_KERNEL", "mma")
     assert _gpu.attn_kernel_choice(90) == "mma"
     monkeypatch.setenv("SPARGE_ATTN_KERNEL", "wgmma")
-    assert _gpu.attn_kernel_choice(90) == "wgmma"
     with pytest.raises(ValueError, match="SPARGE_ATTN_KERNEL=wgmma needs compute capability 9.0"):
         _gpu.attn_kernel_choice(80)
-    monkeypatch.setenv("SPARGE_ATTN_KERNEL", "ws")
-    assert _gpu.attn_kernel_choice(90, D=128, stage2=True) == "ws"
-    assert _gpu.attn_kernel_choice(90, D=256) == "wgmma"
-    with pytest.raises(ValueError, match="SPARGE_ATTN_KERNEL=ws needs compute capability 9.0"):
-        _gpu.attn_kernel_choice(89)
     monkeypatch.setenv("SPARGE_ATTN_KERNEL", "fast")
     with pytest.raises(ValueError, match="SPARGE_ATTN_KERNEL: expected one of"):
         _gpu.attn_kernel_choice(90)
@@ -153,20 +143,19 @@ def test_attention_kernel_choice(monkeypatch):
 
 def test_wgmma_shared_memory_fits_sm90():
     # H100: 227 KiB per block after opt-in.
-    worst = max(_gpu.attn_smem_bytes(D, qk, pv, kernel) for D in _compile.HEAD_DIMS
-                for qk in ("int8", "fp16") for pv in ("fp8", "fp16") for kernel in ("wgmma", "ws"))
+    worst = max(_gpu.attn_smem_bytes(D, qk, pv, "wgmma") for D in _compile.HEAD_DIMS
+                for qk in ("int8", "fp16") for pv in ("fp8", "fp16"))
     assert worst <= 227 * 1024
 
 
-def test_ws_stages_match_launcher():
-    """The launcher's shared-memory size and K/V stage count of the warp-specialized kernel are the
-    kernel's WsSmem, for each head dim and mode it runs."""
+def test_wgmma_shared_memory_matches_launcher():
+    """The launcher's shared-memory size of the wgmma kernel is the kernel's WgSmem, for each head
+    dim and mode."""
     checks, B = [], lambda x: "true" if x else "false"
-    for D in _compile.WS_HEAD_DIMS:
+    for D in _compile.HEAD_DIMS:
         for qk in ("int8", "fp16"):
             for pv in ("fp8", "fp16"):
-                t = f"sparge::WsSmem<{D}, {B(qk == 'int8')}, {B(pv == 'fp8')}>"
-                checks += [f"static_assert({t}::bytes == {_gpu.attn_smem_bytes(D, qk, pv, 'ws')}, "
-                           f'"{t}: bytes");',
-                           f"static_assert({t}::stages == {_gpu.ws_stages(D, qk, pv)}, \"{t}: stages\");"]
+                t = f"sparge::WgSmem<{D}, {B(qk == 'int8')}, {B(pv == 'fp8')}>"
+                checks.append(f"static_assert({t}::bytes == {_gpu.attn_smem_bytes(D, qk, pv, 'wgmma')}, "
+                              f'"{t}: bytes");')
     _compile_with_checks("sparse_attn.cu", checks)
