@@ -377,6 +377,24 @@ def main(argv=None):
     import torch
     rows = []
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    card = card_name().replace(" ", "_")
+    csv_path = out / f"{args.tag}_{stamp}_{card}.csv"
+
+    def write():                       # after every case: a run cut short keeps what it measured
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        md = (f"# Benchmark, {card_name()}, {stamp}, commit {git_commit()}\n\n"
+              f"torch {torch.__version__}, python {platform.python_version()}, B={args.B}, H={args.H}, fp16, "
+              f"random inputs; dense-equivalent TOPS (SPEC.md section 4); median of do_bench "
+              f"(L2 flushed); command: `python bench/run_bench.py {' '.join(argv or sys.argv[1:])}`\n\n"
+              + table(rows) + "\n")
+        (out / f"{args.tag}_{stamp}_{card}.md").write_text(md)
+
     for D in args.D:
         for L in args.L:
             for causal in causals:
@@ -384,23 +402,9 @@ def main(argv=None):
                     print(f"L={L} D={D} causal={causal} density={d}", file=sys.stderr, flush=True)
                     rows += bench_case(args.B, args.H, args.Hkv or args.H, L, D, causal, d,
                                        dtype=torch.float16, reps_ms=args.reps_ms, only=args.methods)
+                    write()
                     gc.collect()               # the case's tensors (a failed flex setup keeps a
                     torch.cuda.empty_cache()   # reference cycle through its traceback), then the cache
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    card = card_name().replace(" ", "_")
-    csv_path = out / f"{args.tag}_{stamp}_{card}.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    md = (f"# Benchmark, {card_name()}, {stamp}, commit {git_commit()}\n\n"
-          f"torch {torch.__version__}, python {platform.python_version()}, B={args.B}, H={args.H}, fp16, "
-          f"random inputs; dense-equivalent TOPS (SPEC.md section 4); median of do_bench "
-          f"(L2 flushed); command: `python bench/run_bench.py {' '.join(argv or sys.argv[1:])}`\n\n"
-          + table(rows) + "\n")
-    (out / f"{args.tag}_{stamp}_{card}.md").write_text(md)
     print(table(rows))
     print(f"wrote {csv_path}")
 

@@ -412,7 +412,7 @@ __global__ void __launch_bounds__(ATTN_THREADS, D <= 128 ? 2 : 1) sparse_attn(co
 // tile, swizzle included, from the launcher's tensor maps (WgMaps), completing on the stage's
 // mbarrier; one CTA barrier per key block frees the other stage, into which the next kept block
 // is loaded while this one is computed. No other thread spends an instruction on loads (with
-// cp.async by all threads they took ~100 of ~500 per block: the TMA made the kernel 1.15-1.4x
+// cp.async by all threads they took ~100 of ~500 per block: the TMA made the kernel 1.04-1.41x
 // faster, bench/NOTES.md), and the barrier keeps the two warpgroups in step.
 // =============================================================================================
 
