@@ -40,6 +40,16 @@ __device__ __forceinline__ bool block_valid(int i, int j, int Lq, int Lk, int ca
     return (long long)j * BK <= last_row + (Lk - Lq);
 }
 
+// Key block j holds a key aligned with a row of query block i (query t <-> key t + Lk - Lq, as the
+// causal mask aligns them): the local window, reference.local_blocks.
+__device__ __forceinline__ bool block_local(int i, int j, int Lq, int Lk) {
+    const long long off = (long long)Lk - Lq;
+    const long long first = (long long)i * BQ + off;
+    const long long last = min((long long)(i + 1) * BQ, (long long)Lq) - 1 + off;
+    if (last < 0 || first > Lk - 1) return false;
+    return j >= max(first, 0ll) / BK && j <= min(last, (long long)Lk - 1) / BK;
+}
+
 struct MapParams {
     const float* qbar;       // [B, Hq, nq, D]
     const float* kbar;       // [B, Hkv, nk, D] (pooled smoothed K)
@@ -290,7 +300,7 @@ struct SelectParams {
     const float* topk;       // [Hq] TopK fraction, or nullptr
     const float* mass_threshold;  // [Hq] threshold on nk * P^, or nullptr (exactly one of three)
     unsigned char* block_map;  // [B, Hq, nq, nk]
-    int Hq, Hkv, nq, nk, Lq, Lk, causal, sink, nk_pow2;
+    int Hq, Hkv, nq, nk, Lq, Lk, causal, sink, local, nk_pow2;   // local: keep the local window
 };
 static_assert(sizeof(SelectParams) == 104, "mirrored by SELECT_PARAMS in sparge_cupy/_gpu.py");
 
@@ -367,7 +377,8 @@ __device__ __forceinline__ bool mass_column(const SelectParams& p, int i, int j,
 }
 
 // Map row i (flat index row) from the selection keep[nk]: OR the fix blocks (non-self-similar
-// Q row, non-self-similar K columns), AND causal validity, OR the sink. Columns first, first +
+// Q row, non-self-similar K columns), AND causal validity, OR the sink and the local window.
+// Columns first, first +
 // step, ... are this thread's.
 __device__ __forceinline__ void write_row(const SelectParams& p, int i, size_t row,
                                           const unsigned char* keep, const float* k_sim,
@@ -378,6 +389,7 @@ __device__ __forceinline__ void write_row(const SelectParams& p, int i, size_t r
         const bool valid = block_valid(i, j, p.Lq, p.Lk, p.causal);
         bool on = (keep[j] || q_fix || !(k_sim[j] > theta)) && valid;
         if (j == 0 && p.sink) on = on || valid;
+        if (p.local && block_local(i, j, p.Lq, p.Lk)) on = on || valid;
         out[j] = on;
     }
 }

@@ -5,7 +5,8 @@ All functions of the mirror take HND arrays and per-head threshold arrays; the p
 """
 from .attention import PV_MODES, QK_MODES, block_sparse_attention, quantized_operands
 from .dense import block_attention_mass, dense_attention
-from .layout import expand_block_map, from_hnd, num_blocks, to_hnd, token_mask, valid_blocks
+from .layout import (expand_block_map, from_hnd, local_blocks, num_blocks, to_hnd, token_mask,
+                     valid_blocks)
 from .oracle import exact_attention, oracle_block_map
 from .predict import (block_self_similarity, pool_blocks, predict_block_map, qbar_keys_logits,
                       select_blocks, select_mass_threshold, select_topcdf, select_topk)
@@ -22,5 +23,5 @@ __all__ = [
     "quantize_int8_per_block", "quantize_v_fp8", "quant_stats",
     "quantized_operands", "relative_l1", "rmse", "round_e4m3", "round_fp16", "select_blocks",
     "select_mass_threshold", "select_topcdf", "select_topk", "smooth_k", "sparsity_stats",
-    "to_hnd", "token_mask", "valid_blocks",
+    "to_hnd", "token_mask", "valid_blocks", "local_blocks",
 ]

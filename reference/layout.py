@@ -51,6 +51,23 @@ def valid_blocks(Lq, Lk, block_q, block_k, is_causal):
     return first_key[None, :] <= last_row[:, None] + (Lk - Lq)
 
 
+def local_blocks(Lq, Lk, block_q, block_k):
+    """Bool ``[nq, nk]``: the key blocks of each query block's own positions, its "diagonal".
+
+    Query t is aligned with key ``t + (Lk - Lq)`` (bottom-right, as the causal mask); block (i, j)
+    is local iff key block j holds one of the keys aligned with the rows of query block i. With
+    Lq = Lk and the 128 x 64 geometry these are key blocks 2i and 2i + 1: the most recent tokens
+    of every causal row. Rows aligned before key 0 or past the last key have none.
+    """
+    nq, nk = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
+    off = Lk - Lq
+    first = np.arange(nq) * block_q + off                      # aligned key of each block's first row
+    last = np.minimum((np.arange(nq) + 1) * block_q, Lq) - 1 + off
+    lo, hi = np.maximum(first, 0) // block_k, np.minimum(last, Lk - 1) // block_k
+    j = np.arange(nk)[None, :]
+    return (j >= lo[:, None]) & (j <= hi[:, None]) & (last >= 0)[:, None] & (first <= Lk - 1)[:, None]
+
+
 def expand_block_map(block_map, Lq, Lk, block_q, block_k):
     """Token-level bool mask ``[..., Lq, Lk]`` from a block map ``[..., nq, nk]`` (np.kron)."""
     m = np.asarray(block_map, dtype=bool)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import CONFIG
-from .layout import num_blocks, valid_blocks
+from .layout import local_blocks, num_blocks, valid_blocks
 from .quant import F32, _blocked, expand_kv_heads, smooth_k
 
 # The estimates Stage 1 can select from (select.cu has a kernel for each): the paper's compressed
@@ -136,15 +136,16 @@ def qbar_keys_logits(qbar, ks, *, Lq, is_causal, scale, cfg=CONFIG):
 
 
 def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, topk=None,
-                      mass_threshold=None, attention_sink=True, return_details=False,
-                      predictor="paper", cfg=CONFIG):
+                      mass_threshold=None, attention_sink=True, local_window=False,
+                      return_details=False, predictor="paper", cfg=CONFIG):
     """The Stage 1 block map, bool ``[B, Hq, nq, nk]``.
 
     ``q``, ``k``: HND arrays. ``simthreshd1``, ``cdfthreshd``, ``topk``, ``mass_threshold``:
     float32 ``[Hq]`` (exactly one of the last three given). ``predictor``: "paper" (the compressed
     map) or "qbar_keys" (:func:`qbar_keys_logits`, rounded once to float32, in place of the
     compressed map's logits; the softmax, the rules, fix blocks, causal validity and sink are the
-    same). With ``return_details`` also a dict of the intermediate arrays (similarities,
+    same). ``local_window``: also keep each query block's own key blocks (:func:`local_blocks`).
+    With ``return_details`` also a dict of the intermediate arrays (similarities,
     self-similar flags, P^, selection) for tests and figures.
     """
     q = np.asarray(q, dtype=F32)
@@ -161,18 +162,20 @@ def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, t
                          valid_blocks(Lq, Lk, cfg.block_q, cfg.block_k, is_causal), scale=scale,
                          simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                          mass_threshold=mass_threshold, attention_sink=attention_sink,
+                         local=local_blocks(Lq, Lk, cfg.block_q, cfg.block_k) if local_window else None,
                          return_details=return_details, logits=logits)
 
 
 def select_blocks(qbar, q_sim, kbar, k_sim, valid, *, scale, simthreshd1, cdfthreshd=None,
-                  topk=None, mass_threshold=None, attention_sink=True, return_details=False,
-                  logits=None):
+                  topk=None, mass_threshold=None, attention_sink=True, local=None,
+                  return_details=False, logits=None):
     """Selection from the pooled statistics (``cuda/select.cu``): compressed map, TopCdf, TopK or
     the mass threshold, fix blocks, causal validity and sink.
 
     ``qbar`` float32 ``[B, Hq, nq, D]`` and ``q_sim`` ``[B, Hq, nq]``; ``kbar`` ``[B, Hkv, nk, D]``
     and ``k_sim`` ``[B, Hkv, nk]`` (pooled smoothed K, per kv head); ``valid`` bool ``[nq, nk]``,
-    the causal validity of these query blocks (a subset of rows is fine: sequence parallelism).
+    the causal validity of these query blocks (a subset of rows is fine: sequence parallelism);
+    ``local``: bool ``[nq, nk]`` blocks kept whatever the rule says (the local window), or None.
     ``logits``: ``[B, Hq, nq, nk]`` (any float dtype, rounded to float32), logits to select from
     in place of the compressed map's ``scale * qbar_i . kbar_j`` (the qbar-keys estimate, or a
     kernel's own S^ in the GPU tests); the softmax and everything after are the same.
@@ -212,6 +215,8 @@ def select_blocks(qbar, q_sim, kbar, k_sim, valid, *, scale, simthreshd1, cdfthr
     block_map = (selected | ~q_ok | ~k_ok) & valid
     if attention_sink:
         block_map[..., 0] |= valid[:, 0]
+    if local is not None:
+        block_map |= local & valid
     if not return_details:
         return block_map
     return block_map, {

@@ -92,7 +92,7 @@ SELECT_PARAMS = _struct([
     ("s_hat", _PTR), ("q_sim", _PTR), ("k_sim", _PTR), ("theta", _PTR), ("tau", _PTR),
     ("topk", _PTR), ("mass_threshold", _PTR), ("block_map", _PTR), ("Hq", _I32), ("Hkv", _I32),
     ("nq", _I32), ("nk", _I32), ("Lq", _I32), ("Lk", _I32), ("causal", _I32), ("sink", _I32),
-    ("nk_pow2", _I32)])
+    ("local", _I32), ("nk_pow2", _I32)])
 ATTN_PARAMS = _struct([
     ("q", _PTR), ("k", _PTR), ("vt", _PTR), ("dq", _PTR), ("dk", _PTR), ("dv", _PTR),
     ("block_map", _PTR), ("pvthreshd", _PTR), ("q_dot_km", _PTR), ("out", _PTR), ("lse", _PTR),
@@ -472,9 +472,11 @@ def estimate_logits(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, predic
 
 
 def select(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, topk,
-           attention_sink, mass_threshold=None, predictor="paper", s_hat=None, row_kernel="auto"):
+           attention_sink, mass_threshold=None, predictor="paper", s_hat=None, row_kernel="auto",
+           local_window=False):
     """The bool block map ``[B, Hq, nq, nk]`` from the pooled statistics; exactly one of
-    ``cdfthreshd``, ``topk``, ``mass_threshold`` is not None. ``predictor``, ``k``: see
+    ``cdfthreshd``, ``topk``, ``mass_threshold`` is not None; ``local_window``: also keep each
+    query block's own key blocks (``reference.local_blocks``). ``predictor``, ``k``: see
     :func:`estimate_logits`; ``s_hat``: its result, given (then neither is used).
     ``row_kernel``: ``"auto"`` (a warp per row where the row fits, :func:`select_row_keys`) or
     ``"block"`` (select_blocks always: the two give the same map, which the GPU tests check)."""
@@ -490,7 +492,8 @@ def select(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, top
     params = (_params(
         SELECT_PARAMS, s_hat=s_hat, q_sim=st.q_sim, k_sim=st.k_sim, theta=theta, tau=tau,
         topk=kk, mass_threshold=mt, block_map=block_map, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk, Lq=Lq,
-        Lk=Lk, causal=int(is_causal), sink=int(attention_sink), nk_pow2=pow2),)
+        Lk=Lk, causal=int(is_causal), sink=int(attention_sink), local=int(local_window),
+        nk_pow2=pow2),)
     e = select_row_keys(nk) if row_kernel == "auto" else None
     if e is not None:
         get_kernel("select.cu", f"sparge::select_rows<{e}>")(
@@ -676,14 +679,14 @@ def _as_operands(layout, *arrays):
 
 
 def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
-                      attention_sink, mass_threshold=None, predictor="paper"):
+                      attention_sink, mass_threshold=None, predictor="paper", local_window=False):
     q, k = _as_operands(layout, q, k)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter)
     block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                        mass_threshold=mass_threshold, attention_sink=attention_sink,
-                       predictor=predictor)
+                       predictor=predictor, local_window=local_window)
     check_counter(counter, q=q, k=k)
     return block_map
 
@@ -709,7 +712,7 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd
 
 def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
                 attention_sink, pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None,
-                mass_threshold=None, predictor="paper"):
+                mass_threshold=None, predictor="paper", local_window=False):
     """Prediction and attention sharing the statistics of Q and K; the pass that pools K - km
     also writes the K operand."""
     q, k, v = _as_operands(layout, q, k, v)
@@ -718,7 +721,7 @@ def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, t
     block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                        mass_threshold=mass_threshold, attention_sink=attention_sink,
-                       predictor=predictor)
+                       predictor=predictor, local_window=local_window)
     return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
                    pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
                    return_lse=return_lse, return_stats=return_stats, out=out)

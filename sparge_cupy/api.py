@@ -76,7 +76,8 @@ def _ref_attention(q, k, v, block_map, *, layout, is_causal, scale, dtype, **opt
 
 def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
                       simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
-                      mass_threshold=None, attention_sink=True, predictor="paper"):
+                      mass_threshold=None, attention_sink=True, local_window=False,
+                      predictor="paper"):
     """Stage 1: which (query block, key block) pairs to compute.
 
     Args:
@@ -97,21 +98,23 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
         against pooled keys) or "qbar_keys" (each query block's pooled query against every
         smoothed key, about 1/256 of attention's FLOPs; README, "Predictors beyond the paper").
       attention_sink: always keep key block 0.
+      local_window: always keep each query block's own key blocks (its "diagonal": the keys
+        aligned with its rows, bottom-right when Lq != Lk; the most recent tokens of every causal
+        row); not in the paper (README, "Predictors beyond the paper").
     Returns:
       bool ``[B, Hq, ceil(Lq/128), ceil(Lk/64)]`` on the arrays' device.
     """
     xp_name, shapes, scale = _common(q, k, None, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
-    ck.check_flag("attention_sink", attention_sink)
-    predictor = ck.check_predictor(predictor, xp_name)
+    sel.update(attention_sink=ck.check_flag("attention_sink", attention_sink),
+               local_window=ck.check_flag("local_window", local_window),
+               predictor=ck.check_predictor(predictor, xp_name))
     if xp_name == "cupy":
         from . import _gpu
-        return _gpu.predict_block_map(q, k, is_causal=is_causal, scale=scale, layout=layout,
-                                      attention_sink=attention_sink, predictor=predictor, **sel)
+        return _gpu.predict_block_map(q, k, is_causal=is_causal, scale=scale, layout=layout, **sel)
     ref = _reference()
     return ref.predict_block_map(ref.to_hnd(q, layout), ref.to_hnd(k, layout), is_causal=is_causal,
-                                 scale=scale, attention_sink=attention_sink, predictor=predictor,
-                                 **sel)
+                                 scale=scale, **sel)
 
 
 def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout="HND",
@@ -144,8 +147,9 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout
 
 def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
                 simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
-                mass_threshold=None, pvthreshd=None, attention_sink=True, qk="int8",
-                rebalance=True, pv="fp8", return_lse=False, return_stats=False, predictor="paper"):
+                mass_threshold=None, pvthreshd=None, attention_sink=True, local_window=False,
+                qk="int8", rebalance=True, pv="fp8", return_lse=False, return_stats=False,
+                predictor="paper"):
     """SpargeAttn: Stage 1 prediction, then quantized block-sparse attention with Stage 2.
 
     ``O ~ softmax(scale Q K^T + causal mask) V``. Keywords as in :func:`predict_block_map` and
@@ -154,16 +158,15 @@ def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
     """
     xp_name, shapes, scale = _common(q, k, v, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
-    ck.check_flag("attention_sink", attention_sink)
-    predictor = ck.check_predictor(predictor, xp_name)
+    sel.update(attention_sink=ck.check_flag("attention_sink", attention_sink),
+               local_window=ck.check_flag("local_window", local_window),
+               predictor=ck.check_predictor(predictor, xp_name))
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
     if xp_name == "cupy":
         from . import _gpu
-        return _gpu.sparge_attn(q, k, v, is_causal=is_causal, scale=scale, layout=layout,
-                                attention_sink=attention_sink, predictor=predictor, **sel, **opts)
+        return _gpu.sparge_attn(q, k, v, is_causal=is_causal, scale=scale, layout=layout, **sel, **opts)
     ref = _reference()
     block_map = ref.predict_block_map(ref.to_hnd(q, layout), ref.to_hnd(k, layout),
-                                      is_causal=is_causal, scale=scale,
-                                      attention_sink=attention_sink, predictor=predictor, **sel)
+                                      is_causal=is_causal, scale=scale, **sel)
     return _ref_attention(q, k, v, block_map, layout=layout, is_causal=is_causal, scale=scale,
                           dtype=q.dtype, **opts)

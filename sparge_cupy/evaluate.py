@@ -202,9 +202,10 @@ class _Layer:
         return self.l1(out)
 
     # -- the public API (GPU) or the reference ----------------------------------------------------
-    def predict(self, theta, predictor="paper", **rule):
+    def predict(self, theta, predictor="paper", local_window=False, **rule):
         """The block map of theta and one selection rule (``cdfthreshd=`` or ``mass_threshold=``)."""
         kw = dict(is_causal=self.is_causal, scale=self.scale, predictor=predictor,
+                  local_window=local_window,
                   simthreshd1=np.broadcast_to(np.asarray(theta, F32), (self.H,)).copy(),
                   **{n: np.broadcast_to(np.asarray(t, F32), (self.H,)).copy() for n, t in rule.items()})
         if self.use_gpu:
@@ -261,22 +262,23 @@ def tuned_block_map(x, tuning):
     if tuning.mode == "topk":
         raise ValueError("tuning: the evaluation reads TopCdf ('cdf') and mass threshold ('mass') "
                          "tunings, not 'topk'")
-    bm = x.predict(tuning.simthreshd1, predictor=tuning.predictor,
+    bm = x.predict(tuning.simthreshd1, predictor=tuning.predictor, local_window=tuning.local_window,
                    **{RULE_KEYWORDS[tuning.mode]: tuning.threshold})
     bm[:, np.asarray(tuning.dense, bool)] = True
     return bm & x.valid
 
 
 def step_tuned(x, ctx, *, l1, pv_l1, thetas, log, mode="cdf", predictor="paper", quant=None,
-               group="tuned"):
-    """Tune this layer (``tune_layer`` with ``mode``, ``predictor`` and the quantization
-    ``quant``, default the API's) into group ``group``; rows for Stage 1 alone and with Stage 2."""
+               group="tuned", local_window=False):
+    """Tune this layer (``tune_layer`` with ``mode``, ``predictor``, ``local_window`` and the
+    quantization ``quant``, default the API's) into group ``group``; rows for Stage 1 alone and
+    with Stage 2."""
     from .tune import tune_layer
     quant = dict(USER_QUANT if quant is None else quant)
     q, k, v = x.dev
     r = tune_layer([q], [k], [v], is_causal=x.is_causal, scale=x.scale, l1=l1, pv_l1=pv_l1,
                    layer=str(ctx["layer"]), thetas=thetas, log=log, mode=mode, predictor=predictor,
-                   **quant)
+                   local_window=local_window, **quant)
     bm = tuned_block_map(x, r)
     lam = np.asarray(r.pvthreshd, F32)
     common = dict(group=group, **quant)
@@ -514,10 +516,12 @@ class _Progress:
 
 def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05, pv_l1=0.06,
              thetas=None, frontier=ORACLE_FRONTIER, perplexity=False, ppl_tokens=(4096,),
-             ppl_last=2048, ppl_tuning="tuned", ppl_stage2=True, use_gpu=False, quiet=False):
+             ppl_last=2048, ppl_tuning="tuned", ppl_stage2=True, use_gpu=False, quiet=False,
+             local_window=False):
     """Run the steps on every (tokens, layer); returns ``(rows, timings)``: the CSV rows and
     ``{"<tokens>/<layer>/<step>": seconds}``. The perplexity runs the thresholds of step
-    ``ppl_tuning`` (one of TUNED_STEPS), with its Stage 2 lambdas unless not ``ppl_stage2``."""
+    ``ppl_tuning`` (one of TUNED_STEPS), with its Stage 2 lambdas unless not ``ppl_stage2``.
+    ``local_window``: the tuned steps tune (and the perplexity runs) with the local window kept."""
     from .tune import DEFAULT_THETAS
     thetas = DEFAULT_THETAS if thetas is None else tuple(thetas)
     steps = [s for s in STEPS if s in steps]
@@ -537,7 +541,7 @@ def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05
         prog.done()
         return res
 
-    tuned_kw = dict(l1=l1, pv_l1=pv_l1, thetas=thetas, log=prog.log)
+    tuned_kw = dict(l1=l1, pv_l1=pv_l1, thetas=thetas, log=prog.log, local_window=local_window)
     step_fns = {"presets": (step_presets, {}), "tuned": (step_tuned, tuned_kw),
                 "tuned_mass": (step_tuned, dict(tuned_kw, mode="mass", group="tuned_mass")),
                 "tuned_qbar": (step_tuned, dict(tuned_kw, mode="mass", predictor="qbar_keys",
@@ -601,6 +605,8 @@ def add_arguments(p):
                    help="perplexity of the last T tokens (default %(default)s)")
     p.add_argument("--ppl-tuning", choices=TUNED_STEPS, default="tuned",
                    help="the tuning step whose thresholds the perplexity runs (default %(default)s)")
+    p.add_argument("--local-window", action="store_true",
+                   help="tuned steps: keep each query block's own key blocks (local_window)")
     p.add_argument("--ppl-stage1-only", action="store_true",
                    help="the perplexity runs the Stage 1 thresholds alone (tuned to --l1), no Stage 2")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
@@ -656,7 +662,7 @@ def run(args):
                              thetas=thetas, frontier=args.oracle_frontier, perplexity=args.perplexity,
                              ppl_tokens=args.ppl_tokens, ppl_last=args.ppl_last,
                              ppl_tuning=args.ppl_tuning, ppl_stage2=not args.ppl_stage1_only,
-                             use_gpu=use_gpu, quiet=args.quiet)
+                             use_gpu=use_gpu, quiet=args.quiet, local_window=args.local_window)
     runs = []
     if args.merge and csv_path.is_file():
         rows = merge_rows(read_csv(csv_path), rows)
@@ -703,6 +709,8 @@ def _argv_of(args):
             parts.append(f"--ppl-tuning {args.ppl_tuning}")
         if args.ppl_stage1_only:
             parts.append("--ppl-stage1-only")
+    if args.local_window:
+        parts.append("--local-window")
     parts += [f"--device {args.device}", f"--name {args.name}"]   # --out-dir: where the report is
     if args.merge:
         parts.append("--merge")

@@ -33,7 +33,7 @@ them (``load_settings`` / ``SpargeSettings.save``)::
 
     {"format": "sparge-cupy.hf-settings/1",
      "options": {"qk": "int8", "rebalance": true, "pv": "fp8", "attention_sink": true,
-                 "predictor": "paper"},
+                 "local_window": false, "predictor": "paper"},
      "default": {"simthreshd1": 0.6, "cdfthreshd": 0.98, "pvthreshd": null},
      "layers": {"5":  {"simthreshd1": [0.5, 0.6, 0.6, 0.4], "cdfthreshd": [0.99, 0.998, 0.97, 0.98],
                        "pvthreshd": [12, 14, null, 10]},
@@ -74,7 +74,7 @@ SETTINGS_FORMAT = "sparge-cupy.hf-settings/1"
 _THRESHOLD_KEYS = ("simthreshd1", "cdfthreshd", "topk", "mass_threshold", "pvthreshd")
 _RULE_KEYS = ("cdfthreshd", "topk", "mass_threshold")      # the selection rules: at most one
 _OPTION_DEFAULTS = {"qk": "int8", "rebalance": True, "pv": "fp8", "attention_sink": True,
-                    "predictor": "paper"}
+                    "local_window": False, "predictor": "paper"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class SpargeSettings:
     """What the "sparge" attention implementation does, per layer; also collects statistics.
 
     ``default`` applies to every layer not in ``layers`` (keyed by layer index). ``qk``,
-    ``rebalance``, ``pv``, ``attention_sink`` and ``predictor`` are the options of
+    ``rebalance``, ``pv``, ``attention_sink``, ``local_window`` and ``predictor`` are the options of
     :func:`sparge_cupy.sparge_attn`.
     With ``collect_stats`` every attention call appends a record to ``stats`` (see
     :meth:`summary`); ``meta`` is carried through files untouched.
@@ -198,6 +198,7 @@ class SpargeSettings:
     rebalance: bool = _OPTION_DEFAULTS["rebalance"]
     pv: str = _OPTION_DEFAULTS["pv"]
     attention_sink: bool = _OPTION_DEFAULTS["attention_sink"]
+    local_window: bool = _OPTION_DEFAULTS["local_window"]
     predictor: str = _OPTION_DEFAULTS["predictor"]
     collect_stats: bool = False
     stats: list = field(default_factory=list)
@@ -235,7 +236,8 @@ class SpargeSettings:
         return {
             "format": SETTINGS_FORMAT,
             "options": {"qk": self.qk, "rebalance": self.rebalance, "pv": self.pv,
-                        "attention_sink": self.attention_sink, "predictor": self.predictor},
+                        "attention_sink": self.attention_sink, "local_window": self.local_window,
+                        "predictor": self.predictor},
             "default": self.default.to_dict(),
             "layers": {str(i): s.to_dict() for i, s in sorted(self.layers.items())},
             "meta": self.meta,
@@ -420,7 +422,8 @@ def make_attention_function(settings):
             key, value = key[:, :, :Lq], value[:, :, :Lq]
         kw = dict(is_causal=causal, scale=scaling, layout="HND", qk=settings.qk,
                   rebalance=settings.rebalance, pv=settings.pv,
-                  attention_sink=settings.attention_sink, predictor=settings.predictor,
+                  attention_sink=settings.attention_sink, local_window=settings.local_window,
+                  predictor=settings.predictor,
                   return_stats=settings.collect_stats,
                   **layer.kwargs(query.shape[1]))
         if query.is_cuda:

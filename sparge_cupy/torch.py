@@ -109,17 +109,18 @@ def _run_attention(fn, q, *args, **kw):
 
 def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
                       simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
-                      mass_threshold=None, attention_sink=True, predictor="paper"):
+                      mass_threshold=None, attention_sink=True, local_window=False,
+                      predictor="paper"):
     """:func:`sparge_cupy.predict_block_map` for torch tensors; a torch bool tensor."""
     from . import _gpu
     shapes, scale = _check(q, k, None, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
-    ck.check_flag("attention_sink", attention_sink)
-    predictor = ck.check_predictor(predictor)
+    sel.update(attention_sink=ck.check_flag("attention_sink", attention_sink),
+               local_window=ck.check_flag("local_window", local_window),
+               predictor=ck.check_predictor(predictor))
     with _on_current_stream(q):
         qo, ko = _operands(layout, q, k)
-        bmap = _gpu.predict_block_map(qo, ko, is_causal=is_causal, scale=scale, layout=layout,
-                                      attention_sink=attention_sink, predictor=predictor, **sel)
+        bmap = _gpu.predict_block_map(qo, ko, is_causal=is_causal, scale=scale, layout=layout, **sel)
         return _to_torch(bmap)
 
 
@@ -147,17 +148,18 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout
 
 def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
                 simthreshd1=CONFIG.simthreshd1, cdfthreshd=DEFAULT_CDF, topk=None,
-                mass_threshold=None, pvthreshd=None, attention_sink=True, qk="int8",
-                rebalance=True, pv="fp8", return_lse=False, return_stats=False, predictor="paper"):
+                mass_threshold=None, pvthreshd=None, attention_sink=True, local_window=False,
+                qk="int8", rebalance=True, pv="fp8", return_lse=False, return_stats=False,
+                predictor="paper"):
     """:func:`sparge_cupy.sparge_attn` for torch tensors."""
     from . import _gpu
     shapes, scale = _check(q, k, v, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
-    ck.check_flag("attention_sink", attention_sink)
-    predictor = ck.check_predictor(predictor)
+    sel.update(attention_sink=ck.check_flag("attention_sink", attention_sink),
+               local_window=ck.check_flag("local_window", local_window),
+               predictor=ck.check_predictor(predictor))
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
     with _on_current_stream(q):
         qo, ko, vo = _operands(layout, q, k, v)
         return _run_attention(_gpu.sparge_attn, q, qo, ko, vo, is_causal=is_causal, scale=scale,
-                              layout=layout, attention_sink=attention_sink, predictor=predictor,
-                              **sel, **opts)
+                              layout=layout, **sel, **opts)

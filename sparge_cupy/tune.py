@@ -118,6 +118,7 @@ class LayerTuning:
     pv: str = "fp8"
     rebalance: bool = True
     attention_sink: bool = True
+    local_window: bool = False
     mode: str = "cdf"
     mass_threshold: np.ndarray | None = None
     predictor: str = "paper"
@@ -139,6 +140,8 @@ class LayerTuning:
               "pvthreshd": None if np.isinf(self.pvthreshd).all() else self.pvthreshd.copy(),
               "attention_sink": self.attention_sink, "qk": self.qk, "pv": self.pv,
               "rebalance": self.rebalance}
+        if self.local_window:
+            kw["local_window"] = True
         kw.update(_rule_kwargs(self.mode, self.threshold))
         if self.predictor != "paper":
             kw["predictor"] = self.predictor
@@ -266,7 +269,7 @@ def to_hf_settings(results, meta=None):
     Per layer: the per-head thresholds (dense heads as theta = -1, tau = 1, topk = 1 or
     mass_threshold = 0, lambda null: every block, no filter), or ``{"dense": true}`` when every
     head of the layer is dense (the integration then runs the model's own attention there). The
-    options (``qk``, ``pv``, ``rebalance``, ``attention_sink``, ``predictor``) are global in that
+    options (``qk``, ``pv``, ``rebalance``, ``attention_sink``, ``local_window``, ``predictor``) are global in that
     format, so every layer must have been tuned with the same ones. Layer names must name an index
     (``"5"``, ``"model.layers.5.self_attn"``).
     """
@@ -275,7 +278,8 @@ def to_hf_settings(results, meta=None):
     options, layers = None, {}
     for name, r in results.items():
         opts = {"qk": r.qk, "rebalance": bool(r.rebalance), "pv": r.pv,
-                "attention_sink": bool(r.attention_sink), "predictor": r.predictor}
+                "attention_sink": bool(r.attention_sink), "local_window": bool(r.local_window),
+                "predictor": r.predictor}
         if options is None:
             options = opts
         elif opts != options:
@@ -399,10 +403,11 @@ def _stats_eval(x, out, stats):
 class _ExactEvaluator:
     name = "exact"
 
-    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper"):
+    def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper",
+                 local_window=False):
         self.inputs, self.thetas, self.mode = inputs, np.asarray(thetas, F32), mode
         self.opts = dict(qk=qk, pv=pv, rebalance=rebalance)
-        self.sink, self.predictor = attention_sink, predictor
+        self.sink, self.predictor, self.local = attention_sink, predictor, local_window
         self.gpu = _xp(inputs[0].q) is not np
         self._maps = None
 
@@ -412,12 +417,12 @@ class _ExactEvaluator:
             from . import api
             bm = api.predict_block_map(x.q, x.k, is_causal=x.is_causal, scale=x.scale,
                                        simthreshd1=self.thetas[theta_idx], attention_sink=self.sink,
-                                       predictor=self.predictor, **sel)
+                                       local_window=self.local, predictor=self.predictor, **sel)
         else:
             from . import reference as R
             bm = R.predict_block_map(x.q, x.k, is_causal=x.is_causal, scale=x.scale,
                                      simthreshd1=self.thetas[theta_idx], attention_sink=self.sink,
-                                     predictor=self.predictor, **sel)
+                                     local_window=self.local, predictor=self.predictor, **sel)
         if dense.any():                      # every block; the kernel ignores causally invalid ones
             bm[:, _xp(bm).asarray(np.flatnonzero(dense))] = True
         return bm
@@ -454,10 +459,11 @@ class _CurveInput:
     blocks, nk key blocks, A thetas, G rows per Stage-2 group, ng groups per query block."""
 
     def __init__(self, x, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper",
-                 cfg=CONFIG):
+                 local_window=False, cfg=CONFIG):
         from . import reference as R
         self.x, self.mode, self.pv, self.cfg = x, mode, pv, cfg
         self.thetas, self.sink, self.predictor = np.asarray(thetas, F32), attention_sink, predictor
+        self.local = local_window
         q, k, v = x.q, x.k, x.v
         B, H, Lq, D = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
@@ -496,6 +502,8 @@ class _CurveInput:
             b_a = (q_fix[..., None] | k_fix[:, :, None, :]) & self.valid
             if attention_sink:
                 b_a[..., 0] |= self.valid[:, 0]
+            if local_window:
+                b_a |= R.local_blocks(Lq, Lk, bq, bk) & self.valid
             if mode == "mass":
                 # P^ descending, lower j first, finite columns first (a finite P^ = 0 kept at t = 0
                 # must not fall behind a masked one): the first is select_mass_threshold's argmax
@@ -634,7 +642,7 @@ class _CurveInput:
         sel = _rule_kwargs(self.mode, thr)
         bm = R.predict_block_map(self.x.q, self.x.k, is_causal=self.x.is_causal, scale=self.x.scale,
                                  simthreshd1=self.thetas[theta_idx], attention_sink=self.sink,
-                                 predictor=self.predictor, cfg=self.cfg, **sel)
+                                 local_window=self.local, predictor=self.predictor, cfg=self.cfg, **sel)
         bm[:, dense] = True
         return bm & self.valid
 
@@ -721,12 +729,12 @@ class _CurveEvaluator:
     name = "curves"
 
     def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper",
-                 log=None):
+                 local_window=False, log=None):
         self.inputs = []
         for n, x in enumerate(inputs):
             t = time.perf_counter()
             c = _CurveInput(x, thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance,
-                            attention_sink=attention_sink, predictor=predictor)
+                            attention_sink=attention_sink, predictor=predictor, local_window=local_window)
             self.inputs.append(c)
             if log:
                 log(f"  curves of input {n}: {time.perf_counter() - t:.1f} s")
@@ -859,7 +867,7 @@ def _prepare_inputs(qs, ks, vs, *, is_causal, scale, layout):
 def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05, pv_l1=0.06,
                layer="layer", mode="cdf", qk="int8", pv="fp8", rebalance=True, attention_sink=True,
                thetas=DEFAULT_THETAS, min_sparsity=0.1, stage2=True, evaluator=None, verify=True,
-               steps=STEPS, predictor="paper", log=None):
+               steps=STEPS, predictor="paper", local_window=False, log=None):
     """Tune one layer's per-head thresholds on a few inputs (see the module docstring).
 
     Args:
@@ -869,8 +877,8 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
       l1: bound on the relative L1 error with Stage 1 alone; pv_l1 (> l1): with Stage 2 on.
       mode: "cdf" (tune tau), "topk" or "mass" (the mass threshold rule, ``mass_threshold``).
       predictor: the Stage-1 estimate, "paper" or "qbar_keys" (both on NumPy and CuPy inputs).
-      qk, pv, rebalance, attention_sink: as the user will run (qk = pv = "fp32", no
-        quantization, exists on NumPy inputs only: for measurements).
+      qk, pv, rebalance, attention_sink, local_window: as the user will run (qk = pv = "fp32",
+        no quantization, exists on NumPy inputs only: for measurements).
       thetas: the theta grid. min_sparsity: heads below this total sparsity run dense.
       stage2: also tune lambda (else lambda = inf).
       evaluator: "exact" (the public API: GPU kernels on CuPy, the reference on NumPy) or "curves"
@@ -884,8 +892,8 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
     mode = ck.check_choice("mode", mode, MODES)
     qk = ck.check_choice("qk", qk, ck.QK_MODES + ("fp32",))
     pv = ck.check_choice("pv", pv, ck.PV_MODES + ("fp32",))
-    for name, val in (("rebalance", rebalance), ("attention_sink", attention_sink), ("stage2", stage2),
-                      ("verify", verify)):
+    for name, val in (("rebalance", rebalance), ("attention_sink", attention_sink),
+                      ("local_window", local_window), ("stage2", stage2), ("verify", verify)):
         ck.check_flag(name, val)
     for name, val in (("l1", l1), ("pv_l1", pv_l1)):
         if not (isinstance(val, (int, float)) and 0 < val < 1):
@@ -907,7 +915,7 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
                          f"qk={qk!r}, pv={pv!r} on CuPy arrays")
     H = inputs[0].q.shape[1]
     common = dict(thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink,
-                  predictor=predictor)
+                  predictor=predictor, local_window=bool(local_window))
     if log:
         log(f"tuning {layer}: {len(inputs)} input(s), {H} heads, {evaluator} evaluator on "
             f"{'GPU' if xp_name == 'cupy' else 'CPU'} (dense references {time.perf_counter() - t0:.1f} s)")
@@ -984,7 +992,8 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
         stage1_sparsity=r2.s1, stage2_sparsity=r2.s2, total_sparsity=r2.total,
         stage1_l1=r1.l1, l1=r2.l1, quant_floor_l1=fl.l1,
         l1_bound=float(l1), pv_l1_bound=float(pv_l1), min_sparsity=float(min_sparsity),
-        qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink, mode=mode, thetas=thetas,
+        qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink,
+        local_window=bool(local_window), mode=mode, thetas=thetas,
         evaluator=evaluator, backend="gpu" if xp_name == "cupy" else "reference", verified=verified,
         predictor=predictor,
         inputs=[{"tokens_q": int(x.q.shape[2]), "tokens_k": int(x.k.shape[2]), "batch": int(x.q.shape[0]),
@@ -1035,6 +1044,8 @@ def add_arguments(p):
                    help="P V operands (fp32: unquantized, CPU reference only)")
     p.add_argument("--no-rebalance", action="store_true", help="tune without channel rebalancing")
     p.add_argument("--no-sink", action="store_true", help="tune without the attention sink block")
+    p.add_argument("--local-window", action="store_true",
+                   help="tune with each query block's own key blocks always kept (local_window)")
     p.add_argument("--no-stage2", action="store_true", help="leave lambda at inf")
     p.add_argument("--thetas", default=",".join(str(t) for t in DEFAULT_THETAS),
                    help="comma-separated theta grid (write --thetas=-1,0.5: a leading minus needs the =)")
@@ -1082,7 +1093,7 @@ def run(args):
                         rebalance=not args.no_rebalance, attention_sink=not args.no_sink,
                         thetas=thetas, min_sparsity=args.min_sparsity, stage2=not args.no_stage2,
                         evaluator=args.evaluator, verify=not args.no_verify,
-                        predictor=args.predictor, log=log)
+                        predictor=args.predictor, local_window=args.local_window, log=log)
     results = load_tuning(args.out) if Path(args.out).is_file() else {}
     results[args.layer] = result
     save_tuning(args.out, results)

@@ -105,8 +105,8 @@ def unexplained_map_rows(gpu_map, ref_map, details, *, theta, tau=None, topk=Non
 
 
 def reference_map(q, k, *, layout, is_causal, scale, theta, tau=None, topk=None,
-                  mass_threshold=None, sink=True):
+                  mass_threshold=None, sink=True, local=False):
     return R.predict_block_map(R.to_hnd(q, layout), R.to_hnd(k, layout), is_causal=is_causal,
                                scale=scale, simthreshd1=theta, cdfthreshd=tau, topk=topk,
                                mass_threshold=mass_threshold, attention_sink=sink,
-                               return_details=True)
+                               local_window=local, return_details=True)

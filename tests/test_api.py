@@ -151,6 +151,8 @@ BAD_PRED = [
     ("mass bool", {"mass_threshold": True}, TypeError, "mass_threshold: expected a number"),
     ("predictor", {"predictor": "quest"}, ValueError, "predictor: expected one of ('paper', 'qbar_keys')"),
     ("theta bool", {"simthreshd1": True}, TypeError, "simthreshd1"),
+    ("sink not bool", {"attention_sink": 1}, TypeError, "attention_sink: expected a bool"),
+    ("local window not bool", {"local_window": "yes"}, TypeError, "local_window: expected a bool"),
 ]
 BAD_ATTN = [
     ("pv mode", {"pv": "fp4"}, ValueError, "pv: expected one of"),

@@ -242,6 +242,25 @@ def test_block_map_sink_off_and_full_selection():
     np.testing.assert_array_equal(nosink, want)
 
 
+@pytest.mark.parametrize("Lq,Lk,causal", [(1000, 1000, True), (129, 4224, True), (300, 200, False),
+                                          (4224, 129, False)])
+def test_block_map_local_window(Lq, Lk, causal):
+    """local_window=True ORs each query block's own key blocks (reference.local_blocks) into the
+    map: with t = inf the rule keeps one block a row, so the local window is most of the map, and
+    the kernel's map must equal the reference's bit for bit, also with Lq != Lk (bottom-right
+    alignment) and ragged tails."""
+    q, k, _ = make_qkv(1, 3, 1, Lq, Lk, 64, dtype=np.float16, seed=Lq + Lk)
+    theta, mt = np.full(3, -1.0, np.float32), np.full(3, np.inf, np.float32)
+    for local in (True, False):
+        got = sc.predict_block_map(cupy.asarray(q), cupy.asarray(k), is_causal=causal, scale=0.125,
+                                   simthreshd1=theta, mass_threshold=mt, local_window=local).get()
+        want, _ = reference_map(q, k, layout="HND", is_causal=causal, scale=0.125, theta=theta,
+                                mass_threshold=mt, local=local)
+        np.testing.assert_array_equal(got, want, err_msg=f"local_window={local}")
+    lw = R.local_blocks(Lq, Lk, BQ, BK) & R.valid_blocks(Lq, Lk, BQ, BK, causal)
+    assert lw.any() and (got | lw).sum() > got.sum(), "the local window must add blocks here"
+
+
 def test_block_map_mass_threshold_limits_and_ties():
     """The mass threshold rule (no sort): t = 0 keeps every valid block, t = inf the row's largest
     P^ (lowest j on ties) and the sink; rows of equal P^ (identical keys) tie exactly, so the

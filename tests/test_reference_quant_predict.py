@@ -257,6 +257,37 @@ def test_fix_blocks_sink_and_causal():
     assert m2.sum() <= m.sum()
 
 
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1000, 1000), (129, 63), (63, 129), (300, 1000),
+                                   (1000, 300), (128, 64), (4224, 129)])
+def test_local_blocks_hold_the_aligned_keys(Lq, Lk):
+    """local_blocks against brute force: block (i, j) is local iff one row t of query block i has
+    its aligned key t + Lk - Lq inside key block j; Lq = Lk gives the two blocks 2i, 2i + 1."""
+    nq, nk = R.num_blocks(Lq, 128), R.num_blocks(Lk, 64)
+    want = np.zeros((nq, nk), bool)
+    for t in range(Lq):
+        u = t + Lk - Lq
+        if 0 <= u < Lk:
+            want[t // 128, u // 64] = True
+    assert_equal(R.local_blocks(Lq, Lk, 128, 64), want, what=f"local blocks {Lq}x{Lk}")
+    if Lq == Lk:
+        assert all(set(np.flatnonzero(want[i])) == {j for j in (2 * i, 2 * i + 1) if j < nk}
+                   for i in range(nq))
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_local_window_only_adds_the_local_blocks(is_causal):
+    """local_window=True is the map without it OR (local blocks AND valid): nothing else moves;
+    a negative control (the window shifted by one block) is not what it keeps."""
+    q, k, _ = make_qkv(1, 2, 1, 1000, 700, 64, seed=29)
+    kw = dict(mass_threshold=np.inf, simthreshd1=heads(-1.0, 2), is_causal=is_causal)
+    off, on = _predict(q, k, **kw), _predict(q, k, local_window=True, **kw)
+    local = R.local_blocks(1000, 700, 128, 64) & R.valid_blocks(1000, 700, 128, 64, is_causal)
+    assert_equal(on, off | local, what="map with the local window")
+    assert (on & ~off).any(), "the window must add blocks at t = inf"
+    shifted = np.roll(local, 1, axis=1)
+    assert not np.array_equal(on, off | (shifted & R.valid_blocks(1000, 700, 128, 64, is_causal)))
+
+
 def test_valid_blocks_match_token_mask():
     for Lq, Lk in [(1, 1), (129, 63), (63, 129), (300, 1000), (1000, 300), (128, 64)]:
         tok = R.token_mask(np.arange(Lq), Lq, Lk, True)

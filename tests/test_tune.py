@@ -294,6 +294,31 @@ def test_qbar_keys_predictor_tunes_and_reevaluates(causal_gqa, causal_mass_tuned
     assert hf.SpargeSettings.from_dict(settings).predictor == "qbar_keys"
 
 
+def test_local_window_tunes_reevaluates_and_round_trips(causal_gqa):
+    """Tuning with the local window: the bounds hold through the public API with the window on,
+    every map the tuning runs holds the window, and the option survives JSON and the hf settings."""
+    q, k, v, scale = causal_gqa
+    tuned = T.tune_layer([q], [k], [v], is_causal=True, scale=scale, l1=L1, pv_l1=PV_L1,
+                         layer="7", mode="mass", local_window=True, thetas=(-1.0, 0.5))
+    assert tuned.local_window and tuned.kwargs()["local_window"] is True
+    assert tuned.verified and tuned.meets_bound.all()
+    l1_s2, _ = _reevaluate(tuned, q, k, v, is_causal=True, scale=scale, stage2=True)
+    np.testing.assert_allclose(l1_s2, tuned.l1, rtol=1e-6)
+    bm = sparge_cupy.predict_block_map(q, k, is_causal=True, scale=scale,
+                                       **{n: x for n, x in tuned.kwargs().items() if n in
+                                          ("simthreshd1", "mass_threshold", "attention_sink", "local_window")})
+    Lq, Lk = q.shape[2], k.shape[2]
+    local = R.local_blocks(Lq, Lk, 128, 64) & R.valid_blocks(Lq, Lk, 128, 64, True)
+    assert (bm | ~local).all(), "a tuned map without its local window"
+    assert T.LayerTuning.from_json(tuned.to_json()).local_window is True
+    settings = T.to_hf_settings([tuned])
+    assert settings["options"]["local_window"] is True
+    from sparge_cupy import hf
+    assert hf.SpargeSettings.from_dict(settings).local_window is True
+    with pytest.raises(TypeError, match="local_window"):
+        T.tune_layer([q], [k], [v], is_causal=True, scale=scale, local_window="yes")
+
+
 def test_mass_mode_full_head_keeps_every_block():
     """A head that cannot be sparse saves mass_threshold 0 and theta -1: the full map."""
     q, k, v = make_qkv(B=1, Hq=2, Lq=600, D=32, seed=2)
