@@ -37,6 +37,13 @@ def _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold):
     return dict(simthreshd1=theta, cdfthreshd=tau, topk=kk, mass_threshold=mt)
 
 
+def _prediction_options(attention_sink, local_window, predictor):
+    """The checked options of Stage 1 besides the thresholds, as keyword arguments of both back ends."""
+    return dict(attention_sink=ck.check_flag("attention_sink", attention_sink),
+                local_window=ck.check_flag("local_window", local_window),
+                predictor=ck.check_predictor(predictor))
+
+
 def _common(q, k, v, layout, is_causal, scale):
     """Checks shared by every entry point; returns (module name, shapes, scale)."""
     xp_name = ck.check_same_module(q, k, v) if v is not None else ck.check_same_module(q, k, k)
@@ -106,9 +113,7 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
     """
     xp_name, shapes, scale = _common(q, k, None, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
-    sel.update(attention_sink=ck.check_flag("attention_sink", attention_sink),
-               local_window=ck.check_flag("local_window", local_window),
-               predictor=ck.check_predictor(predictor, xp_name))
+    sel.update(_prediction_options(attention_sink, local_window, predictor))
     if xp_name == "cupy":
         from . import _gpu
         return _gpu.predict_block_map(q, k, is_causal=is_causal, scale=scale, layout=layout, **sel)
@@ -158,9 +163,7 @@ def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
     """
     xp_name, shapes, scale = _common(q, k, v, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
-    sel.update(attention_sink=ck.check_flag("attention_sink", attention_sink),
-               local_window=ck.check_flag("local_window", local_window),
-               predictor=ck.check_predictor(predictor, xp_name))
+    sel.update(_prediction_options(attention_sink, local_window, predictor))
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
     if xp_name == "cupy":
         from . import _gpu

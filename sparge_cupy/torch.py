@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 from . import _checks as ck
-from .api import DEFAULT_CDF, _attn_options, _selection
+from .api import DEFAULT_CDF, _attn_options, _prediction_options, _selection
 from .config import CONFIG
 
 
@@ -115,9 +115,7 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
     from . import _gpu
     shapes, scale = _check(q, k, None, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
-    sel.update(attention_sink=ck.check_flag("attention_sink", attention_sink),
-               local_window=ck.check_flag("local_window", local_window),
-               predictor=ck.check_predictor(predictor))
+    sel.update(_prediction_options(attention_sink, local_window, predictor))
     with _on_current_stream(q):
         qo, ko = _operands(layout, q, k)
         bmap = _gpu.predict_block_map(qo, ko, is_causal=is_causal, scale=scale, layout=layout, **sel)
@@ -155,9 +153,7 @@ def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
     from . import _gpu
     shapes, scale = _check(q, k, v, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
-    sel.update(attention_sink=ck.check_flag("attention_sink", attention_sink),
-               local_window=ck.check_flag("local_window", local_window),
-               predictor=ck.check_predictor(predictor))
+    sel.update(_prediction_options(attention_sink, local_window, predictor))
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
     with _on_current_stream(q):
         qo, ko, vo = _operands(layout, q, k, v)

@@ -492,6 +492,7 @@ class _CurveInput:
         self.kept_at = np.empty((A, B, H, self.nq, self.nk + 1), np.int64)  # kept blocks after c selected
         base = np.empty((A, B, H, self.nq, self.nk), bool)
         adds = np.empty((A, B, H, self.nq, self.nk), bool)
+        local = R.local_blocks(Lq, Lk, bq, bk) & self.valid if local_window else None
         for a, theta in enumerate(thetas):
             _, det = R.predict_block_map(q, k, is_causal=x.is_causal, scale=x.scale,
                                          simthreshd1=np.full(H, theta, F32), cdfthreshd=np.ones(H, F32),
@@ -503,7 +504,7 @@ class _CurveInput:
             if attention_sink:
                 b_a[..., 0] |= self.valid[:, 0]
             if local_window:
-                b_a |= R.local_blocks(Lq, Lk, bq, bk) & self.valid
+                b_a |= local
             if mode == "mass":
                 # P^ descending, lower j first, finite columns first (a finite P^ = 0 kept at t = 0
                 # must not fall behind a masked one): the first is select_mass_threshold's argmax
