@@ -43,8 +43,8 @@ def kernel(version, D, qk, pv, dtype="float16"):
     if extra is None:
         return _compile.get_kernel("sparse_attn.cu", name)
     opts = _compile.base_options() + (_compile.arch_flag(90),) + tuple(extra)
-    return cp.RawModule(code=_compile.source_text("sparse_attn.cu"), options=opts,
-                        name_expressions=[name]).get_function(name)
+    return _compile.Kernel(cp.RawModule(code=_compile.source_text("sparse_attn.cu"), options=opts,
+                                        name_expressions=[name]).get_function(name))
 
 
 def visible_pairs(Lq, Lk, causal):

@@ -1,11 +1,16 @@
-"""Per-launch times of block_stats.cu's kernels built with other register caps.
+"""Per-launch times of block_stats.cu's kernels built with other options or from other sources.
 
     PYTHONPATH=. python bench/stats_variants.py 4 5 6      # values of SPARGE_STATS_MIN_BLOCKS
+    PYTHONPATH=. python bench/stats_variants.py shipped= base@/tmp/old_cuda \
+        pf=-DSPARGE_STATS_PREFETCH=1,-DSPARGE_QSTATS_STAGE_REGS=16
 
-Builds block_stats.cu with ``-DSPARGE_STATS_MIN_BLOCKS=<n>`` for each argument (the other sources
-as shipped) and times, per launch (CUDA events, the smaller median of two repeats of 20),
-block_statistics with the K operand and quantize_qk at B = 1 and 4, H = 32, L = 16K, D = 128, fp16;
-then both as one region. Prints a table last. Needs a CUDA GPU.
+Each argument is a variant: a number n (``-DSPARGE_STATS_MIN_BLOCKS=n``), ``label=opt,opt`` (NVRTC
+options added to the shipped build) or ``label@folder`` (block_stats.cu and its headers read from
+another folder, e.g. an older commit's ``cuda/``). For each, block_statistics with the K operand
+and quantize_qk at B = 1 and 4, H = 32, L = 16K, D = 128, fp16 are timed per launch (CUDA events,
+the smaller median of two repeats of 20), then both as one region; the quantized operands and
+statistics of every variant are compared with the first variant's (bit for bit, "same" column).
+Prints a table last. Needs a CUDA GPU.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import cupy  # noqa: E402
+import numpy as np  # noqa: E402
 import prediction_bench as pb  # noqa: E402
 
 from sparge_cupy import _compile, _gpu  # noqa: E402
@@ -24,8 +30,9 @@ from sparge_cupy import _compile, _gpu  # noqa: E402
 KERNELS = ("q_stats", "k_sums", "k_pass", "quantize_q")
 
 
-def variant_get_kernel(extra, variant_source="block_stats.cu"):
-    """A get_kernel that builds ``variant_source`` with the NVRTC options ``extra`` added."""
+def variant_get_kernel(extra, variant_source="block_stats.cu", folder=None):
+    """A get_kernel that builds ``variant_source`` (from ``folder`` where given) with the NVRTC
+    options ``extra`` added."""
     cache = {}
     cc = int(cupy.cuda.Device().compute_capability)
 
@@ -34,15 +41,37 @@ def variant_get_kernel(extra, variant_source="block_stats.cu"):
             return _compile.get_kernel(source, name)
         if name not in cache:
             options = _compile.base_options() + (_compile.arch_flag(cc),) + tuple(extra)
-            mod = cupy.RawModule(code=_compile.source_text(source), options=options,
+            mod = cupy.RawModule(code=_compile.source_text(source, folder), options=options,
                                  name_expressions=[name])
-            cache[name] = mod.get_function(name)
+            cache[name] = _compile.Kernel(mod.get_function(name))
         return cache[name]
     return get_kernel
 
 
-def main(values):
+def parse(spec):
+    """(label, extra options, folder) of one variant argument."""
+    if "@" in spec:
+        label, folder = spec.split("@", 1)
+        return label, [], folder
+    if "=" in spec:
+        label, opts = spec.split("=", 1)
+        return label, [o for o in opts.split(",") if o], None
+    return f"min_blocks={spec}", [f"-DSPARGE_STATS_MIN_BLOCKS={spec}"], None
+
+
+def outputs(P):
+    """Every array the timed calls write, as host copies (for the bit-for-bit comparison)."""
+    st = _gpu.block_statistics(P.qo, P.ko, pooled=True, nonfinite=_gpu.nonfinite_counter(),
+                               k_operand=pb.K_OPERAND)
+    q_op, dq, k_op, dk, _ = _gpu.quantize_qk(P.qo, P.ko, st, qk="int8", rebalance=True,
+                                             with_q_dot_km=False)
+    return [a.get() for a in (st.qbar, st.q_sim, st.kbar, st.k_sim, st.q_block_amax, st.km,
+                              st.s_c, q_op, dq, k_op, dk)]
+
+
+def main(specs):
     rows = []
+    original = _gpu.get_kernel
     for B, L in ((1, 16384), (4, 16384)):
         P = pb.pipeline(B, 32, L, 128, True)
 
@@ -53,19 +82,26 @@ def main(values):
         def quant():
             _gpu.quantize_qk(P.qo, P.ko, P.st, qk="int8", rebalance=True, with_q_dot_km=False)
 
-        for mb in values:
-            _gpu.get_kernel = variant_get_kernel([f"-DSPARGE_STATS_MIN_BLOCKS={mb}"])
+        first = None
+        for spec in specs:
+            label, extra, folder = parse(spec)
+            _gpu.get_kernel = variant_get_kernel(extra, folder=folder)
+            got = outputs(P)
+            first = got if first is None else first
+            same = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, first))
             times = {}
             for fn in (stats, quant, stats, quant):          # twice: the spread
-                for (label, _), ms in pb.per_launch_ms(fn, 20).items():
-                    times.setdefault(label, []).append(ms)
+                for (lab, _), ms in pb.per_launch_ms(fn, 20).items():
+                    times.setdefault(lab, []).append(ms)
             region = pb.region_ms(lambda: (stats(), quant()), 20)
-            rows.append((B, L, mb, [min(times[k]) for k in KERNELS], region))
+            rows.append((B, L, label, [min(times[k]) for k in KERNELS], region, same))
             print(rows[-1], flush=True)
-    print("\n| B | L | min blocks | " + " | ".join(KERNELS) + " | stats+quant region |")
-    print("|---|---|---|" + "---|" * (len(KERNELS) + 1))
-    for B, L, mb, ms, region in rows:
-        print(f"| {B} | {L} | {mb} | " + " | ".join(f"{x:.4f}" for x in ms) + f" | {region:.4f} |")
+        _gpu.get_kernel = original
+    print("\n| B | L | variant | " + " | ".join(KERNELS) + " | stats+quant region | same |")
+    print("|---|---|---|" + "---|" * (len(KERNELS) + 2))
+    for B, L, label, ms, region, same in rows:
+        print(f"| {B} | {L} | {label} | " + " | ".join(f"{x:.4f}" for x in ms)
+              + f" | {region:.4f} | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ import functools
 import importlib.util
 import os
 import re
+import struct
 from pathlib import Path
+
+import numpy as np
 
 from ._resources import cuda_dir
 from .config import CONFIG
@@ -31,10 +34,11 @@ _modules: dict = {}
 _LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[^\n]*$', re.M)
 
 
-def source_text(name):
+def source_text(name, folder=None):
     """The source of ``cuda/<name>`` with every local header (``#include "x.cuh"`` naming a file
-    of ``cuda/``) pasted in place of its include line, each header once."""
-    folder = cuda_dir()
+    of ``cuda/``) pasted in place of its include line, each header once. ``folder``: another
+    folder of sources to read instead (the benchmarks' variant builds)."""
+    folder = cuda_dir() if folder is None else Path(folder)
     pasted: set = set()
 
     def expand(text):
@@ -126,8 +130,72 @@ def kernel_names(cc):
 # ---------------------------------------------------------------------------------------------
 # GPU path (CuPy).
 
+_NULL = bytes(8)
+_U64 = struct.Struct("<Q")
+
+
+def _arg_bytes(a):
+    """The bytes cuLaunchKernel copies for one argument of :class:`Kernel`."""
+    if isinstance(a, bytes):
+        return a
+    if a is None:
+        return _NULL
+    if isinstance(a, (np.ndarray, np.generic)):
+        return a.tobytes()
+    ptr = getattr(getattr(a, "data", None), "ptr", None)
+    if ptr is None:
+        raise TypeError(f"kernel argument: expected bytes, a CuPy array, None or a NumPy scalar "
+                        f"or record, got {type(a).__name__}")
+    return _U64.pack(ptr)
+
+
+class Kernel:
+    """A compiled kernel launched straight through ``cuLaunchKernel`` on CuPy's current stream.
+
+    Called like a ``cupy.RawKernel`` (``kern(grid, block, args, shared_mem=0)``), but the
+    arguments are only packed: ``bytes`` (a parameter struct's image, ``_gpu._params``), CuPy
+    arrays (their pointer), None (a null pointer), NumPy scalars and records (their bytes). CuPy's
+    generic argument handling builds a C type name for every structured argument of every launch,
+    tens of microseconds each; a call of the API launches about ten kernels."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self._ptr = None
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self.raw.max_dynamic_shared_size_bytes
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, nbytes):
+        self.raw.max_dynamic_shared_size_bytes = nbytes
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        import ctypes
+
+        import cupy
+        from cupy_backends.cuda.api import driver
+        if self._ptr is None:
+            self._ptr = self.raw.kernel.ptr
+        blobs = [_arg_bytes(a) for a in args]
+        offsets, at = [], 0
+        for b in blobs:                         # each argument 16-byte aligned in one buffer
+            offsets.append(at)
+            at += -(-len(b) // 16) * 16
+        image = bytearray(at)
+        for b, o in zip(blobs, offsets):
+            image[o:o + len(b)] = b
+        buf = (ctypes.c_char * max(at, 1)).from_buffer(image)
+        base = ctypes.addressof(buf)
+        ptrs = (ctypes.c_void_p * len(blobs))(*[base + o for o in offsets])
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        bx, by, bz = (tuple(block) + (1, 1))[:3]
+        driver.launchKernel(self._ptr, gx, gy, gz, bx, by, bz, shared_mem,
+                            cupy.cuda.get_current_stream().ptr, ctypes.addressof(ptrs), 0)
+
+
 def get_kernel(source, name):
-    """The ``cupy.RawKernel`` of template instantiation ``name`` in ``cuda/<source>``, compiled on
+    """The :class:`Kernel` of template instantiation ``name`` in ``cuda/<source>``, compiled on
     first use for the current device and kept (the options follow from the device)."""
     import cupy
 
@@ -138,7 +206,7 @@ def get_kernel(source, name):
         cc = int(cupy.cuda.Device(dev_id).compute_capability)
         options = base_options() + (arch_flag(cc),)
         mod = cupy.RawModule(code=source_text(source), options=options, name_expressions=[name])
-        hit = _modules[key] = (mod, mod.get_function(name))
+        hit = _modules[key] = (mod, Kernel(mod.get_function(name)))
     return hit[1]
 
 

@@ -30,9 +30,11 @@ channel maxima (``quant_stats``, a :class:`reference.QuantStats`): head_scales a
 then read the given arrays in place of the computed ones, and v_channel_amax is skipped.
 
 Non-finite inputs are detected on the way: q_stats, k_sums and quantize_v count the NaN / Inf of
-Q, K and V into a three-element device counter, and each entry point reads it once, at its end,
-raising the API's ValueError (whatever the kernels computed from such inputs is discarded; they
-still terminate).
+Q, K and V into a three-element device counter, and each entry point reads it once, raising the
+API's ValueError: the attention entry points after the quantization and before the attention
+kernel (which then runs while the host goes on: the call returns without waiting for it),
+predict_block_map at its end. Whatever the kernels computed from such inputs is discarded; they
+still terminate.
 
 Head dims other than 64, 128, 256 are zero-padded here to the next of them (exact: zero channels
 add nothing to any dot product, maximum or similarity); the kernels use the caller's scale and
@@ -109,12 +111,49 @@ STRUCTS = {"TensorView": TENSOR_VIEW, "WgMaps": WG_MAPS, "QStatsParams": Q_STATS
            "SelectParams": SELECT_PARAMS, "AttnParams": ATTN_PARAMS}
 
 
+_FORMATS = {np.dtype(_I64): "q", np.dtype(_I32): "i", np.dtype(_F32): "f", np.dtype(_F64): "d"}
+
+
+@functools.lru_cache(maxsize=None)
+def _packer(dtype):
+    """(struct.Struct laying out ``dtype`` as C does, its field names, their kinds: "ptr",
+    "num" or "image" (a nested struct or a byte array, given as a NumPy record or array))."""
+    import struct
+    fmt, at, names, kinds = ["<"], 0, [], []
+    for name, (ft, off) in sorted(dtype.fields.items(), key=lambda kv: kv[1][1]):
+        fmt.append(f"{off - at}x" if off > at else "")
+        if ft == _PTR:
+            fmt.append("Q")
+            kinds.append("ptr")
+        elif ft in _FORMATS:
+            fmt.append(_FORMATS[ft])
+            kinds.append("num")
+        else:
+            fmt.append(f"{ft.itemsize}s")
+            kinds.append("image")
+        names.append(name)
+        at = off + ft.itemsize
+    fmt.append(f"{dtype.itemsize - at}x" if dtype.itemsize > at else "")
+    packer = struct.Struct("".join(fmt))
+    assert packer.size == dtype.itemsize, (dtype, packer.format)
+    return packer, tuple(names), tuple(kinds)
+
+
 def _params(dtype, **fields):
-    """A one-element struct array (CuPy passes it by value); arrays become device pointers."""
-    rec = np.zeros(1, dtype=dtype)
-    for name, value in fields.items():
-        rec[name] = _ptr(value) if dtype[name] == _PTR else value
-    return rec
+    """The image of one struct of ``dtype`` (the kernels take it by value; _compile.Kernel passes
+    bytes as they are): arrays become device pointers, NumPy records their bytes, fields not given
+    are zero."""
+    packer, names, kinds = _packer(dtype)
+    values = []
+    for name, kind in zip(names, kinds):
+        v = fields.get(name)
+        if kind == "ptr":
+            values.append(_ptr(v))
+        elif kind == "image":
+            values.append(b"" if v is None else v.tobytes())
+        else:
+            values.append(0 if v is None else v)
+    return packer.pack(*values)
 
 
 def _ptr(x):
@@ -564,7 +603,7 @@ def wg_tensor_maps(qz, D, qk, pv):
     _tensor_map(maps["q"][0], qz.q_op, qrb, panel, BQ)
     _tensor_map(maps["k"][0], qz.k_op, qrb, panel, BK)
     _tensor_map(maps["vt"][0], qz.vt, qz.vt.shape[-1] * qz.vt.itemsize, vrb, D)
-    return maps
+    return maps.tobytes()
 
 
 def attn_kernel_choice(cc=None):
@@ -653,15 +692,6 @@ def run_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, r
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def attention(q, k, v, block_map, *, st, is_causal, scale, pvthreshd, qk, rebalance, pv,
-              return_lse, return_stats, out=None, nonfinite=None):
-    qz = quantize_operands(q, k, v, st, qk=qk, rebalance=rebalance, pv=pv,
-                           with_q_dot_km=return_lse, nonfinite=nonfinite)
-    return run_attention(q, k, qz, block_map, is_causal=is_causal, scale=scale,
-                         pvthreshd=pvthreshd, qk=qk, pv=pv, return_lse=return_lse,
-                         return_stats=return_stats, out=out)
-
-
 def _stats(block_map, counts, *, Lq, Lk, is_causal):
     """The reference's stats dict (reference.stats.sparsity_stats) from the kernel's counts."""
     from .reference import sparsity_stats, valid_blocks
@@ -691,12 +721,16 @@ def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd
     return block_map
 
 
-def _attend(q, k, v, block_map, st, counter, **options):
-    """:func:`attention` on operands whose Q and K statistics are done, then the call's one
-    non-finite check (``counter`` holds Q's and K's counts; quantize_v adds V's)."""
-    result = attention(q, k, v, block_map, st=st, nonfinite=counter, **options)
+def _attend(q, k, v, block_map, st, counter, *, qk, rebalance, pv, return_lse, **options):
+    """Quantization and the attention kernel on operands whose Q and K statistics are done, with
+    the call's one non-finite check (``counter`` holds Q's and K's counts; quantize_v adds V's)
+    between them: a bad input raises before the attention runs, and the host waits only for the
+    short passes, not for the attention, so that it queues the next work while the attention
+    runs."""
+    qz = quantize_operands(q, k, v, st, qk=qk, rebalance=rebalance, pv=pv,
+                           with_q_dot_km=return_lse, nonfinite=counter)
     check_counter(counter, q=q, k=k, v=v)
-    return result
+    return run_attention(q, k, qz, block_map, qk=qk, pv=pv, return_lse=return_lse, **options)
 
 
 def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd, qk, rebalance,

@@ -80,6 +80,51 @@ def test_param_structs_match_c_layout(source, structs):
     _compile_with_checks(source, [_offset_checks(s, _gpu.STRUCTS[s]) for s in structs])
 
 
+class _FakeArray:
+    """What _gpu._params reads of a CuPy array: ``.data.ptr``."""
+
+    def __init__(self, ptr):
+        self.data = type("Mem", (), {"ptr": ptr})()
+
+
+@pytest.mark.parametrize("struct", sorted(_gpu.STRUCTS))
+def test_param_images_match_numpy_records(struct):
+    """_gpu._params packs each struct with struct.Struct (fast); the image must be byte for byte
+    the NumPy record's whose layout the static_asserts above check against the C structs."""
+    import numpy as np
+    dtype = _gpu.STRUCTS[struct]
+    rng = np.random.default_rng(len(struct))
+    rec, fields = np.zeros(1, dtype=dtype), {}
+    for name in dtype.names:
+        ft = dtype.fields[name][0]
+        if ft == np.uint64:                            # a pointer
+            ptr = int(rng.integers(1, 2 ** 62))
+            fields[name], rec[name] = _FakeArray(ptr), ptr
+        elif ft.names or ft.subdtype:                  # nested struct or byte array: its image
+            sub = np.frombuffer(rng.bytes(ft.itemsize), dtype=ft).copy()
+            fields[name], rec[name] = sub, sub
+        else:
+            value = ft.type(rng.integers(-1000, 1000) if ft.kind == "i" else rng.standard_normal())
+            fields[name], rec[name] = value, value
+    image = _gpu._params(dtype, **fields)
+    want = rec.tobytes()
+    diff = [i for i, (a, b) in enumerate(zip(image, want)) if a != b]
+    assert len(image) == len(want) and not diff, \
+        f"{struct}: {len(diff)} bytes differ (sizes {len(image)} / {len(want)}), first at {diff[:8]}"
+    zeros = _gpu._params(dtype)                        # fields not given: zero, None: null
+    assert zeros == bytes(dtype.itemsize)
+
+
+def test_kernel_argument_images():
+    import numpy as np
+    assert _compile._arg_bytes(None) == bytes(8)
+    assert _compile._arg_bytes(_FakeArray(0x1234)) == (0x1234).to_bytes(8, "little")
+    assert _compile._arg_bytes(np.int32(-2)) == (-2).to_bytes(4, "little", signed=True)
+    assert _compile._arg_bytes(b"abc") == b"abc"
+    with pytest.raises(TypeError, match="kernel argument"):
+        _compile._arg_bytes(3)
+
+
 def test_kernel_constants_match_config():
     """The block geometry is compile-time in the kernels (common.cuh) and runtime in CONFIG."""
     import re
