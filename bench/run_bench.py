@@ -32,6 +32,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -370,6 +371,9 @@ def main(argv=None):
     ap.add_argument("--reps-ms", type=int, default=200, help="do_bench's rep (ms of timed runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--tag", default="bench")
+    ap.add_argument("--flex-min-L", type=int, default=0,
+                    help="flex_attention rows only at L >= this (its compilation per shape is the "
+                         "slowest part of a long sweep; issue 4's flex target is for L >= 8K)")
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="NAME",
                     help=f"run only these rows (default: all): {', '.join(METHODS)}")
     args = ap.parse_args(argv)
@@ -395,13 +399,18 @@ def main(argv=None):
               + table(rows) + "\n")
         (out / f"{args.tag}_{stamp}_{card}.md").write_text(md)
 
+    t_start = time.perf_counter()
     for D in args.D:
         for L in args.L:
             for causal in causals:
                 for d in args.density:
-                    print(f"L={L} D={D} causal={causal} density={d}", file=sys.stderr, flush=True)
+                    print(f"L={L} D={D} causal={causal} density={d} "
+                          f"({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
+                    only = args.methods
+                    if L < args.flex_min_L:
+                        only = [m for m in (only or METHODS) if m != "flex_attention"]
                     rows += bench_case(args.B, args.H, args.Hkv or args.H, L, D, causal, d,
-                                       dtype=torch.float16, reps_ms=args.reps_ms, only=args.methods)
+                                       dtype=torch.float16, reps_ms=args.reps_ms, only=only)
                     write()
                     gc.collect()               # the case's tensors (a failed flex setup keeps a
                     torch.cuda.empty_cache()   # reference cycle through its traceback), then the cache
