@@ -134,14 +134,21 @@ def methods(q, k, v, bm_t, *, causal, scale, density):
             import sageattention
             m["sageattn_1.0.6"] = (lambda: sageattention.sageattn(q, k, v, tensor_layout="HND", is_causal=causal,
                                                                    sm_scale=scale), "sage", False)
-        except ImportError:
-            pass
+        except ImportError as e:     # a row that says so: a missing baseline must show
+            def missing(e=e):
+                raise RuntimeError(f"sageattention not importable: {e}")
+            m["sageattn_1.0.6"] = (missing, "sage", False)
     try:
         from torch.nn.attention.flex_attention import flex_attention
         bmask = flex_block_mask(bm_t, q.shape[2], k.shape[2], causal)
         flex = torch.compile(flex_attention, dynamic=False)
+        # Its kernel tiles must divide our blocks (128 x 64); inductor's default at D = 64 is
+        # 128 x 128, and at D = 256 the default falls back to an unfused (L x L) path.
+        tiles = {64: {"BLOCK_M": 128, "BLOCK_N": 64}, 256: {"BLOCK_M": 64, "BLOCK_N": 64}}
+        opts = tiles.get(q.shape[-1])
         m["flex_attention"] = (lambda: flex(q, k, v, block_mask=bmask, scale=scale,
-                                            enable_gqa=q.shape[1] != k.shape[1]), "fp16", True)
+                                            enable_gqa=q.shape[1] != k.shape[1],
+                                            kernel_options=opts), "fp16", True)
     except Exception as e:  # a row that says why, and the other rows go on
         def unavailable(e=e):
             raise RuntimeError(f"flex_attention setup failed: {type(e).__name__}: {e}")

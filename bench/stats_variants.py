@@ -10,7 +10,9 @@ another folder, e.g. an older commit's ``cuda/``). For each, block_statistics wi
 and quantize_qk at B = 1 and 4, H = 32, L = 16K, D = 128, fp16 are timed per launch (CUDA events,
 the smaller median of two repeats of 20), then both as one region; the quantized operands and
 statistics of every variant are compared with the first variant's (bit for bit, "same" column).
-Prints a table last. Needs a CUDA GPU.
+With ``--select`` first, the variants are of select.cu instead (compressed_map and select_rows
+at B = 4, L = 16K and 32K; the S^ and the block map compared). Prints a table last. Needs a CUDA
+GPU.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import prediction_bench as pb  # noqa: E402
 from sparge_cupy import _compile, _gpu  # noqa: E402
 
 KERNELS = ("q_stats", "k_sums", "k_pass", "quantize_q")
+SELECT_KERNELS = ("compressed_map", "select_rows")
 
 
 def variant_get_kernel(extra, variant_source="block_stats.cu", folder=None):
@@ -69,40 +72,57 @@ def outputs(P):
                               st.s_c, q_op, dq, k_op, dk)]
 
 
-def main(specs):
+def stages(P, source):
+    """(timed calls, the kernels to report, what they write) for the variant ``source``."""
+    if source == "select.cu":
+        def select():
+            return _gpu.select(P.st, Lq=P.q.shape[2], Lk=P.k.shape[2], **P.common, **P.sel)
+        logits = lambda: _gpu.estimate_logits(P.st, Lq=P.q.shape[2], Lk=P.k.shape[2],  # noqa: E731
+                                              is_causal=P.common["is_causal"],
+                                              scale=P.common["scale"], simthreshd1=P.sel["simthreshd1"])
+        return (select,), SELECT_KERNELS, lambda: [select().get(), logits().get()]
+
+    def stats():
+        _gpu.block_statistics(P.qo, P.ko, pooled=True, nonfinite=_gpu.nonfinite_counter(),
+                              k_operand=pb.K_OPERAND)
+
+    def quant():
+        _gpu.quantize_qk(P.qo, P.ko, P.st, qk="int8", rebalance=True, with_q_dot_km=False)
+    return (stats, quant), KERNELS, lambda: outputs(P)
+
+
+def main(specs, source="block_stats.cu", shapes=((1, 16384), (4, 16384))):
     rows = []
     original = _gpu.get_kernel
-    for B, L in ((1, 16384), (4, 16384)):
+    kernels = KERNELS
+    for B, L in shapes:
         P = pb.pipeline(B, 32, L, 128, True)
-
-        def stats():
-            _gpu.block_statistics(P.qo, P.ko, pooled=True, nonfinite=_gpu.nonfinite_counter(),
-                                  k_operand=pb.K_OPERAND)
-
-        def quant():
-            _gpu.quantize_qk(P.qo, P.ko, P.st, qk="int8", rebalance=True, with_q_dot_km=False)
-
+        fns, kernels, written = stages(P, source)
         first = None
         for spec in specs:
             label, extra, folder = parse(spec)
-            _gpu.get_kernel = variant_get_kernel(extra, folder=folder)
-            got = outputs(P)
+            _gpu.get_kernel = variant_get_kernel(extra, source, folder=folder)
+            got = written()
             first = got if first is None else first
             same = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, first))
             times = {}
-            for fn in (stats, quant, stats, quant):          # twice: the spread
+            for fn in fns + fns:                             # twice: the spread
                 for (lab, _), ms in pb.per_launch_ms(fn, 20).items():
                     times.setdefault(lab, []).append(ms)
-            region = pb.region_ms(lambda: (stats(), quant()), 20)
-            rows.append((B, L, label, [min(times[k]) for k in KERNELS], region, same))
+            region = pb.region_ms(lambda: [fn() for fn in fns], 20)
+            rows.append((B, L, label, [min(times.get(k, [float("nan")])) for k in kernels], region, same))
             print(rows[-1], flush=True)
         _gpu.get_kernel = original
-    print("\n| B | L | variant | " + " | ".join(KERNELS) + " | stats+quant region | same |")
-    print("|---|---|---|" + "---|" * (len(KERNELS) + 2))
+    print(f"\n{source}\n\n| B | L | variant | " + " | ".join(kernels) + " | region | same |")
+    print("|---|---|---|" + "---|" * (len(kernels) + 2))
     for B, L, label, ms, region, same in rows:
         print(f"| {B} | {L} | {label} | " + " | ".join(f"{x:.4f}" for x in ms)
               + f" | {region:.4f} | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["4"])
+    args = sys.argv[1:]
+    if args[:1] == ["--select"]:           # variants of select.cu (B 4, L 16K and 32K)
+        main(args[1:] or ["shipped="], "select.cu", ((4, 16384), (4, 32768)))
+    else:
+        main(args or ["4"])
