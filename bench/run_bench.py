@@ -141,6 +141,11 @@ def methods(q, k, v, bm_t, *, causal, scale, density):
     try:
         from torch.nn.attention.flex_attention import flex_attention
         bmask = flex_block_mask(bm_t, q.shape[2], k.shape[2], causal)
+        # One compiled graph per shape and mask: past Dynamo's default of 8 recompilations flex
+        # would silently run eagerly (unfused, an L x L score buffer: out of memory at 16K).
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 4096)
         flex = torch.compile(flex_attention, dynamic=False)
         # Its kernel tiles must divide our blocks (128 x 64); inductor's default at D = 64 is
         # 128 x 128, and at D = 256 the default falls back to an unfused (L x L) path.
