@@ -86,6 +86,43 @@ def test_rows_of_two_csvs_merge_and_the_last_one_wins(bench_csv, tmp_path):
     assert s["y"] == [333.0]
 
 
+def test_a_rerun_replaces_a_failed_row(bench_csv, tmp_path):
+    rerun = write_csv(tmp_path / "bench_rerun_2026-01-03_Test_GPU.csv",
+                      [row("flex_attention", 4096, 128, True, 1.0, 321.0)])
+    drawn = bench_series(read_bench_csvs([bench_csv, rerun]))
+    assert not [r for r in drawn["left_out"] if r["method"] == "flex_attention"]
+    (s,) = [s for s in drawn["series"]
+            if (s["method"], s["D"], s["causal"], s["panel"]) == ("flex_attention", 128, True, "L")]
+    assert s["y"] == [321.0]
+    # and the other way round: a later failure replaces an ok row
+    broke = write_csv(tmp_path / "bench_broke_2026-01-04_Test_GPU.csv",
+                      [row("sparge_int8_fp8", 8192, 64, False, 1.0, None, status="ERROR x")])
+    drawn = bench_series(read_bench_csvs([bench_csv, broke]))
+    assert [(r["method"], r["L"], r["D"]) for r in drawn["left_out"]
+            if r["status"] == "ERROR x"] == [("sparge_int8_fp8", 8192, 64)]
+
+
+def test_issue_targets_from_csv(tmp_path):
+    """bench/targets.py: a target holds or not from the rows; missing rows are not a pass."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import targets
+    rows = []
+    for L in (16384, 32768):
+        for causal in (False, True):
+            rows.append(dict(row("sdpa_cudnn", L, 128, causal, 1.0, 600.0), predict_ms=""))
+            rows.append(dict(row("sparge_e2e_tau0.9", L, 128, causal, 1.0, 650.0 if causal else 720.0),
+                             predict_ms=0.01))
+            rows.append(row("sparge_int8_fp8_kernel", L, 128, causal, 1.0, 730.0))
+    path = write_csv(tmp_path / "t.csv", rows)
+    got = {(t, w.split(":")[0].split(",")[0]): ok for t, w, _, ok in targets.check(targets.load([path]))}
+    assert got["1 dense > cuDNN", "D128 L16K non-causal"] and got["5 causal > cuDNN", "D128 L32K causal"]
+    assert got["1 dense > 700 TOPS", "D128 L32K non-causal"]
+    assert not got["1 dense > cuDNN", "D64 L16K non-causal"]              # no D 64 row: not met
+    # (e2e - kernel) / kernel: 730 / 720 - 1 = 1.4% (under 3%), causal 730 / 650 - 1 = 12%
+    assert got["4 prediction overhead", "D128 L32K non-causal"]
+    assert not got["4 prediction overhead", "D128 L32K causal"]
+
+
 def test_one_card_per_figure_and_named_columns(bench_csv, tmp_path):
     other = write_csv(tmp_path / "other.csv", [dict(row("sdpa_cudnn", 8192, 128, False, 1.0, 1.0),
                                                     card="Other GPU")])

@@ -12,8 +12,8 @@ TOPS is dense-equivalent (SPEC.md section 4): ``4 B H (visible pairs) D / time``
 is credited with the work it skipped and a higher line is a shorter time on the same problem.
 Rows whose ``status`` is not ``ok`` (a failed correctness gate, an error) are left out, listed in
 a note under the panels and printed. Rows repeated across CSVs (same method, D, causal, L,
-density) keep the last one read. The card comes from the ``card`` column and the date from the
-file names (``<tag>_<YYYY-MM-DD>_<card>.csv``, as ``run_bench.py`` writes them).
+density) keep the last one read, whatever its status (a rerun replaces a failed row). The card
+comes from the ``card`` column and the date from the file names (``<tag>_<YYYY-MM-DD>_<card>.csv``, as ``run_bench.py`` writes them).
 
 Run ``python viz/bench.py CSV [CSV ...] [--out PATH]`` (or ``python -m sparge_cupy.viz.bench``):
 draws the CSVs into one PNG and prints its path; matplotlib only, no GPU.
@@ -58,14 +58,14 @@ def bench_series(rows):
 
     Returns a dict: ``series``, a list of dicts (``D``, ``causal``, ``panel`` "L" or "density",
     ``method``, ``x``, ``y`` (TOPS), ``dense_only``: the method has no row below density 1);
-    ``left_out``, the rows whose status is not ok; ``methods`` in the order first seen.
+    ``left_out``, the rows whose status is not ok (and that no later row of the same method, D,
+    causal, L and density replaced); ``methods`` in the order first seen.
     """
-    ok, left_out = {}, []
-    for r in rows:
-        if r["status"] != "ok" or r["tops"] is None:
-            left_out.append(r)
-            continue
-        ok[(r["method"], r["D"], r["causal"], r["L"], r["density"])] = r   # the last one read wins
+    last = {}
+    for r in rows:                                  # the last one read wins, ok or not
+        last[(r["method"], r["D"], r["causal"], r["L"], r["density"])] = r
+    ok = {key: r for key, r in last.items() if r["status"] == "ok" and r["tops"] is not None}
+    left_out = [r for key, r in last.items() if key not in ok]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     series = []
     for D, causal in sorted({(r["D"], r["causal"]) for r in ok.values()}, key=lambda p: (-p[0], p[1])):
