@@ -7,8 +7,11 @@ measures per query head, against dense float64 attention on the same inputs (SPE
 
 - ``preset``: the default thresholds (theta 0.6, tau 0.98) and theta = -1 (no fix blocks) with
   tau 0.9 / 0.95 / 0.98; Stage 2 off; INT8 QK^T with rebalancing, FP8 P V (the API's defaults).
-- ``tuned``: :func:`sparge_cupy.tune.tune_layer` on this input (``--l1``, ``--pv-l1``), as two
-  settings: ``stage 1`` (Stage 2 off) and ``stage 1+2``. The numbers are the tuner's exact ones.
+- ``tuned``: :func:`sparge_cupy.tune.tune_layer` on this input (``--l1``, ``--pv-l1``; with
+  ``--block-factor F`` every query block's relative L1 also at most F times the bound, or with
+  ``--block-quantile Q`` a share Q of them), as two settings: ``stage 1`` (Stage 2 off) and
+  ``stage 1+2``. The numbers are the tuner's exact ones; column ``block_l1``: the tuner's block
+  error (the Q quantile of the query blocks' relative L1, 128 rows each; Q = 1: the largest).
 - ``tuned_mass``: the same with the mass threshold rule (``mode="mass"``: keep ``nk * P^ >= t``,
   one threshold per head across rows; README "Predictors beyond the paper"); column
   ``mass_threshold``.
@@ -100,7 +103,7 @@ ORACLE_FRONTIER = (0.01, 0.02, 0.1, 0.2)
 COLUMNS = ("tokens", "layer", "head", "group", "setting", "theta", "tau", "lambda", "bound",
            "qk", "rebalance", "pv", "stage1_sparsity", "stage2_sparsity", "total_sparsity",
            "rel_l1", "rel_l1_sparsity_only", "recall", "ppl", "ppl_tokens", "backend",
-           "mass_threshold")                     # last: CSVs written before it read as NaN
+           "mass_threshold", "block_l1")         # last two: CSVs written before them read as NaN
 _TEXT_COLUMNS = ("layer", "head", "group", "setting", "qk", "pv", "backend")
 F32 = np.float32
 
@@ -269,16 +272,17 @@ def tuned_block_map(x, tuning):
 
 
 def step_tuned(x, ctx, *, l1, pv_l1, thetas, log, mode="cdf", predictor="paper", quant=None,
-               group="tuned", local_window=False):
-    """Tune this layer (``tune_layer`` with ``mode``, ``predictor``, ``local_window`` and the
-    quantization ``quant``, default the API's) into group ``group``; rows for Stage 1 alone and
-    with Stage 2."""
+               group="tuned", local_window=False, block_factor=None, block_quantile=1.0):
+    """Tune this layer (``tune_layer`` with ``mode``, ``predictor``, ``local_window``,
+    ``block_factor``, ``block_quantile`` and the quantization ``quant``, default the API's) into group ``group``; rows
+    for Stage 1 alone and with Stage 2."""
     from .tune import tune_layer
     quant = dict(USER_QUANT if quant is None else quant)
     q, k, v = x.dev
     r = tune_layer([q], [k], [v], is_causal=x.is_causal, scale=x.scale, l1=l1, pv_l1=pv_l1,
                    layer=str(ctx["layer"]), thetas=thetas, log=log, mode=mode, predictor=predictor,
-                   local_window=local_window, **quant)
+                   local_window=local_window, block_factor=block_factor, block_quantile=block_quantile,
+                   **quant)
     bm = tuned_block_map(x, r)
     lam = np.asarray(r.pvthreshd, F32)
     common = dict(group=group, **quant)
@@ -286,11 +290,12 @@ def step_tuned(x, ctx, *, l1, pv_l1, thetas, log, mode="cdf", predictor="paper",
     rows = _rows(ctx, {"stage1_sparsity": r.stage1_sparsity, "stage2_sparsity": 0.0,
                        "total_sparsity": r.stage1_sparsity, "rel_l1": r.stage1_l1,
                        "rel_l1_sparsity_only": x.l1_sparsity_only(bm), "recall": x.recall(bm),
-                       "bound": l1, **thresholds}, setting="stage 1", **common)
+                       "bound": l1, "block_l1": r.stage1_block_l1, **thresholds}, setting="stage 1", **common)
     rows += _rows(ctx, {"stage1_sparsity": r.stage1_sparsity, "stage2_sparsity": r.stage2_sparsity,
                         "total_sparsity": r.total_sparsity, "rel_l1": r.l1,
                         "rel_l1_sparsity_only": x.l1_sparsity_only(bm, lam), "recall": x.recall(bm),
-                        "lambda": np.where(np.isinf(lam), np.nan, lam), "bound": pv_l1, **thresholds},
+                        "lambda": np.where(np.isinf(lam), np.nan, lam), "bound": pv_l1,
+                        "block_l1": r.block_l1, **thresholds},
                   setting="stage 1+2", **common)
     return rows, r
 
@@ -331,6 +336,7 @@ def step_sweep(x, ctx, *, l1, frontier):
         thr = np.full(x.H, tau, F32)
         num_q, kept = curves["quant"].stage1_rows(zero, thr, no_dense)
         num_f, _ = curves["fp32"].stage1_rows(zero, thr, no_dense)
+        num_q, num_f = num_q.sum(axis=(0, 2)), num_f.sum(axis=(0, 2))      # per query block -> per head
         s1 = 1.0 - kept / (x.B * x.n_valid)
         rows += _rows(ctx, {"stage1_sparsity": s1, "stage2_sparsity": 0.0, "total_sparsity": s1,
                             "rel_l1": num_q / x.den, "rel_l1_sparsity_only": num_f / x.den},
@@ -517,11 +523,13 @@ class _Progress:
 def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05, pv_l1=0.06,
              thetas=None, frontier=ORACLE_FRONTIER, perplexity=False, ppl_tokens=(4096,),
              ppl_last=2048, ppl_tuning="tuned", ppl_stage2=True, use_gpu=False, quiet=False,
-             local_window=False):
+             local_window=False, block_factor=None, block_quantile=1.0):
     """Run the steps on every (tokens, layer); returns ``(rows, timings)``: the CSV rows and
     ``{"<tokens>/<layer>/<step>": seconds}``. The perplexity runs the thresholds of step
     ``ppl_tuning`` (one of TUNED_STEPS), with its Stage 2 lambdas unless not ``ppl_stage2``.
-    ``local_window``: the tuned steps tune (and the perplexity runs) with the local window kept."""
+    ``local_window``: the tuned steps tune (and the perplexity runs) with the local window kept;
+    ``block_factor``, ``block_quantile``: the tuned steps also bound the query blocks' L1
+    (``tune_layer``)."""
     from .tune import DEFAULT_THETAS
     thetas = DEFAULT_THETAS if thetas is None else tuple(thetas)
     steps = [s for s in STEPS if s in steps]
@@ -541,7 +549,8 @@ def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05
         prog.done()
         return res
 
-    tuned_kw = dict(l1=l1, pv_l1=pv_l1, thetas=thetas, log=prog.log, local_window=local_window)
+    tuned_kw = dict(l1=l1, pv_l1=pv_l1, thetas=thetas, log=prog.log, local_window=local_window,
+                    block_factor=block_factor, block_quantile=block_quantile)
     step_fns = {"presets": (step_presets, {}), "tuned": (step_tuned, tuned_kw),
                 "tuned_mass": (step_tuned, dict(tuned_kw, mode="mass", group="tuned_mass")),
                 "tuned_qbar": (step_tuned, dict(tuned_kw, mode="mass", predictor="qbar_keys",
@@ -607,6 +616,12 @@ def add_arguments(p):
                    help="the tuning step whose thresholds the perplexity runs (default %(default)s)")
     p.add_argument("--local-window", action="store_true",
                    help="tuned steps: keep each query block's own key blocks (local_window)")
+    p.add_argument("--block-factor", type=float, default=None, metavar="F",
+                   help="tuned steps: also bound every query block's relative L1 by F x the bound "
+                        "(sparge-cupy tune --block-factor)")
+    p.add_argument("--block-quantile", type=float, default=1.0, metavar="Q",
+                   help="tuned steps: with --block-factor, bound the Q quantile of the query blocks' L1 "
+                        "(default %(default)s: every block)")
     p.add_argument("--ppl-stage1-only", action="store_true",
                    help="the perplexity runs the Stage 1 thresholds alone (tuned to --l1), no Stage 2")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
@@ -662,7 +677,8 @@ def run(args):
                              thetas=thetas, frontier=args.oracle_frontier, perplexity=args.perplexity,
                              ppl_tokens=args.ppl_tokens, ppl_last=args.ppl_last,
                              ppl_tuning=args.ppl_tuning, ppl_stage2=not args.ppl_stage1_only,
-                             use_gpu=use_gpu, quiet=args.quiet, local_window=args.local_window)
+                             use_gpu=use_gpu, quiet=args.quiet, local_window=args.local_window,
+                             block_factor=args.block_factor, block_quantile=args.block_quantile)
     runs = []
     if args.merge and csv_path.is_file():
         rows = merge_rows(read_csv(csv_path), rows)
@@ -711,6 +727,10 @@ def _argv_of(args):
             parts.append("--ppl-stage1-only")
     if args.local_window:
         parts.append("--local-window")
+    if args.block_factor is not None:
+        parts.append(f"--block-factor {args.block_factor:g}")
+    if args.block_quantile != 1.0:
+        parts.append(f"--block-quantile {args.block_quantile:g}")
     parts += [f"--device {args.device}", f"--name {args.name}"]   # --out-dir: where the report is
     if args.merge:
         parts.append("--merge")
@@ -915,6 +935,23 @@ def report(rows, runs, *, figures=()):
                          " / ".join(_f(fl[n][0]["rel_l1"], ".4f") if fl[n] else "-" for n in fl)])
         lines += [_table(["tokens", "layer", "head", "oracle", "tuned s1", "ratio", "total", "L1 s1 / s1+2",
                           "tau", "lambda", "floor int8+reb/fp8 / int8/fp8 / fp16/fp16"], body), ""]
+
+    blk = [r for r in rows if r["group"] in TUNED_STEPS and math.isfinite(r.get("block_l1", math.nan))]
+    if blk:
+        lines += ["## Per query block (tuned steps)", "",
+                  "Per head: sparsity, relative L1 of the head (all rows) and the block error: the "
+                  "largest relative L1 of one query block (its 128 rows), or with `--block-quantile Q` "
+                  "the Q quantile over the query blocks, as tuned (`--block-factor F` bounds it by F "
+                  "times the bound).", ""]
+        body = []
+        for key in sorted({(r["tokens"], r["layer"], r["group"], r["setting"]) for r in blk}):
+            sel = sorted(_select(blk, tokens=key[0], layer=key[1], group=key[2], setting=key[3]),
+                         key=lambda r: r["head"])
+            sp = "stage1_sparsity" if key[3] == "stage 1" else "total_sparsity"
+            body.append([*key, " ".join(_f(r[sp]) for r in sel), " ".join(_f(r["rel_l1"], ".4f") for r in sel),
+                         " ".join(_f(r["block_l1"], ".4f") for r in sel)])
+        lines += [_table(["tokens", "layer", "step", "setting", "sparsity per head", "L1 per head",
+                          "block error per head"], body), ""]
 
     presets = [r for r in rows if r["group"] == "preset"]
     if presets:

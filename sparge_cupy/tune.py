@@ -8,6 +8,18 @@ the same inputs, with the quantization the user will run (``qk``, ``pv``, ``reba
 inputs a head's error is the **largest** over the inputs (every input must meet the bound) and its
 sparsity is pooled (kept blocks over valid blocks, summed over the inputs).
 
+The head's relative L1 is a mean over all its rows, so one threshold per head may leave a few
+query blocks with errors several times the bound (on Gemma 3 at 16K tokens, tuned at 0.05, single
+query blocks reach 0.36 while the oracle's map stays under 0.16). ``block_factor`` F bounds them
+too. A query block's relative L1 is ``sum |O - O_ref| / sum |O_ref|`` over its ``block_q`` rows
+(per batch element); the **block error** of a head is the ``block_quantile`` quantile q of these
+over its query blocks (``numpy.quantile``, method "higher": at least a share q of the blocks are
+at or below it; q = 1, the default, is the largest), the largest over the inputs. With F, the
+block error must stay at most ``F * l1`` with Stage 1 and ``F * pv_l1`` with Stage 2: in the
+search a setting's error is ``max(L1, block error / F)`` against the head's bound (None: the
+head's L1 alone, as before). Both evaluators measure it and the exact check enforces it. Whatever
+F, the block error is reported (``stage1_block_l1``, ``block_l1``).
+
 The search, for all heads of the layer at once (the API takes per-head thresholds, so one call
 evaluates a different candidate for every head):
 
@@ -90,13 +102,18 @@ class LayerTuning:
     others None; ``pvthreshd`` (inf = Stage 2 off). ``dense`` [Hq] bool: the head runs with every
     valid block and no filter (its thresholds are then -1, 1 (mass: 0), inf, which the API turns
     into exactly that). ``meets_bound``: the saved error is within the bounds (False only where
-    even the dense quantized head exceeds ``l1``: see ``quant_floor_l1``). Files written before
-    the mass mode have no ``mass_threshold`` field.
+    even the dense quantized head exceeds ``l1``, or with ``block_factor`` its block error exceeds
+    ``block_factor * l1``: see ``quant_floor_l1``). Files written before the mass mode have no
+    ``mass_threshold`` field.
 
     Achieved, per head (errors: largest over the tuning inputs; sparsity: pooled over them):
     ``stage1_sparsity``, ``stage2_sparsity`` (skipped / visited row-group P V products),
     ``total_sparsity`` (SPEC.md section 4), ``stage1_l1`` (Stage 2 off), ``l1`` (as saved, Stage 2
-    on), ``quant_floor_l1`` (every valid block, no filter: the error of quantization alone).
+    on), ``quant_floor_l1`` (every valid block, no filter: the error of quantization alone),
+    ``stage1_block_l1`` and ``block_l1`` (the block error: the ``block_quantile`` quantile of the
+    query blocks' relative L1, 1 = the largest; Stage 2 off / on). ``block_factor``: the
+    per-query-block bound factor it was tuned with (None: none). Files written before the
+    per-block bound have none of these (None, quantile 1).
     """
     layer: str
     simthreshd1: np.ndarray
@@ -122,6 +139,10 @@ class LayerTuning:
     mode: str = "cdf"
     mass_threshold: np.ndarray | None = None
     predictor: str = "paper"
+    block_factor: float | None = None
+    block_quantile: float = 1.0
+    stage1_block_l1: np.ndarray | None = None
+    block_l1: np.ndarray | None = None
     thetas: tuple = DEFAULT_THETAS
     aggregate: str = "max over inputs"
     evaluator: str = "exact"
@@ -174,8 +195,9 @@ class LayerTuning:
         for name in ("dense", "meets_bound"):
             kw[name] = np.asarray(kw[name], dtype=bool)
         for name in ("stage1_sparsity", "stage2_sparsity", "total_sparsity", "stage1_l1", "l1",
-                     "quant_floor_l1"):
-            kw[name] = np.asarray([np.nan if x is None else x for x in kw[name]], dtype=np.float64)
+                     "quant_floor_l1", "stage1_block_l1", "block_l1"):
+            if kw.get(name) is not None:
+                kw[name] = np.asarray([np.nan if x is None else x for x in kw[name]], dtype=np.float64)
         kw["thetas"] = tuple(kw["thetas"])
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in kw.items() if k in known})
@@ -184,10 +206,15 @@ class LayerTuning:
         """A per-head text table."""
         thr = self.threshold
         name = {"cdf": "tau", "topk": "topk", "mass": "t"}[self.mode]
-        lines = [f"layer {self.layer}: l1 <= {self.l1_bound}, pv_l1 <= {self.pv_l1_bound} "
+        nan = np.full(self.heads, np.nan)
+        blk1 = nan if self.stage1_block_l1 is None else self.stage1_block_l1
+        blk = nan if self.block_l1 is None else self.block_l1
+        share = "every query block" if self.block_quantile == 1 else f"{self.block_quantile:.0%} of query blocks"
+        per_block = "" if self.block_factor is None else f", {share} <= {self.block_factor:g} x"
+        lines = [f"layer {self.layer}: l1 <= {self.l1_bound}, pv_l1 <= {self.pv_l1_bound}{per_block} "
                  f"({self.qk}/{self.pv}{', rebalanced' if self.rebalance else ''}; errors: {self.aggregate})",
                  f"{'head':>4} {'theta':>6} {name:>8} {'lambda':>7} "
-                 f"{'s1':>6} {'s2':>6} {'total':>6} {'l1_s1':>7} {'l1':>7} {'floor':>7}  note"]
+                 f"{'s1':>6} {'s2':>6} {'total':>6} {'l1_s1':>7} {'l1':>7} {'floor':>7} {'blk_s1':>7} {'blk':>7}  note"]
         for h in range(self.heads):
             note = "dense" if self.dense[h] else ""
             if not self.meets_bound[h]:
@@ -195,7 +222,7 @@ class LayerTuning:
             lines.append(f"{h:>4} {self.simthreshd1[h]:>6.2f} {thr[h]:>8.5f} {self.pvthreshd[h]:>7.2f} "
                          f"{self.stage1_sparsity[h]:>6.3f} {self.stage2_sparsity[h]:>6.3f} "
                          f"{self.total_sparsity[h]:>6.3f} {self.stage1_l1[h]:>7.4f} {self.l1[h]:>7.4f} "
-                         f"{self.quant_floor_l1[h]:>7.4f}  {note}")
+                         f"{self.quant_floor_l1[h]:>7.4f} {blk1[h]:>7.4f} {blk[h]:>7.4f}  {note}")
         lines.append(f"mean  stage1 {self.stage1_sparsity.mean():.3f}  stage2 {self.stage2_sparsity.mean():.3f}  "
                      f"total {self.total_sparsity.mean():.3f}  ({self.evaluator} evaluator on "
                      f"{self.backend}{', verified exactly' if self.verified else ''}, {self.seconds:.1f} s)")
@@ -309,6 +336,7 @@ class _Input:
     scale: float
     ref: object          # dense float64 output, HND, on the inputs' device
     den: np.ndarray      # [Hq] sum |ref| per head
+    den_blk: np.ndarray | None = None   # [B, Hq, nq] sum |ref| per query block
 
 
 def _xp(x):
@@ -347,16 +375,33 @@ def _dense_reference(q, k, v, *, is_causal, scale):
     return out
 
 
-def _per_head_l1_num(out, ref):
+def _per_block_l1_num(out, ref, bq=CONFIG.block_q):
+    """``sum |out - ref|`` over each query block's rows: NumPy ``[B, Hq, nq]`` (the last block
+    may be partial)."""
     xp = _xp(ref)
-    num = xp.abs(out.astype(xp.float64) - ref).sum(axis=(0, 2, 3))
+    d = xp.abs(out.astype(xp.float64) - ref).sum(axis=-1)                      # [B, H, L]
+    B, H, L = d.shape
+    pad = -L % bq
+    if pad:
+        d = xp.concatenate([d, xp.zeros((B, H, pad), xp.float64)], axis=-1)
+    num = d.reshape(B, H, -1, bq).sum(axis=-1)
     return np.asarray(num.get() if xp is not np else num, dtype=np.float64)
+
+
+def _block_stat(num_blk, den_blk, quantile=1.0):
+    """Per head ``[H]``: the block error, the ``quantile`` quantile (method "higher"; 1: the
+    largest) of the relative L1 of the query blocks ``[B, H, nq]`` (a block whose reference is all
+    zero counts as 0)."""
+    rel = np.where(den_blk > 0, num_blk / np.where(den_blk > 0, den_blk, 1.0), 0.0)
+    if quantile == 1.0:
+        return rel.max(axis=(0, 2))
+    return np.quantile(rel.transpose(1, 0, 2).reshape(rel.shape[1], -1), quantile, axis=1, method="higher")
 
 
 @dataclass
 class _Eval:
     """Per input and head ``[n_inputs, Hq]``: L1 numerator and denominator, Stage-1 block counts,
-    Stage-2 row-group counts, P V block products done."""
+    Stage-2 row-group counts, P V block products done, block error (see the module docstring)."""
     num: np.ndarray
     den: np.ndarray
     kept: np.ndarray
@@ -364,10 +409,20 @@ class _Eval:
     groups: np.ndarray
     skipped: np.ndarray
     pv_done: np.ndarray
+    blk: np.ndarray
 
     @property
     def l1(self):              # largest over the inputs
         return (self.num / np.where(self.den > 0, self.den, 1.0)).max(axis=0)
+
+    @property
+    def block_l1(self):        # the block error, largest over the inputs
+        return self.blk.max(axis=0)
+
+    def error(self, block_factor):
+        """The error the search bounds: L1, or with a per-block factor F ``max(L1, block_l1 / F)``
+        (so ``error <= bound`` says both ``L1 <= bound`` and every block ``<= F * bound``)."""
+        return self.l1 if block_factor is None else np.maximum(self.l1, self.block_l1 / block_factor)
 
     @property
     def s1(self):
@@ -387,14 +442,16 @@ class _Eval:
         return _Eval(*(np.stack([getattr(e, f.name) for e in per_input]) for f in fields(_Eval)))
 
 
-def _stats_eval(x, out, stats):
+def _stats_eval(x, out, stats, block_quantile=1.0):
     """One input's _Eval row from an output and the API's stats dict."""
-    return _Eval(num=_per_head_l1_num(out, x.ref), den=x.den,
+    num_blk = _per_block_l1_num(out, x.ref)
+    return _Eval(num=num_blk.sum(axis=(0, 2)), den=x.den,
                  kept=np.asarray(stats["kept_blocks"]).sum(0).astype(np.float64),
                  valid=np.asarray(stats["valid_blocks"]).sum(0).astype(np.float64),
                  groups=np.asarray(stats["pv_groups"]).sum(0).astype(np.float64),
                  skipped=np.asarray(stats["pv_skipped"]).sum(0).astype(np.float64),
-                 pv_done=np.asarray(stats["pv_blocks_computed"]).sum(0).astype(np.float64))
+                 pv_done=np.asarray(stats["pv_blocks_computed"]).sum(0).astype(np.float64),
+                 blk=_block_stat(num_blk, x.den_blk, block_quantile))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,8 +461,9 @@ class _ExactEvaluator:
     name = "exact"
 
     def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper",
-                 local_window=False):
+                 local_window=False, block_quantile=1.0):
         self.inputs, self.thetas, self.mode = inputs, np.asarray(thetas, F32), mode
+        self.block_quantile = block_quantile
         self.opts = dict(qk=qk, pv=pv, rebalance=rebalance)
         self.sink, self.predictor, self.local = attention_sink, predictor, local_window
         self.gpu = _xp(inputs[0].q) is not np
@@ -438,7 +496,7 @@ class _ExactEvaluator:
             out, stats = R.block_sparse_attention(x.q, x.k, x.v, bm, is_causal=x.is_causal, scale=x.scale,
                                                   pvthreshd=np.asarray(lam, F32), return_stats=True, **self.opts)
             out = out.astype(x.q.dtype)
-        return _stats_eval(x, out, stats)
+        return _stats_eval(x, out, stats, self.block_quantile)
 
     def stage1(self, theta_idx, thr, dense):
         inf = np.full(len(thr), np.inf, F32)
@@ -626,14 +684,15 @@ class _CurveInput:
         return np.minimum(n, n_fin)
 
     def stage1_rows(self, theta_idx, thr, dense):
-        """``(num [H], kept [H])`` of these thresholds (dense heads: every valid block)."""
+        """``(num [B, H, nq], kept [H])`` of these thresholds (dense heads: every valid block):
+        the L1 numerator per query block, the kept blocks per head."""
         theta_idx = np.asarray(theta_idx)
         n = self._selected(theta_idx, thr)
         hh = np.arange(self.H)
         E = self.E1[theta_idx, :, hh].transpose(1, 0, 2, 3)               # [B, H, nq, nk+1]
         K = self.kept_at[theta_idx, :, hh].transpose(1, 0, 2, 3)
         n = np.where(dense[None, :, None], self.nk, n)
-        num = np.take_along_axis(E, n[..., None], axis=-1)[..., 0].sum(axis=(0, 2))
+        num = np.take_along_axis(E, n[..., None], axis=-1)[..., 0]
         kept = np.take_along_axis(K, n[..., None], axis=-1)[..., 0].sum(axis=(0, 2))
         return num, kept.astype(np.float64)
 
@@ -714,11 +773,12 @@ class _CurveInput:
         self.visited = (bm.sum(axis=-1) * self.real_groups[None, None, :])   # [B, H, nq]
 
     def stage2_rows(self, lam):
+        """``(num [B, H, nq], kept, visited groups, skipped groups, P V products done)`` ([H] each)."""
         lam = np.asarray(lam, F32)[None, :, None, None, None]
         ng = self.ds.shape[3]
         real = (np.arange(ng)[None, :] < self.real_groups[:, None])[None, None, :, :]   # [1,1,nq,ng]
         n = ((self.ds <= -lam) & np.isfinite(lam)).sum(axis=-1) * real
-        num = np.take_along_axis(self.E2, n[..., None], axis=-1)[..., 0].sum(axis=(0, 2, 3))
+        num = np.take_along_axis(self.E2, n[..., None], axis=-1)[..., 0].sum(axis=3)   # [B, H, nq]
         skipped = n.sum(axis=-1)                                                   # [B, H, nq]
         pv_done = ((self.visited - skipped) / np.maximum(self.real_groups, 1)[None, None, :]).sum(axis=(0, 2))
         return (num, self.map.sum(axis=(0, 2, 3)).astype(np.float64),
@@ -730,8 +790,8 @@ class _CurveEvaluator:
     name = "curves"
 
     def __init__(self, inputs, *, thetas, mode, qk, pv, rebalance, attention_sink, predictor="paper",
-                 local_window=False, log=None):
-        self.inputs = []
+                 local_window=False, block_quantile=1.0, log=None):
+        self.inputs, self.block_quantile = [], block_quantile
         for n, x in enumerate(inputs):
             t = time.perf_counter()
             c = _CurveInput(x, thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance,
@@ -749,7 +809,8 @@ class _CurveEvaluator:
             num, kept = c.stage1_rows(np.asarray(theta_idx), thr, np.asarray(dense, bool))
             valid = self._valid(c)
             z = np.zeros(c.H)
-            rows.append(_Eval(num, c.x.den, kept, valid, z, z, kept))
+            rows.append(_Eval(num.sum(axis=(0, 2)), c.x.den, kept, valid, z, z, kept,
+                              _block_stat(num, c.x.den_blk, self.block_quantile)))
         return _Eval.stack(rows)
 
     def set_stage1(self, theta_idx, thr, dense):
@@ -760,7 +821,8 @@ class _CurveEvaluator:
         rows = []
         for c in self.inputs:
             num, kept, groups, skipped, pv_done = c.stage2_rows(lam)
-            rows.append(_Eval(num, c.x.den, kept, self._valid(c), groups, skipped, pv_done))
+            rows.append(_Eval(num.sum(axis=(0, 2)), c.x.den, kept, self._valid(c), groups, skipped, pv_done,
+                              _block_stat(num, c.x.den_blk, self.block_quantile)))
         return _Eval.stack(rows)
 
 
@@ -784,25 +846,25 @@ def _lam(u):
     return (2.0 ** (y_lo + np.asarray(u, np.float64) * (y_hi - y_lo))).astype(F32)
 
 
-def _bisect(evaluate, bound, H, steps):
-    """Smallest u in [0, 1] per head with ``evaluate(u).l1 <= bound`` (assuming feasibility grows
-    with u). Returns ``(u, feasible)``; u = 1 where infeasible."""
+def _bisect(evaluate, bound, H, steps, block_factor=None):
+    """Smallest u in [0, 1] per head with ``evaluate(u).error(block_factor) <= bound`` (assuming
+    feasibility grows with u). Returns ``(u, feasible)``; u = 1 where infeasible."""
     lo, hi = np.zeros(H), np.ones(H)
-    ok_hi = evaluate(hi).l1 <= bound
-    ok_lo = evaluate(lo).l1 <= bound
+    ok_hi = evaluate(hi).error(block_factor) <= bound
+    ok_lo = evaluate(lo).error(block_factor) <= bound
     hi = np.where(ok_lo, lo, hi)
     active = ok_hi & ~ok_lo
     for _ in range(steps):
         if not active.any():
             break
         mid = (lo + hi) / 2
-        ok = evaluate(mid).l1 <= bound
+        ok = evaluate(mid).error(block_factor) <= bound
         hi = np.where(active & ok, mid, hi)
         lo = np.where(active & ~ok, mid, lo)
     return hi, ok_hi | ok_lo
 
 
-def _search_stage1(ev, thetas, bound, mode, steps, log):
+def _search_stage1(ev, thetas, bound, mode, steps, log, block_factor=None):
     """Per head: (theta index, tau or topk, feasible, sparsity) of highest Stage-1 sparsity."""
     H = len(bound)
     no_dense = np.zeros(H, bool)
@@ -810,9 +872,10 @@ def _search_stage1(ev, thetas, bound, mode, steps, log):
     best_ti, best_thr = np.zeros(H, np.int64), np.ones(H, F32)
     for a, theta in enumerate(thetas):
         ti = np.full(H, a)
-        u, feasible = _bisect(lambda uu: ev.stage1(ti, _thr(uu, mode), no_dense), bound, H, steps)
+        u, feasible = _bisect(lambda uu: ev.stage1(ti, _thr(uu, mode), no_dense), bound, H, steps,
+                              block_factor)
         r = ev.stage1(ti, _thr(u, mode), no_dense)
-        ok = feasible & (r.l1 <= bound)
+        ok = feasible & (r.error(block_factor) <= bound)
         sp = np.where(ok, r.s1, -np.inf)
         better = sp > best_sp
         best_sp = np.where(better, sp, best_sp)
@@ -824,12 +887,12 @@ def _search_stage1(ev, thetas, bound, mode, steps, log):
     return best_ti, best_thr, np.isfinite(best_sp), np.maximum(best_sp, 0.0)
 
 
-def _search_stage2(ev, bound, steps):
+def _search_stage2(ev, bound, steps, block_factor=None):
     H = len(bound)
-    u, feasible = _bisect(lambda uu: ev.stage2(_lam(uu)), bound, H, steps)
+    u, feasible = _bisect(lambda uu: ev.stage2(_lam(uu)), bound, H, steps, block_factor)
     lam = np.where(feasible, _lam(u), np.inf).astype(F32)
     r = ev.stage2(lam)
-    lam = np.where((r.l1 <= bound) & (r.s2 > 0), lam, np.inf).astype(F32)
+    lam = np.where((r.error(block_factor) <= bound) & (r.s2 > 0), lam, np.inf).astype(F32)
     return lam
 
 
@@ -860,15 +923,16 @@ def _prepare_inputs(qs, ks, vs, *, is_causal, scale, layout):
             if not bool(xp.isfinite(x.astype(xp.float32)).all()):
                 raise ValueError(f"{name}: expected finite values (input {len(inputs)} has NaN or Inf)")
         ref = _dense_reference(q, k, v, is_causal=bool(c), scale=s)
-        den = _per_head_l1_num(xp.zeros_like(ref), ref)
-        inputs.append(_Input(q, k, v, bool(c), s, ref, den))
+        den_blk = _per_block_l1_num(xp.zeros_like(ref), ref)
+        inputs.append(_Input(q, k, v, bool(c), s, ref, den_blk.sum(axis=(0, 2)), den_blk))
     return inputs, xp_name
 
 
 def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05, pv_l1=0.06,
                layer="layer", mode="cdf", qk="int8", pv="fp8", rebalance=True, attention_sink=True,
                thetas=DEFAULT_THETAS, min_sparsity=0.1, stage2=True, evaluator=None, verify=True,
-               steps=STEPS, predictor="paper", local_window=False, log=None):
+               steps=STEPS, predictor="paper", local_window=False, block_factor=None,
+               block_quantile=1.0, log=None):
     """Tune one layer's per-head thresholds on a few inputs (see the module docstring).
 
     Args:
@@ -882,6 +946,10 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
         no quantization, exists on NumPy inputs only: for measurements).
       thetas: the theta grid. min_sparsity: heads below this total sparsity run dense.
       stage2: also tune lambda (else lambda = inf).
+      block_factor: None, or F >= 1: the block error (every query block's relative L1 when
+        ``block_quantile`` = 1) must also stay at most ``F * l1`` with Stage 1 and ``F * pv_l1``
+        with Stage 2 (see the module docstring).
+      block_quantile: q in (0, 1]: the block error is the q quantile over the query blocks.
       evaluator: "exact" (the public API: GPU kernels on CuPy, the reference on NumPy) or "curves"
         (NumPy only); default "exact" on CuPy inputs, "curves" on NumPy inputs.
       verify: with the curves evaluator, check the result with the exact one and tighten until it
@@ -901,6 +969,14 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
             raise ValueError(f"{name}: expected a number in (0, 1), got {val!r}")
     if stage2 and pv_l1 < l1:
         raise ValueError(f"pv_l1: expected a bound >= l1 = {l1} (Stage 2 adds error), got {pv_l1}")
+    if block_factor is not None:
+        if not (isinstance(block_factor, (int, float)) and 1 <= block_factor < math.inf):
+            raise ValueError(f"block_factor: expected None or a finite number >= 1 (a query block's "
+                             f"L1 bound in units of the head's), got {block_factor!r}")
+        block_factor = float(block_factor)
+    if not (isinstance(block_quantile, (int, float)) and 0 < block_quantile <= 1):
+        raise ValueError(f"block_quantile: expected a number in (0, 1], got {block_quantile!r}")
+    block_quantile = float(block_quantile)
     thetas = tuple(float(t) for t in thetas)
     if not thetas or any(not -1.0 <= t <= 1.0 for t in thetas):
         raise ValueError(f"thetas: expected values in [-1, 1], got {thetas}")
@@ -916,7 +992,7 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
                          f"qk={qk!r}, pv={pv!r} on CuPy arrays")
     H = inputs[0].q.shape[1]
     common = dict(thetas=thetas, mode=mode, qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink,
-                  predictor=predictor, local_window=bool(local_window))
+                  predictor=predictor, local_window=bool(local_window), block_quantile=block_quantile)
     if log:
         log(f"tuning {layer}: {len(inputs)} input(s), {H} heads, {evaluator} evaluator on "
             f"{'GPU' if xp_name == 'cupy' else 'CPU'} (dense references {time.perf_counter() - t0:.1f} s)")
@@ -929,17 +1005,22 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
     floor = ev.stage1(np.zeros(H, np.int64), np.ones(H, F32), all_full)
     bound1 = np.full(H, float(l1))
     bound2 = np.full(H, float(pv_l1))
-    ti, thr, ok1, sp1 = _search_stage1(ev, thetas, bound1, mode, steps, log)
+    bf = block_factor
+
+    def err(r):                                     # what the bounds bound (see _Eval.error)
+        return r.error(bf)
+
+    ti, thr, ok1, sp1 = _search_stage1(ev, thetas, bound1, mode, steps, log, bf)
     full = ~ok1 | (sp1 <= 0)
     lam = np.full(H, np.inf, F32)
 
     def stage2_for(heads):
         nonlocal lam
-        heads = heads & ~(full & (floor.l1 > l1))   # quantization alone misses l1: nothing to gain
+        heads = heads & ~(full & (err(floor) > l1))   # quantization alone misses l1: nothing to gain
         if not stage2 or not heads.any():
             return
         ev.set_stage1(ti, thr, full)
-        lam = np.where(heads, _search_stage2(ev, bound2, steps), lam).astype(F32)
+        lam = np.where(heads, _search_stage2(ev, bound2, steps, bf), lam).astype(F32)
 
     stage2_for(np.ones(H, bool))
     # Check with the judge (the exact evaluator when there is one). Where the curves' choice misses
@@ -953,8 +1034,8 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
         r1 = judge.stage1(ti, thr, full)
         judge.set_stage1(ti, thr, full)
         r2 = judge.stage2(lam)
-        bad1 = ~full & (r1.l1 > l1)
-        bad2 = ~bad1 & np.isfinite(lam) & (r2.l1 > pv_l1)
+        bad1 = ~full & (err(r1) > l1)
+        bad2 = ~bad1 & np.isfinite(lam) & (err(r2) > pv_l1)
         small = ~(full & np.isinf(lam)) & ~bad1 & (r2.total < min_sparsity)
         if not (bad1 | bad2 | small).any():
             break
@@ -967,14 +1048,14 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
             ev.set_stage1(ti, thr, full)
             cur2 = ev.stage2(lam)
             if bad1.any():
-                bound1 = np.where(bad1, bound1 - np.maximum(r1.l1 - cur1.l1, 0) - 0.02 * l1, bound1)
-                t2, th2, ok2, sp2 = _search_stage1(ev, thetas, bound1, mode, steps, None)
+                bound1 = np.where(bad1, bound1 - np.maximum(err(r1) - err(cur1), 0) - 0.02 * l1, bound1)
+                t2, th2, ok2, sp2 = _search_stage1(ev, thetas, bound1, mode, steps, None, bf)
                 ti = np.where(bad1, t2, ti)
                 thr = np.where(bad1, th2, thr).astype(F32)
                 full |= bad1 & (~ok2 | (sp2 <= 0))
                 lam = np.where(bad1, np.inf, lam).astype(F32)
             if bad2.any():
-                bound2 = np.where(bad2, bound2 - np.maximum(r2.l1 - cur2.l1, 0) - 0.02 * pv_l1, bound2)
+                bound2 = np.where(bad2, bound2 - np.maximum(err(r2) - err(cur2), 0) - 0.02 * pv_l1, bound2)
             stage2_for(bad1 | bad2)
             continue
         full |= bad1 | small
@@ -985,13 +1066,14 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
     dense = full & np.isinf(lam)
     thr_saved = np.where(full, F32(FULL_THRESHOLD[mode]), thr).astype(F32)
     theta_saved = np.where(full, F32(-1), np.asarray(thetas, F32)[ti]).astype(F32)
-    meets = (r1.l1 <= l1) & (r2.l1 <= pv_l1)
+    meets = (err(r1) <= l1) & (err(r2) <= pv_l1)
     return LayerTuning(
         layer=layer, simthreshd1=theta_saved,
         **{RULE_KEYWORDS[m]: thr_saved if m == mode else None for m in MODES},
         pvthreshd=lam, dense=dense, meets_bound=meets,
         stage1_sparsity=r2.s1, stage2_sparsity=r2.s2, total_sparsity=r2.total,
         stage1_l1=r1.l1, l1=r2.l1, quant_floor_l1=fl.l1,
+        block_factor=bf, block_quantile=block_quantile, stage1_block_l1=r1.block_l1, block_l1=r2.block_l1,
         l1_bound=float(l1), pv_l1_bound=float(pv_l1), min_sparsity=float(min_sparsity),
         qk=qk, pv=pv, rebalance=rebalance, attention_sink=attention_sink,
         local_window=bool(local_window), mode=mode, thetas=thetas,
@@ -1047,6 +1129,12 @@ def add_arguments(p):
     p.add_argument("--no-sink", action="store_true", help="tune without the attention sink block")
     p.add_argument("--local-window", action="store_true",
                    help="tune with each query block's own key blocks always kept (local_window)")
+    p.add_argument("--block-factor", type=float, default=None, metavar="F",
+                   help="also bound every query block's relative L1 by F x --l1 (Stage 1) and "
+                        "F x --pv-l1 (Stage 2); default: the head's L1 alone")
+    p.add_argument("--block-quantile", type=float, default=1.0, metavar="Q",
+                   help="with --block-factor: bound the Q quantile of the query blocks' L1 "
+                        "instead of the largest (default %(default)s: every block)")
     p.add_argument("--no-stage2", action="store_true", help="leave lambda at inf")
     p.add_argument("--thetas", default=",".join(str(t) for t in DEFAULT_THETAS),
                    help="comma-separated theta grid (write --thetas=-1,0.5: a leading minus needs the =)")
@@ -1094,7 +1182,8 @@ def run(args):
                         rebalance=not args.no_rebalance, attention_sink=not args.no_sink,
                         thetas=thetas, min_sparsity=args.min_sparsity, stage2=not args.no_stage2,
                         evaluator=args.evaluator, verify=not args.no_verify,
-                        predictor=args.predictor, local_window=args.local_window, log=log)
+                        predictor=args.predictor, local_window=args.local_window,
+                        block_factor=args.block_factor, block_quantile=args.block_quantile, log=log)
     results = load_tuning(args.out) if Path(args.out).is_file() else {}
     results[args.layer] = result
     save_tuning(args.out, results)
