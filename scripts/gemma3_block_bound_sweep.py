@@ -18,6 +18,13 @@ Two steps, so the slow one runs once:
 
 Grid keys are ``F_q`` (``none_1``: the head's L1 alone). The numbers of the full command (exact
 verification, FP16 rounding in the model) come from ``sparge-cupy eval --block-factor F``.
+
+``--query-group G`` (both steps; default 128, the shipped estimate): an experiment, NumPy only.
+The qbar-keys estimate then pools the query over groups of G rows instead of the whole 128-row
+block and averages the groups' softmaxes over every key
+(``reference.predictors.estimate_block_mass(q_group=G, k_sub=1)``, its log as the logits the
+selection takes); the kernels do not have it, so the script swaps it into
+``sparge_cupy.reference.predict_block_map`` for its own process.
 """
 from __future__ import annotations
 
@@ -39,6 +46,39 @@ DEFAULT_GRID = ("none_1", "4_1", "3_1", "3_0.95", "2.5_0.95", "3_0.9", "2.5_0.9"
 def parse_key(key):
     f, q = key.split("_")
     return (None if f == "none" else float(f)), float(q)
+
+
+def use_query_groups(G):
+    """Make ``sparge_cupy.reference.predict_block_map``'s qbar-keys estimate pool the query over
+    groups of G rows (see the module docstring); G = 128 leaves the shipped estimate."""
+    if G == 128:
+        return
+    import sparge_cupy.reference as R
+    from sparge_cupy.reference import predict as P
+    from sparge_cupy.reference.predictors import estimate_block_mass
+    shipped = R.predict_block_map
+
+    def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, topk=None,
+                          mass_threshold=None, attention_sink=True, local_window=False,
+                          return_details=False, predictor="paper", cfg=P.CONFIG):
+        rule = dict(simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+                    mass_threshold=mass_threshold, attention_sink=attention_sink,
+                    return_details=return_details)
+        if predictor != "qbar_keys":
+            return shipped(q, k, is_causal=is_causal, scale=scale, local_window=local_window,
+                           predictor=predictor, cfg=cfg, **rule)
+        q = np.asarray(q, dtype=F32)
+        Lq, Lk = q.shape[2], k.shape[2]
+        _, ks = P.smooth_k(k)
+        mass = estimate_block_mass(q, k, is_causal=is_causal, scale=scale, q_group=G, k_sub=1, cfg=cfg)
+        with np.errstate(divide="ignore"):
+            logits = np.log(mass)
+        return P.select_blocks(P.pool_blocks(q, cfg.block_q), P.block_self_similarity(q, cfg.block_q, cfg),
+                               P.pool_blocks(ks, cfg.block_k), P.block_self_similarity(ks, cfg.block_k, cfg),
+                               P.valid_blocks(Lq, Lk, cfg.block_q, cfg.block_k, is_causal), scale=scale,
+                               local=P.local_blocks(Lq, Lk, cfg.block_q, cfg.block_k) if local_window else None,
+                               logits=logits, **rule)
+    R.predict_block_map = predict_block_map
 
 
 def sweep(args):
@@ -119,7 +159,10 @@ def main(argv=None):
     for x in (s, p):
         x.add_argument("--json", required=True)
         x.add_argument("--tokens", type=int, default=16384)
+        x.add_argument("--query-group", type=int, default=128, choices=(16, 32, 64, 128),
+                       help="rows per pooled query of the qbar-keys estimate (experiment; 128: shipped)")
     args = ap.parse_args(argv)
+    use_query_groups(args.query_group)
     (sweep if args.what == "sweep" else ppl)(args)
 
 
