@@ -808,3 +808,32 @@ def test_given_km_still_counts_nonfinite_k():
     common, _, attn = _gpu_entry_kwargs(4, 64, "fp8" if FP8 else "fp16")
     with pytest.raises(ValueError, match=f"^k: expected finite values, got 1 NaN or Inf of {kg.size}$"):
         _gpu.block_sparse_attn(qg, kg, vg, bm, layout="HND", quant_stats=given, **common, **attn)
+
+
+def test_tuner_block_bound_on_the_gpu():
+    """tune_layer on CuPy inputs (the exact evaluator runs the kernels) with a per-query-block
+    bound: recomputed through the public GPU API against float64 dense attention (NumPy), every
+    query block's relative L1 stays within factor x bound, the head's within the bound, and the
+    saved block errors are those."""
+    from sparge_cupy import CONFIG
+    from sparge_cupy import tune as T
+    factor, l1, scale = 2.0, 0.05, 0.125
+    q, k, v = make_qkv(B=1, Hq=4, Hkv=2, Lq=700, D=64, seed=11)
+    qg, kg, vg = (cupy.asarray(x) for x in (q, k, v))
+    tuned = T.tune_layer([qg], [kg], [vg], is_causal=True, scale=scale, l1=l1, pv_l1=0.06,
+                         mode="mass", thetas=(-1.0, 0.5), block_factor=factor, stage2=False,
+                         pv="fp8" if FP8 else "fp16")
+    assert tuned.verified and tuned.block_factor == factor
+    kw = tuned.kwargs()
+    kw["pvthreshd"] = None
+    out = sc.sparge_attn(qg, kg, vg, is_causal=True, scale=scale, **kw).get().astype(np.float64)
+    ref = R.dense_attention(q, k, v, is_causal=True, scale=scale).astype(np.float64)
+    diff, mag = np.abs(out - ref).sum(-1), np.abs(ref).sum(-1)                  # [B, H, L]
+    starts = np.arange(0, ref.shape[2], CONFIG.block_q)
+    blk = np.add.reduceat(diff, starts, axis=-1) / np.add.reduceat(mag, starts, axis=-1)
+    worst, head = blk.max(axis=(0, 2)), diff.sum(axis=(0, 2)) / mag.sum(axis=(0, 2))
+    ok = tuned.meets_bound
+    assert (worst[ok] <= factor * l1 + 1e-6).all(), f"largest query-block L1 {worst} > {factor} x {l1}"
+    assert (head[ok] <= l1 + 1e-6).all(), f"head L1 {head} > {l1}"
+    np.testing.assert_allclose(tuned.stage1_block_l1, worst, rtol=1e-5,
+                               err_msg="saved largest block L1 is the one the API gives")
