@@ -19,12 +19,14 @@ Two steps, so the slow one runs once:
 Grid keys are ``F_q`` (``none_1``: the head's L1 alone). The numbers of the full command (exact
 verification, FP16 rounding in the model) come from ``sparge-cupy eval --block-factor F``.
 
-``--query-group G`` (both steps; default 128, the shipped estimate): an experiment, NumPy only.
+``--query-group G`` (every step; default 128, the shipped estimate): an experiment, NumPy only.
 The qbar-keys estimate then pools the query over groups of G rows instead of the whole 128-row
 block and averages the groups' softmaxes over every key
 (``reference.predictors.estimate_block_mass(q_group=G, k_sub=1)``, its log as the logits the
 selection takes); the kernels do not have it, so the script swaps it into
-``sparge_cupy.reference.predict_block_map`` for its own process.
+``sparge_cupy.reference.predict_block_map`` for its own process. ``eval --query-group G -- ARGS``
+runs ``sparge-cupy eval ARGS`` in that process (tuning with exact verification, perplexity
+through the model), e.g. ``... eval --query-group 32 -- --tokens 16384 --steps tuned_qbar ...``.
 """
 from __future__ import annotations
 
@@ -161,8 +163,16 @@ def main(argv=None):
         x.add_argument("--tokens", type=int, default=16384)
         x.add_argument("--query-group", type=int, default=128, choices=(16, 32, 64, 128),
                        help="rows per pooled query of the qbar-keys estimate (experiment; 128: shipped)")
+    e = sub.add_parser("eval", help="sparge-cupy eval (the arguments after --) with the estimate "
+                                     "of --query-group swapped in")
+    e.add_argument("--query-group", type=int, default=128, choices=(16, 32, 64, 128))
+    e.add_argument("eval_args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     use_query_groups(args.query_group)
+    if args.what == "eval":
+        from sparge_cupy.cli import main as cli
+        rest = args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args
+        return cli(["eval"] + rest)
     (sweep if args.what == "sweep" else ppl)(args)
 
 
