@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import CONFIG
-from .tune import RULE_KEYWORDS
+from .tune import RULE_KEYWORDS, add_block_bound_arguments
 
 GEMMA_LAYERS = (5, 11, 17)
 DEFAULT_TOKENS = (4096, 8192)
@@ -616,12 +616,7 @@ def add_arguments(p):
                    help="the tuning step whose thresholds the perplexity runs (default %(default)s)")
     p.add_argument("--local-window", action="store_true",
                    help="tuned steps: keep each query block's own key blocks (local_window)")
-    p.add_argument("--block-factor", type=float, default=None, metavar="F",
-                   help="tuned steps: also bound every query block's relative L1 by F x the bound "
-                        "(sparge-cupy tune --block-factor)")
-    p.add_argument("--block-quantile", type=float, default=1.0, metavar="Q",
-                   help="tuned steps: with --block-factor, bound the Q quantile of the query blocks' L1 "
-                        "(default %(default)s: every block)")
+    add_block_bound_arguments(p, scope="tuned steps: ")
     p.add_argument("--ppl-stage1-only", action="store_true",
                    help="the perplexity runs the Stage 1 thresholds alone (tuned to --l1), no Stage 2")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",

@@ -1109,6 +1109,18 @@ def _gpu_available():
         return False
 
 
+def add_block_bound_arguments(p, scope=""):
+    """``--block-factor`` and ``--block-quantile`` (tune_layer's ``block_factor``,
+    ``block_quantile``) on parser ``p``, shared by ``sparge-cupy tune`` and ``eval``; ``scope``
+    prefixes their help (e.g. "tuned steps: ")."""
+    p.add_argument("--block-factor", type=float, default=None, metavar="F",
+                   help=f"{scope}also bound every query block's relative L1 by F x --l1 (Stage 1) and "
+                        "F x --pv-l1 (Stage 2); default: the head's L1 alone")
+    p.add_argument("--block-quantile", type=float, default=1.0, metavar="Q",
+                   help=f"{scope}with --block-factor: bound the Q quantile of the query blocks' L1 "
+                        "instead of the largest (default %(default)s: every block)")
+
+
 def add_arguments(p):
     """The ``tune`` options, on an argparse parser (``sparge-cupy tune`` adds them to its subparser)."""
     p.add_argument("--inputs", nargs="+", required=True, metavar="NPZ",
@@ -1129,12 +1141,7 @@ def add_arguments(p):
     p.add_argument("--no-sink", action="store_true", help="tune without the attention sink block")
     p.add_argument("--local-window", action="store_true",
                    help="tune with each query block's own key blocks always kept (local_window)")
-    p.add_argument("--block-factor", type=float, default=None, metavar="F",
-                   help="also bound every query block's relative L1 by F x --l1 (Stage 1) and "
-                        "F x --pv-l1 (Stage 2); default: the head's L1 alone")
-    p.add_argument("--block-quantile", type=float, default=1.0, metavar="Q",
-                   help="with --block-factor: bound the Q quantile of the query blocks' L1 "
-                        "instead of the largest (default %(default)s: every block)")
+    add_block_bound_arguments(p)
     p.add_argument("--no-stage2", action="store_true", help="leave lambda at inf")
     p.add_argument("--thetas", default=",".join(str(t) for t in DEFAULT_THETAS),
                    help="comma-separated theta grid (write --thetas=-1,0.5: a leading minus needs the =)")
