@@ -170,7 +170,7 @@ def traffic(B, H, L, D, elem, pv_bytes):
         ("k_pass", 1): x + kblocks * 8 + 2 * stats + kblocks * 4 + B * H * nk * 4
         + B * H * nk * 64 * D + B * H * nk * 4,                        # kbar, sim, operand, dk
         ("compressed_map", 1): B * H * (nq + nk) * D * 4 + B * H * nq * nk * 4,
-        ("qbar_keys_map", 1): B * H * nq * D * 4 + x + B * H * nq * nk * 4,   # qbar, K, S^
+        ("qbar_keys_mma", 1): B * H * nq * D * 4 + x + B * H * nq * nk * 4,   # qbar, K, S^
         ("select_blocks", 1): select,
         ("select_rows", 1): select,                                    # nk <= 512
         ("quantize_q", 1): x + B * H * nq * D * 4 + B * H * nq * 128 * D + B * H * nq * 4,
@@ -204,6 +204,14 @@ def bench_shape(B, H, L, D, reps, causal=True):
     def select_qbar_keys():
         _gpu.select(st, ko, Lq=L, Lk=L, predictor="qbar_keys", **common, **mass)
 
+    st_g = _gpu.block_statistics(qo, ko, pooled=True, q_groups=True)
+
+    def q_groups():
+        _gpu.block_statistics(qo, ko, pooled=False, q_groups=True)
+
+    def select_qgroup_keys():
+        _gpu.select(st_g, ko, Lq=L, Lk=L, predictor="qgroup_keys", **common, **mass)
+
     def quant():
         _gpu.quantize_operands(qo, ko, vo, st, qk="int8", rebalance=True, pv=pv,
                                with_q_dot_km=False, nonfinite=_gpu.nonfinite_counter())
@@ -221,8 +229,13 @@ def bench_shape(B, H, L, D, reps, causal=True):
     launches = {}
     for fn in (stats, select, quant):
         launches.update(per_launch_ms(fn, reps))
-    key = ("qbar_keys_map", 1)                   # its select_rows would replace TopCdf's
+    key = ("qbar_keys_mma", 1)                   # its select_rows would replace TopCdf's
     launches[key] = per_launch_ms(select_qbar_keys, reps)[key]
+    key = ("q_groups", 1)                        # predictor="qgroup_keys": its own pass over Q
+    launches[key] = per_launch_ms(q_groups, reps)[key]
+    grouped = per_launch_ms(select_qgroup_keys, reps)
+    launches[("qbar_keys_mma, 32-row query groups", 1)] = grouped[("qbar_keys_mma", 1)]
+    launches[("group_mass_map", 1)] = grouped[("group_mass_map", 1)]
     for (label, occ), ms in launches.items():
         nbytes = moved.get((label, occ))
         name = label + {("q_stats", 1): " (Q)", ("k_sums", 1): " (K)",
@@ -234,7 +247,9 @@ def bench_shape(B, H, L, D, reps, causal=True):
         ("block_statistics (q_stats, k_sums, head_scales, k_pass with the K operand)", stats),
         ("select (compressed_map, select_blocks)", select),
         ("select, mass threshold rule (no sort)", select_mass),
-        ("select, qbar-keys estimate + mass threshold (qbar_keys_map, select_rows)", select_qbar_keys),
+        ("select, qbar-keys estimate + mass threshold (qbar_keys_mma, select_rows)", select_qbar_keys),
+        ("select, query-group estimate + mass threshold (qbar_keys_mma on 32-row groups, "
+         "group_mass_map, select_rows; q_groups not included)", select_qgroup_keys),
         ("quantize_operands (Q, V; K made by k_pass)", quant),
         ("prediction = statistics + selection + quantization", prediction),
         ("attention kernel, predicted map", lambda: _gpu.run_attention(qo, ko, qz, bmap, **common, **attn)),

@@ -10,6 +10,7 @@
 //
 // Passes over memory, in launch order (sparge_cupy/_gpu.py):
 //   A  q_stats      Q   qbar, q_sim (prediction only), channel max |Q| per block and per kv head
+//      q_groups     Q   the means of groups of CONFIG.query_group rows (predictor="qgroup_keys" only)
 //      k_sums       K   per key block: column sums (float64), channel max and min of K
 //      head_scales      per (b, kv head, channel): km, max |K - km|, the rebalancing scale s_c
 //   B  k_pass       K   K - km: kbar, k_sim (prediction only), the operand and its block scale
@@ -184,6 +185,32 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) q_stat
             p.block_amax[blk * D + c0 + c] = m;
             atomic_max_nonneg(head + c, m);
         }
+    }
+}
+
+// A warp per (group of G query rows, head h, batch b): the mean of the group's valid rows, summed
+// in float64 and rounded once (reference.pool_blocks(q, G)), [B, H, ceil(L / G), D]: the pooled
+// rows of predictor="qgroup_keys" (select.cu qbar_keys_mma with group = G).
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) q_groups(const TensorView x, float* pooled,
+                                                                                   int H, int L) {
+    using M = RowLanes<D>;
+    constexpr int CPL = M::CPL;
+    const int h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x & 31;
+    int g, n;
+    long long row0;
+    if (!warp_block(L, G, g, n, row0)) return;
+    double sum[CPL] = {};
+    for_block_rows<T, D, G>(x, b, h, row0, n, [&](int, bool, const float (&v)[CPL]) {
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) sum[c] += (double)v[c];
+    });
+    const int ng = (L + G - 1) / G;
+    float* out = pooled + (((size_t)b * H + h) * ng + g) * D + (lane % M::LANES) * CPL;
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+        const double s = across_rows_sum<M::LANES>(sum[c]);
+        if (lane < M::LANES) out[c] = (float)(s / n);
     }
 }
 

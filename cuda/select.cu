@@ -124,170 +124,261 @@ __global__ void __launch_bounds__(SELECT_THREADS) compressed_map(const MapParams
 //
 // n_iu the share of block i's rows that see key u (1, or causal: a fraction on the diagonal; -inf
 // where none does), so that softmax_j S^_ij = sum_{u in j} of the softmax over every key: the
-// selection kernels below then run unchanged on this S^. float32 throughout (dot products as one
-// FMA chain in channel order, the LSE in log2 units through exp2f / log2f); the GPU tests bound
-// the difference from the reference's float64 by the float32 error of each dot product.
+// selection kernels below then run unchanged on this S^. On tensor cores: mma.sync m16n8k8 with
+// TF32 operands and float32 accumulation. The pooled rows and the smoothed keys are rounded to
+// TF32 on the way into shared memory (cvt.rna: 10 mantissa bits, ties away;
+// reference.predict.round_tf32), their products are exact in float32, and only the accumulation
+// order differs from the reference's float64 dot products of the same rounded operands (the GPU
+// tests bound that); the LSE in log2 units through exp2f / log2f. It replaced a float32-FMA kernel
+// (1.3-1.7x slower: bench/results/qbar_keys_kernels_2026-12-04_h200.md).
 //
-// Tiles of QK_ROWS = 8 QK_WARPS query blocks x 256 keys (four key blocks): grid
-// (ceil(nq / QK_ROWS), ceil(Lk / 256), B * Hq), 32 QK_WARPS threads; warp w owns query blocks
-// 8 w .. 8 w + 7 of the tile, lane l keys 8 l .. 8 l + 7 (8 x 8 accumulators; the 8 lanes of a
-// key block reduce its LSE by shuffles). Channels pass through shared memory 16 at a time (K
-// converted and smoothed on the way in), the next stage's loads in flight during the products.
-// A warp none of whose rows sees the tile's keys (causal) skips the products.
+// With ``group`` < BQ (predictor="qgroup_keys"; reference.predict.query_keys_lse) the rows are
+// the means of groups of ``group`` query rows, n_iu counts the rows of the group, and the output
+// is the raw LSE of every group, [B, Hq, ng, nk], -inf only where no row of the group sees a key
+// of the block (the self-similarity and validity masks come after group_mass_map averages the
+// groups' softmaxes). "Query block" below reads "row group" then.
+//
+// Tiles of 64 pooled rows x 256 keys (four key blocks): grid (ceil(nq / 64), ceil(Lk / 256),
+// B * Hq), 256 threads; warp w takes rows 16 (w % 4) .. + 15 of the tile and keys 128 (w / 4) ..
+// + 127 (16 n-tiles of 8: 64 accumulators; the 4 lanes of a row reduce each key block's LSE by
+// shuffles). Channels pass through shared memory 32 at a time (K converted, smoothed and rounded
+// on the way in; rows padded to 36 words, so the fragment loads and the 16-byte stores are
+// bank-conflict free), the next stage's loads in flight during the products. A warp none of
+// whose rows sees its keys (causal) skips the products. Where the time goes (it is far from the
+// tensor cores' peak): bench/NOTES.md.
 
 struct QbarKeysParams {
     TensorView k;            // user K [B, Hkv, Lk, Dp], element type T
-    const float* qbar;       // [B, Hq, nq, Dp] pooled Q (q_stats)
+    const float* qbar;       // [B, Hq, nq, Dp] pooled Q (q_stats; q_groups with group < BQ)
     const float* km;         // [B, Hkv, Dp] K mean (head_scales)
     const float* k_sim;      // [B, Hkv, nk]
     const float* theta;      // [Hq]
-    float* s_hat;            // [B, Hq, nq, nk] out: S^, -inf where not selectable
-    int Hq, Hkv, nq, nk, Lq, Lk, causal;
+    float* s_hat;            // [B, Hq, nq, nk] out: S^, -inf where not selectable (group < BQ:
+                             // the groups' LSE, -inf where the group sees no key of the block)
+    int Hq, Hkv, nq, nk, Lq, Lk, causal;   // nq: pooled rows (query blocks, or row groups)
     float scale;
+    int group;               // query rows per pooled row: BQ, or a divisor of it
 };
-static_assert(sizeof(QbarKeysParams) == 112, "mirrored by QBAR_KEYS_PARAMS in sparge_cupy/_gpu.py");
+static_assert(sizeof(QbarKeysParams) == 120, "mirrored by QBAR_KEYS_PARAMS in sparge_cupy/_gpu.py");
 
-#ifndef SPARGE_QK_WARPS
-#define SPARGE_QK_WARPS 8            // warps per program, 8 query blocks each
-#endif
-#ifndef SPARGE_QK_MIN_BLOCKS
-#define SPARGE_QK_MIN_BLOCKS (16 / SPARGE_QK_WARPS)   // programs per SM: 16 warps (<= 128 registers)
-#endif
-constexpr int QK_WARPS = SPARGE_QK_WARPS;
-constexpr int QK_THREADS = 32 * QK_WARPS;
-constexpr int QK_ROWS = 8 * QK_WARPS;  // query blocks per program
-constexpr int QK_KEYS = 256;           // keys per program (8 per lane)
-constexpr int QK_CHUNK = 16;           // channels per shared-memory stage
-constexpr int QK_KEYS_PER_THREAD = QK_KEYS / QK_THREADS;   // keys each thread stages
-static_assert(QK_KEYS % QK_THREADS == 0 && QK_ROWS * QK_CHUNK == 4 * QK_THREADS,
-              "4 or 8 warps: one float4 of pooled Q per thread and stage");
+constexpr int QK_THREADS = 256;        // 8 warps
+constexpr int QK_ROWS = 64;            // pooled rows per program
+constexpr int QK_KEYS = 256;           // keys per program (one staged key per thread)
+constexpr int QK_MIN_BLOCKS = 2;       // programs per SM: 16 warps (<= 128 registers)
 
-// Rows of query block i that see key u: all of them, or (causal, bottom-right aligned) those
-// t >= u - (Lk - Lq); 0 past the sequence ends.
-__device__ __forceinline__ int seeing_rows(int i, int u, int Lq, int Lk, int causal) {
-    const int t0 = i * BQ, t1 = min(t0 + BQ, Lq);
+// Rows of query group i (of ``rows`` rows) that see key u: all of them, or (causal, bottom-right
+// aligned) those t >= u - (Lk - Lq); 0 past the sequence ends.
+__device__ __forceinline__ int seeing_rows(int i, int u, int Lq, int Lk, int causal, int rows) {
+    const int t0 = i * rows, t1 = min(t0 + rows, Lq);
     if (u >= Lk || t0 >= t1) return 0;
     if (!causal) return t1 - t0;
     return max(0, t1 - max(t0, u - (Lk - Lq)));
 }
 
+constexpr int QM_CH = 32;                  // channels per shared-memory stage
+constexpr int QM_PITCH = QM_CH + 4;        // words per staged row
+
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 template <typename T, int D>
-__global__ void __launch_bounds__(QK_THREADS, SPARGE_QK_MIN_BLOCKS) qbar_keys_map(const QbarKeysParams p) {
-    __shared__ __align__(16) float qs[QK_CHUNK][QK_ROWS];
-    __shared__ __align__(16) float ks[QK_CHUNK][QK_KEYS];
+__global__ void __launch_bounds__(QK_THREADS, QK_MIN_BLOCKS) qbar_keys_mma(const QbarKeysParams p) {
+    __shared__ __align__(16) unsigned sq[QK_ROWS][QM_PITCH];
+    __shared__ __align__(16) unsigned sk[QK_KEYS][QM_PITCH];
     __shared__ float kms[D];
-    constexpr int W = QK_CHUNK * sizeof(T) / 4;                    // words of one key's stage
+    constexpr int W = QM_CH * sizeof(T) / 4;                        // words of one key's stage
     const int tid = threadIdx.x, lane = tid & 31;
     const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);        // warp-uniform
+    const int g = lane >> 2, t = lane & 3;                          // mma fragment coordinates
     const int i0 = blockIdx.x * QK_ROWS, u0 = blockIdx.y * QK_KEYS;
     const int h = blockIdx.z % p.Hq, b = blockIdx.z / p.Hq;
     const int kvh = h / (p.Hq / p.Hkv);
-    // Causal: rows later in the tile see more; a warp whose last row misses the tile's first key
-    // sees none of its keys.
-    const int wi = i0 + 8 * warp;                                   // the warp's first query block
-    const bool warp_sees = wi < p.nq && seeing_rows(min(wi + 7, p.nq - 1), u0, p.Lq, p.Lk, p.causal) > 0;
+    const int wr = 16 * (warp & 3), wk = 128 * (warp >> 2);
+    const int wi = i0 + wr, wu = u0 + wk;                           // the warp's first row, key
+    const bool warp_sees = wi < p.nq && wu < p.Lk &&
+                           seeing_rows(min(wi + 15, p.nq - 1), wu, p.Lq, p.Lk, p.causal, p.group) > 0;
     const bool any_sees = __syncthreads_or(warp_sees);
 
-    float acc[8][8] = {};
+    float acc[16][4] = {};
     if (any_sees) {
         for (int c = tid; c < D; c += QK_THREADS) kms[c] = p.km[((size_t)b * p.Hkv + kvh) * D + c];
-        // Staging: keys u0 + tid + s QK_THREADS (their 16 channels of the stage, as words), and
-        // pooled Q row i0 + tid / 4, channels 4 (tid % 4) .. + 3 of the stage (a float4, so a
-        // warp reads 8 rows x 64 contiguous bytes). The next stage's loads are issued before
-        // this stage's products, so they are in flight while the FMAs run.
+        // Staging: key u0 + tid (QM_CH channels, as words) and pooled row i0 + tid / 4, channels
+        // 8 (tid % 4) .. + 7 of the stage; the next stage's loads are in flight during the MMAs.
         const bool vec = p.k.align >= 16;
-        const T* krow[QK_KEYS_PER_THREAD];
-        bool key_ok[QK_KEYS_PER_THREAD];
-#pragma unroll
-        for (int s = 0; s < QK_KEYS_PER_THREAD; ++s) {
-            const int u = u0 + tid + s * QK_THREADS;
-            key_ok[s] = u < p.Lk;
-            krow[s] = row_ptr<T>(p.k, b, kvh, key_ok[s] ? u : 0);
-        }
-        const int qr = tid / 4, qc = 4 * (tid % 4);
+        const bool key_ok = u0 + tid < p.Lk;
+        const T* krow = row_ptr<T>(p.k, b, kvh, key_ok ? u0 + tid : 0);
+        const int qr = tid >> 2, qc = 8 * (tid & 3);
         const bool q_ok = i0 + qr < p.nq;
         const float* qrow = p.qbar + (((size_t)b * p.Hq + h) * p.nq + (q_ok ? i0 + qr : 0)) * D + qc;
-        unsigned w[QK_KEYS_PER_THREAD][W];
-        float4 qv4;
+        unsigned w[W];
+        float4 qa, qb;
         auto load_stage = [&](int d0) {
-#pragma unroll
-            for (int s = 0; s < QK_KEYS_PER_THREAD; ++s) load_words<T, QK_CHUNK>(krow[s] + d0, vec, key_ok[s], w[s]);
-            qv4 = q_ok ? *reinterpret_cast<const float4*>(qrow + d0) : make_float4(0.f, 0.f, 0.f, 0.f);
+            load_words<T, QM_CH>(krow + d0, vec, key_ok, w);
+            const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+            qa = q_ok ? *reinterpret_cast<const float4*>(qrow + d0) : z;
+            qb = q_ok ? *reinterpret_cast<const float4*>(qrow + d0 + 4) : z;
         };
         load_stage(0);
         __syncthreads();                                            // kms
-        for (int d0 = 0; d0 < D; d0 += QK_CHUNK) {
+        for (int d0 = 0; d0 < D; d0 += QM_CH) {
+            {
+                float x[QM_CH];
+                words_to_float<T, QM_CH>(w, x);
 #pragma unroll
-            for (int s = 0; s < QK_KEYS_PER_THREAD; ++s) {
-                float x[QK_CHUNK];
-                words_to_float<T, QK_CHUNK>(w[s], x);
-#pragma unroll
-                for (int c = 0; c < QK_CHUNK; ++c)
-                    ks[c][tid + s * QK_THREADS] = key_ok[s] ? __fsub_rn(x[c], kms[d0 + c]) : 0.f;
+                for (int c = 0; c < QM_CH; c += 4) {
+                    uint4 v;
+                    v.x = key_ok ? to_tf32(__fsub_rn(x[c], kms[d0 + c])) : 0u;
+                    v.y = key_ok ? to_tf32(__fsub_rn(x[c + 1], kms[d0 + c + 1])) : 0u;
+                    v.z = key_ok ? to_tf32(__fsub_rn(x[c + 2], kms[d0 + c + 2])) : 0u;
+                    v.w = key_ok ? to_tf32(__fsub_rn(x[c + 3], kms[d0 + c + 3])) : 0u;
+                    *reinterpret_cast<uint4*>(&sk[tid][c]) = v;
+                }
+                *reinterpret_cast<uint4*>(&sq[qr][qc]) =
+                    make_uint4(to_tf32(qa.x), to_tf32(qa.y), to_tf32(qa.z), to_tf32(qa.w));
+                *reinterpret_cast<uint4*>(&sq[qr][qc + 4]) =
+                    make_uint4(to_tf32(qb.x), to_tf32(qb.y), to_tf32(qb.z), to_tf32(qb.w));
             }
-            qs[qc][qr] = qv4.x; qs[qc + 1][qr] = qv4.y; qs[qc + 2][qr] = qv4.z; qs[qc + 3][qr] = qv4.w;
             __syncthreads();
-            if (d0 + QK_CHUNK < D) load_stage(d0 + QK_CHUNK);
+            if (d0 + QM_CH < D) load_stage(d0 + QM_CH);
             if (warp_sees) {
 #pragma unroll
-                for (int c = 0; c < QK_CHUNK; ++c) {
-                    const float4 qa = *reinterpret_cast<const float4*>(&qs[c][8 * warp]);
-                    const float4 qb = *reinterpret_cast<const float4*>(&qs[c][8 * warp + 4]);
-                    const float4 ka = *reinterpret_cast<const float4*>(&ks[c][8 * lane]);
-                    const float4 kb = *reinterpret_cast<const float4*>(&ks[c][8 * lane + 4]);
-                    const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-                    const float kv[8] = {ka.x, ka.y, ka.z, ka.w, kb.x, kb.y, kb.z, kb.w};
+                for (int ks = 0; ks < QM_CH; ks += 8) {
+                    const unsigned a[4] = {sq[wr + g][ks + t], sq[wr + g + 8][ks + t],
+                                           sq[wr + g][ks + t + 4], sq[wr + g + 8][ks + t + 4]};
 #pragma unroll
-                    for (int r = 0; r < 8; ++r)
-#pragma unroll
-                        for (int v = 0; v < 8; ++v) acc[r][v] = __fmaf_rn(qv[r], kv[v], acc[r][v]);
+                    for (int n = 0; n < 16; ++n)
+                        mma_tf32(acc[n], a, sk[wk + 8 * n + g][ks + t], sk[wk + 8 * n + g][ks + t + 4]);
                 }
             }
             __syncthreads();
         }
     }
 
-    // Per row: the LSE of its 64 logits over the 8 lanes of the key block, then one store. In
-    // log2 units (ex2 / lg2 are single instructions), back to natural log at the store. Where
-    // every row of the warp sees every key of the tile (all but the causal diagonal and the
-    // sequence end: warp-uniform) n_iu = all rows, log n = 0, and no count is needed.
+    // Per row (g and g + 8 of the warp's 16) and key block (n-tiles 8 kb .. 8 kb + 7): the LSE of
+    // its 64 logits, 16 per thread, over the 4 lanes t of the row by shuffles, in log2 units.
     const float c2 = __fmul_rn(p.scale, LOG2E);
-    const int u_last = u0 + QK_KEYS - 1;
-    const bool full = u_last < p.Lk && (!p.causal || u_last - (p.Lk - p.Lq) <= wi * BQ);
-    const int j = blockIdx.y * (QK_KEYS / BK) + lane / 8;           // this lane's key block
+    const int u_last = wu + 127;
+    const bool full = u_last < p.Lk && (!p.causal || u_last - (p.Lk - p.Lq) <= wi * p.group);
+    const bool raw = p.group != BQ;
     const float* k_sim = p.k_sim + ((size_t)b * p.Hkv + kvh) * p.nk;
     const float theta = p.theta[h];
 #pragma unroll
-    for (int r = 0; r < 8; ++r) {
-        const int i = wi + r;
-        if (i >= p.nq) break;                                       // warp-uniform
-        float a[8], m = -CUDART_INF_F;
-        if (full) {
+    for (int half = 0; half < 2; ++half) {
+        const int i = wi + g + 8 * half;
+        const bool row_ok = i < p.nq;
+        const float log2_rows = row_ok ? log2f((float)min(p.group, p.Lq - i * p.group)) : 0.f;
 #pragma unroll
-            for (int v = 0; v < 8; ++v) a[v] = __fmul_rn(c2, acc[r][v]);
-        } else {
-            const float log2_rows = log2f((float)min(BQ, p.Lq - i * BQ));
+        for (int kb = 0; kb < 2; ++kb) {
+            float a[16], m = -CUDART_INF_F;
 #pragma unroll
-            for (int v = 0; v < 8; ++v) {
-                const int n = seeing_rows(i, u0 + 8 * lane + v, p.Lq, p.Lk, p.causal);
-                a[v] = n > 0 ? __fmul_rn(c2, acc[r][v]) + (log2f((float)n) - log2_rows) : -CUDART_INF_F;
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float s = acc[8 * kb + n][2 * half + e];
+                    if (full) {
+                        a[2 * n + e] = __fmul_rn(c2, s);
+                    } else {
+                        const int u = wu + 64 * kb + 8 * n + 2 * t + e;
+                        const int cnt = row_ok ? seeing_rows(i, u, p.Lq, p.Lk, p.causal, p.group) : 0;
+                        a[2 * n + e] = cnt > 0 ? __fmul_rn(c2, s) + (log2f((float)cnt) - log2_rows) : -CUDART_INF_F;
+                    }
+                    m = fmaxf(m, a[2 * n + e]);
+                }
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            const float ms = m == -CUDART_INF_F ? 0.f : m;
+            float s = 0.f;
+#pragma unroll
+            for (int v = 0; v < 16; ++v) s += exp2f(a[v] - ms);
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            const int j = (wu + 64 * kb) / BK;
+            if (t == 0 && row_ok && j < p.nk) {
+                const bool finite = raw || (block_valid(i, j, p.Lq, p.Lk, p.causal) && k_sim[j] > theta);
+                p.s_hat[(((size_t)b * p.Hq + h) * p.nq + i) * p.nk + j] =
+                    finite && m != -CUDART_INF_F ? __fmul_rn(m + log2f(s), LN2) : -CUDART_INF_F;
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The query-group estimate (predictor="qgroup_keys"; reference.predict.mean_group_logits): from
+// the groups' LSE (qbar_keys_mma with group < BQ), the logits whose softmax is the mean of the
+// groups' softmaxes over the query block's groups, weighted by their valid rows w_g:
+//
+//     S^_ij = log( sum_{g in i} w_g softmax_j(lse_g)_j / sum_{g in i} w_g ),
+//
+// in the log domain (log2 units, as the LSE above): per group c_g = log2 w_g - LSE2_j lse_gj (an
+// online max and sum per lane, merged by shuffles), then per key block the LSE over the groups
+// of lse_gj + c_g. -inf where the block is causally invalid or its K block not self-similar, as
+// every S^ the selection takes. A warp per (query block, head, batch): grid
+// (ceil(nq / GM_WARPS), Hq, B); lane l takes key blocks l, l + 32, ...
+
+struct GroupMassParams {
+    const float* lse;        // [B, Hq, ng, nk] the groups' LSE (natural log)
+    const float* k_sim;      // [B, Hkv, nk]
+    const float* theta;      // [Hq]
+    float* s_hat;            // [B, Hq, nq, nk] out
+    int Hq, Hkv, nq, ng, nk, Lq, Lk, causal, group;
+};
+static_assert(sizeof(GroupMassParams) == 72, "mirrored by GROUP_MASS_PARAMS in sparge_cupy/_gpu.py");
+
+constexpr int GM_WARPS = 8;
+constexpr int GM_MAX_GROUPS = 32;         // groups per query block: group >= BQ / 32 = 4 rows
+
+// (m, s) <- the pair whose m + log2 s is log2(2^m1 s1 + 2^m2 s2); -inf m: an empty sum.
+__device__ __forceinline__ void merge_lse2(float& m, float& s, float m2, float s2) {
+    const float M = fmaxf(m, m2);
+    if (M == -CUDART_INF_F) return;
+    s = (m == -CUDART_INF_F ? 0.f : s * exp2f(m - M)) + (m2 == -CUDART_INF_F ? 0.f : s2 * exp2f(m2 - M));
+    m = M;
+}
+
+__global__ void __launch_bounds__(GM_WARPS * 32) group_mass_map(const GroupMassParams p) {
+    __shared__ float cg[GM_WARPS][GM_MAX_GROUPS];
+    const int lane = threadIdx.x & 31;
+    const int warp = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 5), 0);
+    const int i = blockIdx.x * GM_WARPS + warp, h = blockIdx.y, b = blockIdx.z;
+    if (i >= p.nq) return;                                          // warp-uniform
+    const int kvh = h / (p.Hq / p.Hkv);
+    const int per = BQ / p.group;
+    const int g0 = i * per, g1 = min(g0 + per, p.ng);
+    const float* lse = p.lse + (((size_t)b * p.Hq + h) * p.ng + g0) * p.nk;
+    for (int g = 0; g < g1 - g0; ++g) {
+        float m = -CUDART_INF_F, s = 0.f;
+        for (int j = lane; j < p.nk; j += 32) merge_lse2(m, s, __fmul_rn(lse[(size_t)g * p.nk + j], LOG2E), 1.f);
 #pragma unroll
-        for (int v = 0; v < 8; ++v) m = fmaxf(m, a[v]);
-#pragma unroll
-        for (int o = 1; o < 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        const float ms = m == -CUDART_INF_F ? 0.f : m;              // exp2(-inf - 0) = 0
-        float s = 0.f;
-#pragma unroll
-        for (int v = 0; v < 8; ++v) s += exp2f(a[v] - ms);
-#pragma unroll
-        for (int o = 1; o < 8; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if ((lane & 7) == 0 && j < p.nk) {
-            const bool finite = block_valid(i, j, p.Lq, p.Lk, p.causal) && k_sim[j] > theta;
-            p.s_hat[(((size_t)b * p.Hq + h) * p.nq + i) * p.nk + j] =
-                finite && m != -CUDART_INF_F ? __fmul_rn(m + log2f(s), LN2) : -CUDART_INF_F;
+        for (int o = 1; o < 32; o <<= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            merge_lse2(m, s, m2, s2);
         }
+        const int w = min(p.group, p.Lq - (g0 + g) * p.group);
+        if (lane == 0) cg[warp][g] = m == -CUDART_INF_F ? -CUDART_INF_F : log2f((float)w) - (m + log2f(s));
+    }
+    __syncwarp();
+    const float log2_w = log2f((float)min(BQ, p.Lq - i * BQ));
+    const float* k_sim = p.k_sim + ((size_t)b * p.Hkv + kvh) * p.nk;
+    const float theta = p.theta[h];
+    float* out = p.s_hat + (((size_t)b * p.Hq + h) * p.nq + i) * p.nk;
+    for (int j = lane; j < p.nk; j += 32) {
+        float m = -CUDART_INF_F, s = 0.f;
+        for (int g = 0; g < g1 - g0; ++g) {
+            const float c = cg[warp][g];
+            if (c != -CUDART_INF_F) merge_lse2(m, s, __fmul_rn(lse[(size_t)g * p.nk + j], LOG2E) + c, 1.f);
+        }
+        const bool finite = block_valid(i, j, p.Lq, p.Lk, p.causal) && k_sim[j] > theta;
+        out[j] = finite && m != -CUDART_INF_F ? __fmul_rn(m + log2f(s) - log2_w, LN2) : -CUDART_INF_F;
     }
 }
 

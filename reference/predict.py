@@ -12,9 +12,11 @@ from .layout import local_blocks, num_blocks, valid_blocks
 from .quant import F32, _blocked, expand_kv_heads, smooth_k
 
 # The estimates Stage 1 can select from (select.cu has a kernel for each): the paper's compressed
-# map and "qbar_keys" (qbar_keys_logits: the pooled query of each query block against every
-# smoothed key; bench/results/predictor_study.md).
-PREDICTORS = ("paper", "qbar_keys")
+# map, "qbar_keys" (qbar_keys_logits: the pooled query of each query block against every
+# smoothed key; bench/results/predictor_study.md) and "qgroup_keys" (qgroup_keys_logits: the
+# query pooled over groups of CONFIG.query_group rows, each group's softmax over every key,
+# averaged over the block's groups; bench/results/gemma3_query_groups_16k.md).
+PREDICTORS = ("paper", "qbar_keys", "qgroup_keys")
 
 
 def _valid_rows(L, block):
@@ -103,36 +105,113 @@ def select_mass_threshold(p_hat, finite, threshold):
     return keep | (top & need)
 
 
-def qbar_keys_logits(qbar, ks, *, Lq, is_causal, scale, cfg=CONFIG):
-    """The qbar-keys estimate as logits over key blocks (``select.cu`` qbar_keys_map), float64
-    ``[B, Hq, nq, nk]``::
+def query_keys_lse(qrows, ks, *, Lq, rows, is_causal, scale, cfg=CONFIG):
+    """Pooled query rows against every key, LSE per key block, float64 ``[B, Hq, nr, nk]``::
 
-        S^_ij = LSE_{u in key block j} (scale * qbar_i . ks_u + log n_iu)
+        A_rj = LSE_{u in key block j} (scale * qrows_r . ks_u + log n_ru)
 
-    ``qbar`` float32 ``[B, Hq, nq, D]`` (pooled Q), ``ks`` float32 ``[B, Hkv, Lk, D]`` (smoothed
-    K, every key); ``n_iu`` the share of the rows of query block i that see key u (1, or causal a
-    fraction on the diagonal), ``-inf`` where no row sees a key of the block. ``softmax_j S^_ij`` is
-    the softmax of the block's pooled query over every key it sees, summed per key block:
-    :func:`predictors.estimate_block_mass` with its defaults (there with the unrounded float64
-    mean of the query rows; here the pooled rows the kernels share). Computed a few query blocks
-    at a time (memory ``nq_chunk x Lk`` per head).
+    ``qrows`` float32 ``[B, Hq, nr, D]``: the mean of each group of ``rows`` query rows (``rows``
+    divides BQ); ``ks`` float32 ``[B, Hkv, Lk, D]`` (smoothed K, every key); ``n_ru`` the share of
+    the group's valid rows that see key u (1, or causal a fraction near the diagonal), ``-inf``
+    where no row of the group sees a key of the block. ``exp(A_rj)`` estimates the group's mean
+    over its rows of ``sum_{u in j} exp(scale q . k_u)``. Both operands are rounded to TF32 first
+    (:func:`round_tf32`), as ``select.cu`` qbar_keys_mma feeds its tensor cores; the dot products
+    are then float64. Computed a few groups at a time (memory ``chunk x Lk`` per head).
     """
     from .predictors import _lse_blocks, visible_keys
-    qbar = np.asarray(qbar, dtype=np.float64)
-    ks = expand_kv_heads(np.asarray(ks, dtype=np.float64), qbar.shape[1])
-    B, Hq, nq, _ = qbar.shape
+    qrows = round_tf32(qrows).astype(np.float64)
+    ks = expand_kv_heads(round_tf32(ks).astype(np.float64), qrows.shape[1])
+    B, Hq, nr, _ = qrows.shape
     Lk = ks.shape[2]
     nk = num_blocks(Lk, cfg.block_k)
-    out = np.empty((B, Hq, nq, nk))
+    out = np.empty((B, Hq, nr, nk))
     step = max(1, (1 << 22) // max(1, B * Hq * Lk))
-    for i0 in range(0, nq, step):
-        i1 = min(nq, i0 + step)
-        a = scale * np.matmul(qbar[:, :, i0:i1], ks.swapaxes(-1, -2))           # [B, Hq, c, Lk]
-        n = visible_keys(Lq, Lk, cfg.block_q, 1, is_causal, cfg, groups=slice(i0, i1))
+    for i0 in range(0, nr, step):
+        i1 = min(nr, i0 + step)
+        a = scale * np.matmul(qrows[:, :, i0:i1], ks.swapaxes(-1, -2))          # [B, Hq, c, Lk]
+        n = visible_keys(Lq, Lk, rows, 1, is_causal, cfg, groups=slice(i0, i1))
         with np.errstate(divide="ignore"):
             a = np.where(n > 0, a + np.log(np.maximum(n, 1e-300)), -np.inf)
         out[:, :, i0:i1] = _lse_blocks(a, cfg.block_k, nk)
     return out
+
+
+def round_tf32(x):
+    """float32 ``x`` rounded to TF32 (10 mantissa bits, 8 exponent bits) to nearest, ties away
+    from zero: PTX ``cvt.rna.tf32.f32``, the tensor cores' operand format. float32 result."""
+    bits = np.ascontiguousarray(x, dtype=F32).view(np.uint32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = np.where(finite, (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000), bits)
+    return rounded.astype(np.uint32).view(F32)
+
+
+def qbar_keys_logits(qbar, ks, *, Lq, is_causal, scale, cfg=CONFIG):
+    """The qbar-keys estimate as logits over key blocks (``select.cu`` qbar_keys_mma), float64
+    ``[B, Hq, nq, nk]``: :func:`query_keys_lse` of the pooled query blocks,
+
+        S^_ij = LSE_{u in key block j} (scale * qbar_i . ks_u + log n_iu)
+
+    ``qbar`` float32 ``[B, Hq, nq, D]`` (pooled Q), ``ks`` float32 ``[B, Hkv, Lk, D]`` (smoothed
+    K). ``softmax_j S^_ij`` is the softmax of the block's pooled query over every key it sees,
+    summed per key block: :func:`predictors.estimate_block_mass` with its defaults (there with the
+    unrounded float64 mean of the query rows; here the pooled rows the kernels share).
+    """
+    return query_keys_lse(qbar, ks, Lq=Lq, rows=cfg.block_q, is_causal=is_causal, scale=scale, cfg=cfg)
+
+
+def check_query_group(cfg=CONFIG):
+    """``cfg.query_group``, validated: a positive divisor of BQ."""
+    g = int(cfg.query_group)
+    if g < 1 or cfg.block_q % g:
+        raise ValueError(f"query_group: expected a positive divisor of block_q = {cfg.block_q}, got {g}")
+    return g
+
+
+def mean_group_logits(lse, Lq, cfg=CONFIG):
+    """Logits whose softmax is the mean over each query block's groups of the groups' softmaxes
+    (``select.cu`` group_mass_map), float64 ``[B, Hq, nq, nk]``::
+
+        S^_ij = log( sum_{g in i} w_g softmax_j(lse_g)_j / sum_{g in i} w_g )
+
+    ``lse`` ``[B, Hq, ng, nk]`` (:func:`query_keys_lse` of groups of ``cfg.query_group`` rows;
+    ``-inf`` where the group sees no key of the block), ``w_g`` the group's valid rows. The true
+    block mass is a mean over rows of per-row probabilities, and so is this; in the log domain
+    throughout (no underflow). ``-inf`` where no group of the block sees a key of block j."""
+    G = check_query_group(cfg)
+    lse = np.asarray(lse, dtype=np.float64)
+    B, Hq, ng, nk = lse.shape
+    per = cfg.block_q // G
+    nq = num_blocks(Lq, cfg.block_q)
+    w = np.minimum(G, Lq - np.arange(ng) * G).astype(np.float64)              # valid rows
+    m = lse.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = np.log(np.exp(lse - m).sum(axis=-1, keepdims=True)) + m        # LSE_j' per group
+        t = lse - np.where(np.isfinite(norm), norm, 0.0) + np.log(w)[:, None]  # log(w_g p_gj)
+    pad = nq * per - ng
+    if pad:
+        t = np.concatenate([t, np.full((B, Hq, pad, nk), -np.inf)], axis=2)
+    t = t.reshape(B, Hq, nq, per, nk)
+    tm = t.max(axis=3)
+    tm_f = np.where(np.isfinite(tm), tm, 0.0)
+    wsum = np.add.reduceat(w, np.arange(0, ng, per))
+    with np.errstate(divide="ignore"):
+        out = np.log(np.exp(t - tm_f[:, :, :, None, :]).sum(axis=3)) + tm_f - np.log(wsum)[:, None]
+    return np.where(np.isfinite(tm), out, -np.inf)
+
+
+def qgroup_keys_logits(q, ks, *, is_causal, scale, cfg=CONFIG):
+    """The query-group estimate as logits over key blocks, float64 ``[B, Hq, nq, nk]``: the query
+    pooled over groups of ``cfg.query_group`` rows (:func:`pool_blocks`, float32 as the kernels
+    pool), each group against every smoothed key (:func:`query_keys_lse`), the groups' softmaxes
+    averaged per query block (:func:`mean_group_logits`). With groups of BQ rows its softmax is
+    that of :func:`qbar_keys_logits`. ``predictors.estimate_block_mass(q_group=G, k_sub=1)``
+    estimates the same mass from the unrounded float64 means."""
+    G = check_query_group(cfg)
+    q = np.asarray(q, dtype=F32)
+    Lq = q.shape[2]
+    lse = query_keys_lse(pool_blocks(q, G), ks, Lq=Lq, rows=G, is_causal=is_causal, scale=scale, cfg=cfg)
+    return mean_group_logits(lse, Lq, cfg)
 
 
 def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, topk=None,
@@ -142,9 +221,9 @@ def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, t
 
     ``q``, ``k``: HND arrays. ``simthreshd1``, ``cdfthreshd``, ``topk``, ``mass_threshold``:
     float32 ``[Hq]`` (exactly one of the last three given). ``predictor``: "paper" (the compressed
-    map) or "qbar_keys" (:func:`qbar_keys_logits`, rounded once to float32, in place of the
-    compressed map's logits; the softmax, the rules, fix blocks, causal validity and sink are the
-    same). ``local_window``: also keep each query block's own key blocks (:func:`local_blocks`).
+    map), "qbar_keys" (:func:`qbar_keys_logits`) or "qgroup_keys" (:func:`qgroup_keys_logits`);
+    the last two rounded once to float32 in place of the compressed map's logits (the softmax,
+    the rules, fix blocks, causal validity and sink are the same). ``local_window``: also keep each query block's own key blocks (:func:`local_blocks`).
     With ``return_details`` also a dict of the intermediate arrays (similarities,
     self-similar flags, P^, selection) for tests and figures.
     """
@@ -157,6 +236,8 @@ def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, t
     logits = None
     if predictor == "qbar_keys":
         logits = qbar_keys_logits(qbar, ks, Lq=Lq, is_causal=is_causal, scale=scale, cfg=cfg)
+    elif predictor == "qgroup_keys":
+        logits = qgroup_keys_logits(q, ks, is_causal=is_causal, scale=scale, cfg=cfg)
     return select_blocks(qbar, block_self_similarity(q, cfg.block_q, cfg),
                          pool_blocks(ks, cfg.block_k), block_self_similarity(ks, cfg.block_k, cfg),
                          valid_blocks(Lq, Lk, cfg.block_q, cfg.block_k, is_causal), scale=scale,

@@ -19,14 +19,12 @@ Two steps, so the slow one runs once:
 Grid keys are ``F_q`` (``none_1``: the head's L1 alone). The numbers of the full command (exact
 verification, FP16 rounding in the model) come from ``sparge-cupy eval --block-factor F``.
 
-``--query-group G`` (every step; default 128, the shipped estimate): an experiment, NumPy only.
-The qbar-keys estimate then pools the query over groups of G rows instead of the whole 128-row
-block and averages the groups' softmaxes over every key
-(``reference.predictors.estimate_block_mass(q_group=G, k_sub=1)``, its log as the logits the
-selection takes); the kernels do not have it, so the script swaps it into
-``sparge_cupy.reference.predict_block_map`` for its own process. ``eval --query-group G -- ARGS``
-runs ``sparge-cupy eval ARGS`` in that process (tuning with exact verification, perplexity
-through the model), e.g. ``... eval --query-group 32 -- --tokens 16384 --steps tuned_qbar ...``.
+``--predictor`` (every step; default qbar_keys, one pooled query per 128-row block): the
+estimate; ``qgroup_keys`` pools the query over groups of 32 rows and averages the groups'
+softmaxes over every key (``reference.predict.qgroup_keys_logits``, a kernel on the GPU). The
+results of ``bench/results/gemma3_query_groups_16k.md`` were made before it was a predictor,
+with this script's former ``--query-group 32`` (the same estimate from unrounded float64 means);
+the full command is now ``sparge-cupy eval --steps tuned_qbar --qbar-predictor qgroup_keys``.
 """
 from __future__ import annotations
 
@@ -50,39 +48,6 @@ def parse_key(key):
     return (None if f == "none" else float(f)), float(q)
 
 
-def use_query_groups(G):
-    """Make ``sparge_cupy.reference.predict_block_map``'s qbar-keys estimate pool the query over
-    groups of G rows (see the module docstring); G = 128 leaves the shipped estimate."""
-    if G == 128:
-        return
-    import sparge_cupy.reference as R
-    from sparge_cupy.reference import predict as P
-    from sparge_cupy.reference.predictors import estimate_block_mass
-    shipped = R.predict_block_map
-
-    def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd=None, topk=None,
-                          mass_threshold=None, attention_sink=True, local_window=False,
-                          return_details=False, predictor="paper", cfg=P.CONFIG):
-        rule = dict(simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
-                    mass_threshold=mass_threshold, attention_sink=attention_sink,
-                    return_details=return_details)
-        if predictor != "qbar_keys":
-            return shipped(q, k, is_causal=is_causal, scale=scale, local_window=local_window,
-                           predictor=predictor, cfg=cfg, **rule)
-        q = np.asarray(q, dtype=F32)
-        Lq, Lk = q.shape[2], k.shape[2]
-        _, ks = P.smooth_k(k)
-        mass = estimate_block_mass(q, k, is_causal=is_causal, scale=scale, q_group=G, k_sub=1, cfg=cfg)
-        with np.errstate(divide="ignore"):
-            logits = np.log(mass)
-        return P.select_blocks(P.pool_blocks(q, cfg.block_q), P.block_self_similarity(q, cfg.block_q, cfg),
-                               P.pool_blocks(ks, cfg.block_k), P.block_self_similarity(ks, cfg.block_k, cfg),
-                               P.valid_blocks(Lq, Lk, cfg.block_q, cfg.block_k, is_causal), scale=scale,
-                               local=P.local_blocks(Lq, Lk, cfg.block_q, cfg.block_k) if local_window else None,
-                               logits=logits, **rule)
-    R.predict_block_map = predict_block_map
-
-
 def sweep(args):
     from sparge_cupy import evaluate as ev
     from sparge_cupy import tune as T
@@ -93,7 +58,7 @@ def sweep(args):
         inputs, _ = T._prepare_inputs([d["q"]], [d["k"]], [d["v"]], is_causal=True, scale=float(d["scale"]),
                                       layout="HND")
         curves = T._CurveEvaluator(inputs, thetas=T.DEFAULT_THETAS, mode="mass", qk="fp16", pv="fp16",
-                                   rebalance=True, attention_sink=True, predictor="qbar_keys",
+                                   rebalance=True, attention_sink=True, predictor=args.predictor,
                                    local_window=True)
         H = d["q"].shape[1]
         print(f"layer {layer}: curves {time.perf_counter() - t0:.0f} s", flush=True)
@@ -136,7 +101,7 @@ def ppl(args):
         def make(layer, q, k, v, scale, per_layer=per_layer):
             d = per_layer[str(layer)]
             bm = R.predict_block_map(q, k, is_causal=True, scale=scale, simthreshd1=np.array(d["theta"], F32),
-                                     predictor="qbar_keys", local_window=True,
+                                     predictor=args.predictor, local_window=True,
                                      mass_threshold=np.array(d["mass_threshold"], F32))
             return bm, ""
         record = {}
@@ -161,18 +126,9 @@ def main(argv=None):
     for x in (s, p):
         x.add_argument("--json", required=True)
         x.add_argument("--tokens", type=int, default=16384)
-        x.add_argument("--query-group", type=int, default=128, choices=(16, 32, 64, 128),
-                       help="rows per pooled query of the qbar-keys estimate (experiment; 128: shipped)")
-    e = sub.add_parser("eval", help="sparge-cupy eval (the arguments after --) with the estimate "
-                                     "of --query-group swapped in")
-    e.add_argument("--query-group", type=int, default=128, choices=(16, 32, 64, 128))
-    e.add_argument("eval_args", nargs=argparse.REMAINDER)
+        x.add_argument("--predictor", choices=("qbar_keys", "qgroup_keys"), default="qbar_keys",
+                       help="the estimate (qgroup_keys: the query pooled over 32-row groups)")
     args = ap.parse_args(argv)
-    use_query_groups(args.query_group)
-    if args.what == "eval":
-        from sparge_cupy.cli import main as cli
-        rest = args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args
-        return cli(["eval"] + rest)
     (sweep if args.what == "sweep" else ppl)(args)
 
 

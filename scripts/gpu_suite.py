@@ -61,8 +61,9 @@ def worker():
                                cdfthreshd=0.9, pvthreshd=lam, qk=qk, pv=pv, return_lse=True,
                                return_stats=True)
         sc.predict_block_map(q, k, is_causal=causal, layout=layout, topk=0.3)
-        sc.predict_block_map(q, k, is_causal=causal, layout=layout, mass_threshold=1.0,
-                             predictor="qbar_keys")
+        for predictor in ("qbar_keys", "qgroup_keys"):
+            sc.predict_block_map(q, k, is_causal=causal, layout=layout, mass_threshold=1.0,
+                                 predictor=predictor)
     try:
         import torch
 

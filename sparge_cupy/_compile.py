@@ -113,7 +113,8 @@ def kernel_names(cc):
                       ("block_stats.cu", f"sparge::quantize_q<{T}, __half, {D}>"),
                       ("quant_v.cu", f"sparge::v_channel_amax<{T}, {D}>"),
                       ("quant_v.cu", f"sparge::quantize_v<{T}, false, {D}>"),
-                      ("select.cu", f"sparge::qbar_keys_map<{T}, {D}>")]
+                      ("select.cu", f"sparge::qbar_keys_mma<{T}, {D}>"),
+                      ("block_stats.cu", f"sparge::q_groups<{T}, {D}, {CONFIG.query_group}>")]
             if fp8:
                 names.append(("quant_v.cu", f"sparge::quantize_v<{T}, true, {D}>"))
             for qk in ("int8", "fp16"):
@@ -122,6 +123,7 @@ def kernel_names(cc):
                     if int(cc) == 90:
                         names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt, "wgmma")))
     names += [("block_stats.cu", "sparge::head_scales"), ("select.cu", "sparge::compressed_map"),
+              ("select.cu", "sparge::group_mass_map"),
               ("select.cu", "sparge::select_blocks")]
     names += [("select.cu", f"sparge::select_rows<{e}>") for e in SELECT_ROW_KEYS]
     return names

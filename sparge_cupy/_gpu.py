@@ -8,11 +8,13 @@ NumPy arrays and ``scale`` a Python float. The torch adapter calls the same func
 The pipeline (one launch per line; kernels in ``cuda/``):
 
     q_stats (Q)          pass A: pooled Q, its similarity, channel maxima of Q      block_stats.cu
+    q_groups (Q)         predictor="qgroup_keys": Q pooled over row groups          block_stats.cu
     k_sums (K)           pass A: per key block sums, max and min of K               block_stats.cu
     head_scales          K mean, max |K - km|, rebalancing scales per kv head       block_stats.cu
     k_pass (K)           pass B: pooled K - km, its similarity, the K operand       block_stats.cu
     compressed_map       S^ in tiles of 64 x 64 block pairs                         select.cu
-      or qbar_keys_map (K)   predictor="qbar_keys": S^ from every smoothed key         select.cu
+      or qbar_keys_mma (K)   predictor="qbar_keys": S^ from every smoothed key         select.cu
+      or qbar_keys_mma (K) + group_mass_map   "qgroup_keys": per row group, averaged    select.cu
     select_rows / _blocks  S^ rows -> bool block map (a warp or a block per row)    select.cu
     quantize_q (Q)       pass B: the Q operand                                      block_stats.cu
     v_channel_amax (V)   pass A: channel max |V| (pv="fp8")                         quant_v.cu
@@ -89,7 +91,11 @@ MAP_PARAMS = _struct([
 QBAR_KEYS_PARAMS = _struct([
     ("k", TENSOR_VIEW), ("qbar", _PTR), ("km", _PTR), ("k_sim", _PTR), ("theta", _PTR),
     ("s_hat", _PTR), ("Hq", _I32), ("Hkv", _I32), ("nq", _I32), ("nk", _I32), ("Lq", _I32),
-    ("Lk", _I32), ("causal", _I32), ("scale", _F32)])
+    ("Lk", _I32), ("causal", _I32), ("scale", _F32), ("group", _I32)])
+GROUP_MASS_PARAMS = _struct([
+    ("lse", _PTR), ("k_sim", _PTR), ("theta", _PTR), ("s_hat", _PTR), ("Hq", _I32), ("Hkv", _I32),
+    ("nq", _I32), ("ng", _I32), ("nk", _I32), ("Lq", _I32), ("Lk", _I32), ("causal", _I32),
+    ("group", _I32)])
 SELECT_PARAMS = _struct([
     ("s_hat", _PTR), ("q_sim", _PTR), ("k_sim", _PTR), ("theta", _PTR), ("tau", _PTR),
     ("topk", _PTR), ("mass_threshold", _PTR), ("block_map", _PTR), ("Hq", _I32), ("Hkv", _I32),
@@ -107,7 +113,7 @@ WG_MAPS = _struct([("q", np.uint8, (128,)), ("k", np.uint8, (128,)), ("vt", np.u
 STRUCTS = {"TensorView": TENSOR_VIEW, "WgMaps": WG_MAPS, "QStatsParams": Q_STATS_PARAMS,
            "HeadScalesParams": HEAD_SCALES_PARAMS, "KPassParams": K_PASS_PARAMS,
            "QuantizeQParams": QUANTIZE_Q_PARAMS, "MapParams": MAP_PARAMS,
-           "QbarKeysParams": QBAR_KEYS_PARAMS,
+           "QbarKeysParams": QBAR_KEYS_PARAMS, "GroupMassParams": GROUP_MASS_PARAMS,
            "SelectParams": SELECT_PARAMS, "AttnParams": ATTN_PARAMS}
 
 
@@ -288,6 +294,7 @@ class Stats:
     k_block_max: object = None   # [B, Hkv, nk, Dp] channel max of K per key block (k_sums)
     k_block_min: object = None   # [B, Hkv, nk, Dp] channel min
     qbar: object = None          # [B, Hq, nq, Dp] pooled Q (prediction only)
+    q_groups: object = None      # [B, Hq, ng, Dp] Q pooled over CONFIG.query_group rows ("qgroup_keys")
     q_sim: object = None         # [B, Hq, nq]
     kbar: object = None          # [B, Hkv, nk, Dp] pooled smoothed K
     k_sim: object = None         # [B, Hkv, nk]
@@ -325,7 +332,8 @@ def _operand_type(qk):
     return ("signed char", cp.int8) if qk == "int8" else ("__half", cp.float16)
 
 
-def block_statistics(q, k, *, pooled, nonfinite=None, quant_stats=None, k_operand=None):
+def block_statistics(q, k, *, pooled, nonfinite=None, quant_stats=None, k_operand=None,
+                     q_groups=False):
     """Pass A over Q and K, the per-head scales, and (with ``pooled``) the pooled blocks and
     similarities of Q and smoothed K.
 
@@ -335,7 +343,8 @@ def block_statistics(q, k, *, pooled, nonfinite=None, quant_stats=None, k_operan
     it), given maxima replace ``q_amax`` and ``k_amax`` (the kernels' own go to scratch) and fill
     ``v_amax``. The per-block maxima stay those of q and k. ``k_operand``: ``(qk, rebalance)``
     to have k_pass also write the K operand (with ``pooled``: the pass that pools K - km reads K
-    anyway); :func:`quantize_qk` then takes it from ``Stats.k_operand``."""
+    anyway); :func:`quantize_qk` then takes it from ``Stats.k_operand``. ``q_groups``: also pool Q
+    over groups of ``CONFIG.query_group`` rows (``Stats.q_groups``, predictor="qgroup_keys")."""
     cp = _cupy()
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
@@ -369,7 +378,23 @@ def block_statistics(q, k, *, pooled, nonfinite=None, quant_stats=None, k_operan
         H=Hkv, L=Lk),))
     if pooled or k_operand is not None:
         st.k_operand = _k_pass(k, st, pooled=pooled, k_operand=k_operand)
+    if q_groups:
+        G = query_group()
+        ng = -(-Lq // G)
+        st.q_groups = cp.empty((B, Hq, ng, D), f32)
+        get_kernel("block_stats.cu", f"sparge::q_groups<{T}, {D}, {G}>")(
+            _warp_grid(ng, Hq, B), (STATS_THREADS,), (q.view(), st.q_groups, _I32(Hq), _I32(Lq)))
     return st
+
+
+def query_group():
+    """CONFIG.query_group, checked for the kernels: a divisor of BQ, a multiple of 4 (a warp step
+    of q_groups covers up to 4 rows; group_mass_map takes up to 32 groups per block)."""
+    from .reference.predict import check_query_group
+    G = check_query_group(CONFIG)
+    if G % 4:
+        raise ValueError(f"query_group: the kernels need a multiple of 4, got {G}")
+    return G
 
 
 def _k_pass(k, st, *, pooled, k_operand):
@@ -475,7 +500,8 @@ def _set_smem(kern, nbytes, what):
 
 
 MAP_TILE = 64                        # compressed_map's tile of query and key blocks (select.cu)
-QK_WARPS, QK_KEYS = 8, 256          # qbar_keys_map: warps (8 query blocks each), keys per program
+QK_ROWS, QK_KEYS = 64, 256          # qbar_keys_mma: pooled rows, keys per program (256 threads)
+GM_WARPS = 8                         # group_mass_map: warps (a query block each) per program
 
 
 def select_row_keys(nk):
@@ -487,20 +513,31 @@ def select_row_keys(nk):
 def estimate_logits(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, predictor="paper"):
     """S^ ``[B, Hq, nq, nk]`` float32, the logits the selection takes the softmax of (-inf where
     a block is causally invalid or its K block not self-similar): the compressed map
-    (``predictor="paper"``, from the pooled blocks) or the qbar-keys estimate (``"qbar_keys"``,
-    from the pooled Q against every key of ``k``, the K :class:`Operand`)."""
+    (``predictor="paper"``, from the pooled blocks), the qbar-keys estimate (``"qbar_keys"``,
+    from the pooled Q against every key of ``k``, the K :class:`Operand`) or the query-group
+    estimate (``"qgroup_keys"``: ``st.q_groups`` against every key, the groups' softmaxes
+    averaged per query block)."""
     cp = _cupy()
     B, Hq, nq, D = st.qbar.shape
     Hkv, nk = st.k_sim.shape[1], st.k_sim.shape[2]
     theta = device_constant(simthreshd1)
     qbar = cp.ascontiguousarray(st.qbar)
     s_hat = cp.empty((B, Hq, nq, nk), dtype=cp.float32)
-    if predictor == "qbar_keys":
-        get_kernel("select.cu", f"sparge::qbar_keys_map<{ELEMENT_TYPES[k.dtype]}, {D}>")(
-            (-(-nq // (8 * QK_WARPS)), -(-Lk // QK_KEYS), B * Hq), (32 * QK_WARPS,), (_params(
-                QBAR_KEYS_PARAMS, k=k.view(), qbar=qbar, km=st.km, k_sim=st.k_sim, theta=theta,
-                s_hat=s_hat, Hq=Hq, Hkv=Hkv, nq=nq, nk=nk, Lq=Lq, Lk=Lk, causal=int(is_causal),
-                scale=scale),))
+    if predictor in ("qbar_keys", "qgroup_keys"):
+        G = BQ if predictor == "qbar_keys" else query_group()
+        rows = qbar if G == BQ else st.q_groups
+        nr = rows.shape[2]
+        lse = s_hat if G == BQ else cp.empty((B, Hq, nr, nk), dtype=cp.float32)
+        get_kernel("select.cu", f"sparge::qbar_keys_mma<{ELEMENT_TYPES[k.dtype]}, {D}>")(
+            (-(-nr // QK_ROWS), -(-Lk // QK_KEYS), B * Hq), (256,), (_params(
+                QBAR_KEYS_PARAMS, k=k.view(), qbar=rows, km=st.km, k_sim=st.k_sim, theta=theta,
+                s_hat=lse, Hq=Hq, Hkv=Hkv, nq=nr, nk=nk, Lq=Lq, Lk=Lk, causal=int(is_causal),
+                scale=scale, group=G),))
+        if G != BQ:
+            get_kernel("select.cu", "sparge::group_mass_map")(
+                _grid(-(-nq // GM_WARPS), Hq, B), (32 * GM_WARPS,), (_params(
+                    GROUP_MASS_PARAMS, lse=lse, k_sim=st.k_sim, theta=theta, s_hat=s_hat, Hq=Hq,
+                    Hkv=Hkv, nq=nq, ng=nr, nk=nk, Lq=Lq, Lk=Lk, causal=int(is_causal), group=G),))
         return s_hat
     get_kernel("select.cu", "sparge::compressed_map")(
         (-(-nk // MAP_TILE), -(-nq // MAP_TILE), B * Hq), (THREADS,), (_params(
@@ -712,7 +749,7 @@ def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd
                       attention_sink, mass_threshold=None, predictor="paper", local_window=False):
     q, k = _as_operands(layout, q, k)
     counter = nonfinite_counter()
-    st = block_statistics(q, k, pooled=True, nonfinite=counter)
+    st = block_statistics(q, k, pooled=True, nonfinite=counter, q_groups=predictor == "qgroup_keys")
     block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                        mass_threshold=mass_threshold, attention_sink=attention_sink,
@@ -751,7 +788,8 @@ def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, t
     also writes the K operand."""
     q, k, v = _as_operands(layout, q, k, v)
     counter = nonfinite_counter()
-    st = block_statistics(q, k, pooled=True, nonfinite=counter, k_operand=(qk, rebalance))
+    st = block_statistics(q, k, pooled=True, nonfinite=counter, k_operand=(qk, rebalance),
+                          q_groups=predictor == "qgroup_keys")
     block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
                        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                        mass_threshold=mass_threshold, attention_sink=attention_sink,

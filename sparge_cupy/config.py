@@ -12,6 +12,7 @@ from dataclasses import dataclass
 class SpargeConfig:
     block_q: int = 128          # BQ: query rows per block (one program of the attention kernel)
     block_k: int = 64           # BK: key rows per block
+    query_group: int = 32       # predictor="qgroup_keys": query rows pooled together (divides BQ)
     pv_group_rows: int = 16     # Stage 2 filter granularity: one mma row tile of a warp
     simthreshd1: float = 0.6    # theta: a block is self-similar iff sim > theta
     cdfthreshd: float = 0.98    # tau: TopCdf keeps the smallest prefix holding this share of P^

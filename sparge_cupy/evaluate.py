@@ -15,9 +15,11 @@ measures per query head, against dense float64 attention on the same inputs (SPE
 - ``tuned_mass``: the same with the mass threshold rule (``mode="mass"``: keep ``nk * P^ >= t``,
   one threshold per head across rows; README "Predictors beyond the paper"); column
   ``mass_threshold``.
-- ``tuned_qbar``: the configuration that can reach the oracle: the qbar-keys estimate
-  (``predictor="qbar_keys"``) with the mass threshold rule and FP16 Q K^T / FP16 P V (the INT8 /
-  FP8 floor alone is half the error budget, ``bench/results/quant_floor_gemma3.md``).
+- ``tuned_qbar``: the configuration that can reach the oracle: a key-level estimate
+  (``--qbar-predictor``: ``qgroup_keys``, the query pooled over 32-row groups against every key,
+  by default; or ``qbar_keys``, one pooled query per block) with the mass threshold rule and FP16
+  Q K^T / FP16 P V (the INT8 / FP8 floor alone is half the error budget,
+  ``bench/results/quant_floor_gemma3.md``).
 - ``oracle``: :func:`reference.oracle_block_map` at the same L1 bound: the sparsest map a
   predictor that saw the true attention could keep (float64, no quantization), and the same map
   run with INT8/FP8.
@@ -523,13 +525,13 @@ class _Progress:
 def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05, pv_l1=0.06,
              thetas=None, frontier=ORACLE_FRONTIER, perplexity=False, ppl_tokens=(4096,),
              ppl_last=2048, ppl_tuning="tuned", ppl_stage2=True, use_gpu=False, quiet=False,
-             local_window=False, block_factor=None, block_quantile=1.0):
+             local_window=False, block_factor=None, block_quantile=1.0, qbar_predictor="qgroup_keys"):
     """Run the steps on every (tokens, layer); returns ``(rows, timings)``: the CSV rows and
     ``{"<tokens>/<layer>/<step>": seconds}``. The perplexity runs the thresholds of step
     ``ppl_tuning`` (one of TUNED_STEPS), with its Stage 2 lambdas unless not ``ppl_stage2``.
     ``local_window``: the tuned steps tune (and the perplexity runs) with the local window kept;
     ``block_factor``, ``block_quantile``: the tuned steps also bound the query blocks' L1
-    (``tune_layer``)."""
+    (``tune_layer``); ``qbar_predictor``: the estimate of step ``tuned_qbar``."""
     from .tune import DEFAULT_THETAS
     thetas = DEFAULT_THETAS if thetas is None else tuple(thetas)
     steps = [s for s in STEPS if s in steps]
@@ -553,7 +555,7 @@ def evaluate(tokens=DEFAULT_TOKENS, layers=GEMMA_LAYERS, *, steps=STEPS, l1=0.05
                     block_factor=block_factor, block_quantile=block_quantile)
     step_fns = {"presets": (step_presets, {}), "tuned": (step_tuned, tuned_kw),
                 "tuned_mass": (step_tuned, dict(tuned_kw, mode="mass", group="tuned_mass")),
-                "tuned_qbar": (step_tuned, dict(tuned_kw, mode="mass", predictor="qbar_keys",
+                "tuned_qbar": (step_tuned, dict(tuned_kw, mode="mass", predictor=qbar_predictor,
                                                 quant=QBAR_QUANT, group="tuned_qbar")),
                 "oracle": (step_oracle, dict(l1=l1)), "floors": (step_floors, {}),
                 "sweep": (step_sweep, dict(l1=l1, frontier=frontier))}
@@ -617,6 +619,9 @@ def add_arguments(p):
     p.add_argument("--local-window", action="store_true",
                    help="tuned steps: keep each query block's own key blocks (local_window)")
     add_block_bound_arguments(p, scope="tuned steps: ")
+    p.add_argument("--qbar-predictor", choices=("qgroup_keys", "qbar_keys"), default="qgroup_keys",
+                   help="step tuned_qbar's estimate: Q pooled over 32-row groups (qgroup_keys) or "
+                        "over the 128-row block (qbar_keys), against every key (default %(default)s)")
     p.add_argument("--ppl-stage1-only", action="store_true",
                    help="the perplexity runs the Stage 1 thresholds alone (tuned to --l1), no Stage 2")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
@@ -673,7 +678,8 @@ def run(args):
                              ppl_tokens=args.ppl_tokens, ppl_last=args.ppl_last,
                              ppl_tuning=args.ppl_tuning, ppl_stage2=not args.ppl_stage1_only,
                              use_gpu=use_gpu, quiet=args.quiet, local_window=args.local_window,
-                             block_factor=args.block_factor, block_quantile=args.block_quantile)
+                             block_factor=args.block_factor, block_quantile=args.block_quantile,
+                             qbar_predictor=args.qbar_predictor)
     runs = []
     if args.merge and csv_path.is_file():
         rows = merge_rows(read_csv(csv_path), rows)
@@ -866,8 +872,8 @@ def report(rows, runs, *, figures=()):
               "INT8+rebalance/FP8 (quantization alone); default: Stage-1 sparsity at the shipped "
               f"defaults (theta {CONFIG.simthreshd1}, tau {CONFIG.cdfthreshd}); mass s1, mass total: "
               "the same tuning with the mass threshold rule instead of TopCdf (step tuned_mass), "
-              "its ratio to the oracle in brackets; qbar s1, qbar total: the qbar-keys estimate "
-              "with the mass threshold rule and FP16 Q K^T / FP16 P V (step tuned_qbar), "
+              "its ratio to the oracle in brackets; qbar s1, qbar total: the key-level estimate "
+              "(--qbar-predictor in the command) with the mass threshold rule and FP16 Q K^T / FP16 P V (step tuned_qbar), "
               "ratio in brackets.", ""]
     body = []
     for d in summary(rows):
@@ -881,7 +887,7 @@ def report(rows, runs, *, figures=()):
                       "L1 s1 / s1+2", "floor L1", "default s1", "mass s1", "mass total",
                       "qbar s1", "qbar total"], body), ""]
     for key, what in (("ratio", "TopCdf"), ("mass_ratio", "mass threshold"),
-                      ("qbar_ratio", "qbar-keys + mass threshold, FP16 / FP16")):
+                      ("qbar_ratio", "key-level estimate + mass threshold, FP16 / FP16")):
         means = [d for d in summary(rows) if d["layer"] == "mean" and math.isfinite(d[key])]
         at16 = [d for d in means if d["tokens"] >= 16384]
         if means:

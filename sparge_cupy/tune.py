@@ -73,6 +73,7 @@ import numpy as np
 
 from . import _checks as ck
 from .config import CONFIG
+from .reference.predict import PREDICTORS
 
 SCHEMA = "sparge-cupy/tuning"
 SCHEMA_VERSION = 1
@@ -941,7 +942,8 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
       is_causal, scale: one value, or one per input (scale None: D^-1/2).
       l1: bound on the relative L1 error with Stage 1 alone; pv_l1 (> l1): with Stage 2 on.
       mode: "cdf" (tune tau), "topk" or "mass" (the mass threshold rule, ``mass_threshold``).
-      predictor: the Stage-1 estimate, "paper" or "qbar_keys" (both on NumPy and CuPy inputs).
+      predictor: the Stage-1 estimate, "paper", "qbar_keys" or "qgroup_keys" (all on NumPy and
+        CuPy inputs).
       qk, pv, rebalance, attention_sink, local_window: as the user will run (qk = pv = "fp32",
         no quantization, exists on NumPy inputs only: for measurements).
       thetas: the theta grid. min_sparsity: heads below this total sparsity run dense.
@@ -1131,8 +1133,9 @@ def add_arguments(p):
     p.add_argument("--pv-l1", type=float, default=0.06, help="bound with Stage 2 on (>= --l1)")
     p.add_argument("--mode", choices=MODES, default="cdf",
                    help="tune tau (cdf), topk, or the mass threshold t of the rule nk * P^ >= t (mass)")
-    p.add_argument("--predictor", choices=("paper", "qbar_keys"), default="paper",
-                   help="Stage-1 estimate (qbar_keys: pooled Q against every key; default %(default)s)")
+    p.add_argument("--predictor", choices=PREDICTORS, default="paper",
+                   help="Stage-1 estimate (qbar_keys: pooled Q against every key; qgroup_keys: Q pooled "
+                        "over 32-row groups against every key; default %(default)s)")
     p.add_argument("--qk", choices=ck.QK_MODES + ("fp32",), default="int8",
                    help="QK^T operands (fp32: unquantized, CPU reference only)")
     p.add_argument("--pv", choices=ck.PV_MODES + ("fp32",), default="fp8",

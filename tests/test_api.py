@@ -58,18 +58,19 @@ def test_mass_threshold_through_the_api(qkv):
     assert st["stage1_sparsity"] > 0
 
 
-def test_qbar_keys_predictor_through_the_api(qkv):
-    """predictor="qbar_keys" reaches the reference on NumPy arrays (the GPU tests check the
-    kernel against it)."""
+@pytest.mark.parametrize("predictor", ["qbar_keys", "qgroup_keys"])
+def test_key_level_predictors_through_the_api(qkv, predictor):
+    """predictor="qbar_keys" / "qgroup_keys" reach the reference on NumPy arrays (the GPU tests
+    check the kernels against it)."""
     q, k, v = qkv
     kw = dict(is_causal=True, scale=0.1, simthreshd1=-1.0, mass_threshold=1.0)
-    bm = sc.predict_block_map(q, k, predictor="qbar_keys", **kw)
+    bm = sc.predict_block_map(q, k, predictor=predictor, **kw)
     want = R.predict_block_map(q, k, is_causal=True, scale=0.1, simthreshd1=np.full(4, -1.0, np.float32),
-                               mass_threshold=np.ones(4, np.float32), predictor="qbar_keys")
+                               mass_threshold=np.ones(4, np.float32), predictor=predictor)
     assert_equal(bm, want, what="block map")
-    out = sc.sparge_attn(q, k, v, predictor="qbar_keys", **kw)
+    out = sc.sparge_attn(q, k, v, predictor=predictor, **kw)
     assert_equal(out, sc.block_sparse_attn(q, k, v, bm, is_causal=True, scale=0.1), what="output")
-    assert (bm != sc.predict_block_map(q, k, **kw)).any(), "the two estimates should differ here"
+    assert (bm != sc.predict_block_map(q, k, **kw)).any(), "the estimates should differ here"
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
@@ -149,7 +150,8 @@ BAD_PRED = [
      "mass_threshold: expected a scalar or 4 values (one per query head), got shape (3)"),
     ("mass str", {"mass_threshold": "0.5"}, TypeError, "mass_threshold"),
     ("mass bool", {"mass_threshold": True}, TypeError, "mass_threshold: expected a number"),
-    ("predictor", {"predictor": "quest"}, ValueError, "predictor: expected one of ('paper', 'qbar_keys')"),
+    ("predictor", {"predictor": "quest"}, ValueError,
+     "predictor: expected one of ('paper', 'qbar_keys', 'qgroup_keys')"),
     ("theta bool", {"simthreshd1": True}, TypeError, "simthreshd1"),
     ("sink not bool", {"attention_sink": 1}, TypeError, "attention_sink: expected a bool"),
     ("local window not bool", {"local_window": "yes"}, TypeError, "local_window: expected a bool"),

@@ -15,7 +15,7 @@ cupy = pytest.importorskip("cupy")
 if not cupy.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from conftest import make_qkv  # noqa: E402
+from conftest import assert_close, make_qkv  # noqa: E402
 from gpu_helpers import (check_attention, reference_map, rel_l1,  # noqa: E402
                          unexplained_map_rows)
 
@@ -292,47 +292,78 @@ def test_block_map_mass_threshold_limits_and_ties():
                                                                   layout="NHD", pv="fp16").get())
 
 
-def _qbar_keys_tolerance(qbar, ks, km, logits, scale, D):
-    """Bound on |S^_gpu - S^_ref| of the qbar-keys estimate (select.cu qbar_keys_map, float32,
-    against reference.qbar_keys_logits, float64 rounded once): each logit is a float32 FMA chain
-    over D channels, |error| <= (D + 4) u sum_c |qbar_c| (|ks_uc| + |km_c|) with u = 2^-24 (the
-    products, the smoothing and the pooled inputs' own rounding); the block's LSE moves by at
-    most its largest logit error, plus the float32 exponentials, 64-term sum, logarithms and final
+def _qbar_keys_tolerance(qbar, ks, logits, scale, D):
+    """Bound on |S^_gpu - S^_ref| of the key-level estimates (select.cu qbar_keys_mma against
+    reference.query_keys_lse, float64 dot products of the same TF32-rounded operands: the test
+    gives the reference the kernels' own pooled rows and K mean, so that both round the same
+    float32 values): the products are exact in float32, the accumulation over D channels in the
+    tensor cores' float32 (order unspecified, truncation allowed: 2u per addition), |error| <=
+    2 (D + 4) u sum_c |qbar_c| |ks_uc| with u = 2^-24; the block's LSE moves by at most its
+    largest logit error, plus the float32 exponentials, 64-term sum, logarithms and final
     roundings: 2^-20 (1 + |S^|)."""
     u, H = 2.0 ** -24, qbar.shape[1]
-    k_abs = np.abs(ks.astype(np.float64)) + np.abs(km.astype(np.float64))      # [B, Hkv, Lk, D]
+    k_abs = np.abs(ks.astype(np.float64))                                      # [B, Hkv, Lk, D]
     a = np.matmul(np.abs(qbar.astype(np.float64)), R.expand_kv_heads(k_abs, H).swapaxes(-1, -2))
     nk = logits.shape[-1]
     pad = nk * BK - a.shape[-1]
     a = np.concatenate([a, np.zeros(a.shape[:-1] + (pad,))], axis=-1).reshape(a.shape[:-1] + (nk, BK))
-    return scale * (D + 4) * u * a.max(axis=-1) + 2.0 ** -20 * (1 + np.abs(np.where(np.isfinite(logits), logits, 0)))
+    return 2 * scale * (D + 4) * u * a.max(axis=-1) + 2.0 ** -20 * (1 + np.abs(np.where(np.isfinite(logits), logits, 0)))
 
 
+def _qgroup_keys_reference(qh, ks, st, *, Lq, causal, scale, D):
+    """The reference S^ of predictor="qgroup_keys" from the kernel's own pooled groups (checked
+    first against reference.pool_blocks) and its bound: the groups' LSE carry _qbar_keys_tolerance;
+    the combination log(mean_g softmax_j) moves by at most twice the largest LSE error of the
+    block's groups (once directly, once through the softmax's normaliser), plus group_mass_map's
+    own float32 work: the log2-domain products, a sum of nk / 32 + 5 terms per lane chain and the
+    logarithms, (nk / 32 + 8) 2^-22 (1 + max |lse|)."""
+    G = sc.CONFIG.query_group
+    host = R.pool_blocks(qh, G)
+    qgr = st.q_groups.get()[..., :D]
+    # float64 sums in another order, one rounding each: equal, or one float32 ulp apart
+    assert_close(qgr, host, 2.0 ** -23 * np.abs(host), what="q_groups vs pool_blocks")
+    lse = R.query_keys_lse(qgr, ks, Lq=Lq, rows=G, is_causal=causal, scale=scale)
+    want = R.mean_group_logits(lse, Lq).astype(np.float32)
+    tol_g = _qbar_keys_tolerance(qgr, ks, lse, scale, D).max(axis=-1)              # [B, H, ng]
+    lse_abs = np.where(np.isfinite(lse), np.abs(lse), 0).max(axis=-1)
+    per, nq, nk = BQ // G, want.shape[2], want.shape[3]
+    pad = nq * per - tol_g.shape[2]
+    blocked = lambda x: np.concatenate([x, np.zeros(x.shape[:2] + (pad,))], axis=2).reshape(  # noqa: E731
+        x.shape[:2] + (nq, per)).max(axis=-1)
+    tol = 2 * blocked(tol_g) + (nk / 32 + 8) * 2.0 ** -22 * (1 + blocked(lse_abs))
+    return want, np.broadcast_to(tol[..., None], want.shape)
+
+
+@pytest.mark.parametrize("predictor", ["qbar_keys", "qgroup_keys"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_qbar_keys_logits_match_reference(case, record_property):
-    """predictor="qbar_keys": the kernel's S^ (every smoothed key against each pooled query, LSE
-    per key block) is the reference's within the float32 bound of _qbar_keys_tolerance, -inf at
-    exactly the causally invalid and non-self-similar blocks; the selection on it is the
-    reference's selection on the same S^ bit for bit; the public map equals the reference's up to
-    near-ties of that size."""
+def test_key_level_logits_match_reference(case, predictor, record_property):
+    """predictor="qbar_keys" / "qgroup_keys": the kernels' S^ (every smoothed key against each
+    pooled query or query group, LSE per key block; for the groups their softmaxes averaged per
+    query block) is the reference's within the float32 bound (_qbar_keys_tolerance,
+    _qgroup_keys_reference), -inf at exactly the causally invalid and non-self-similar blocks;
+    the selection on it is the reference's selection on the same S^ bit for bit; the public map
+    equals the reference's up to near-ties of that size."""
     (q, k, _), (qg, kg, _) = _inputs(case)
     Hq, D, layout, causal = case[1], case[5], case[7], case[8]
     Lq, Lk = case[3], case[4]
     scale = 1.3 / np.sqrt(D)
     theta = np.linspace(-1.0, 0.6, Hq).astype(np.float32)       # some heads mask K columns
     qo, ko = _gpu.operand(qg, layout), _gpu.operand(kg, layout)
-    st = _gpu.block_statistics(qo, ko, pooled=True)
+    st = _gpu.block_statistics(qo, ko, pooled=True, q_groups=predictor == "qgroup_keys")
     kw = dict(Lq=Lq, Lk=Lk, is_causal=causal, scale=scale, simthreshd1=theta)
-    s_gpu = _gpu.estimate_logits(st, ko, predictor="qbar_keys", **kw)
+    s_gpu = _gpu.estimate_logits(st, ko, predictor=predictor, **kw)
     got = s_gpu.get()
     qh, kh = _hnd(q, layout).astype(np.float32), _hnd(k, layout)
-    km, ks = R.smooth_k(kh)
-    qbar = R.pool_blocks(qh, BQ)
-    want = R.qbar_keys_logits(qbar, ks, Lq=Lq, is_causal=causal, scale=scale).astype(np.float32)
+    _, ks = R.smooth_k(kh, km=st.km.get()[..., :D])          # the kernels' K mean (test_block_statistics)
+    if predictor == "qbar_keys":
+        qbar = st.qbar.get()[..., :D]                        # the kernels' pooled Q (idem)
+        want = R.qbar_keys_logits(qbar, ks, Lq=Lq, is_causal=causal, scale=scale).astype(np.float32)
+        tol = _qbar_keys_tolerance(qbar, ks, want, scale, D)
+    else:
+        want, tol = _qgroup_keys_reference(qh, ks, st, Lq=Lq, causal=causal, scale=scale, D=D)
     k_ok = R.expand_kv_heads(st.k_sim.get()[:, :, None], Hq)[:, :, 0] > theta[None, :, None]
     finite = R.valid_blocks(Lq, Lk, BQ, BK, causal) & k_ok[:, :, None, :]
     assert np.array_equal(np.isfinite(got), finite), "S^ is -inf elsewhere than the masked blocks"
-    tol = _qbar_keys_tolerance(qbar, ks, km, want, scale, D)
     with np.errstate(invalid="ignore"):                           # -inf - -inf off the mask
         err = np.abs(np.where(finite, got.astype(np.float64) - want, 0.0))
     bad = np.argwhere(err > tol)
@@ -349,32 +380,33 @@ def test_qbar_keys_logits_match_reference(case, record_property):
     rows = np.argwhere((gpu_map != same).any(axis=-1))
     assert not len(rows), f"selection on the kernel's S^ differs in {len(rows)} rows: {rows[:5].tolist()}"
     api = sc.predict_block_map(qg, kg, is_causal=causal, scale=scale, layout=layout,
-                               simthreshd1=theta, mass_threshold=mt, predictor="qbar_keys").get()
+                               simthreshd1=theta, mass_threshold=mt, predictor=predictor).get()
     assert np.array_equal(api, gpu_map), "the public entry point runs another map"
     ref_map, details = R.predict_block_map(qh, kh, is_causal=causal, scale=scale, simthreshd1=theta,
-                                           mass_threshold=mt, predictor="qbar_keys",
+                                           mass_threshold=mt, predictor=predictor,
                                            return_details=True)
     bad_rows = unexplained_map_rows(api, ref_map, details, theta=theta, mass_threshold=mt,
                                     rel=max(1e-5, 4 * float(tol.max())))
     assert not bad_rows, f"block map rows differ beyond near-ties: {bad_rows[:8]}"
 
 
-def test_qbar_keys_through_sparge_attn_and_torch():
-    """sparge_attn(predictor="qbar_keys") runs predict_block_map's map (CuPy and torch), and the
+@pytest.mark.parametrize("predictor", ["qbar_keys", "qgroup_keys"])
+def test_key_level_predictors_through_sparge_attn_and_torch(predictor):
+    """sparge_attn(predictor=...) runs predict_block_map's map (CuPy and torch), and the
     estimate differs from the paper's on this input."""
     (q, k, v), (qg, kg, vg) = _inputs(CASES[3])
     kw = dict(is_causal=True, layout="NHD", simthreshd1=-1.0, mass_threshold=1.0)
-    bm = sc.predict_block_map(qg, kg, predictor="qbar_keys", **kw)
-    out = sc.sparge_attn(qg, kg, vg, predictor="qbar_keys", pv="fp16", **kw)
+    bm = sc.predict_block_map(qg, kg, predictor=predictor, **kw)
+    out = sc.sparge_attn(qg, kg, vg, predictor=predictor, pv="fp16", **kw)
     assert cupy.array_equal(out, sc.block_sparse_attn(qg, kg, vg, bm, is_causal=True,
                                                       layout="NHD", pv="fp16"))
-    assert (bm != sc.predict_block_map(qg, kg, **kw)).any(), "qbar_keys should differ from paper"
+    assert (bm != sc.predict_block_map(qg, kg, **kw)).any(), f"{predictor} should differ from paper"
     torch = pytest.importorskip("torch")
     import sparge_cupy.torch as st
     tq, tk, tv = (torch.from_numpy(x).to("cuda") for x in (q, k, v))
-    tmap = st.predict_block_map(tq, tk, predictor="qbar_keys", **kw)
+    tmap = st.predict_block_map(tq, tk, predictor=predictor, **kw)
     np.testing.assert_array_equal(tmap.cpu().numpy(), bm.get())
-    tout = st.sparge_attn(tq, tk, tv, predictor="qbar_keys", pv="fp16", **kw)
+    tout = st.sparge_attn(tq, tk, tv, predictor=predictor, pv="fp16", **kw)
     np.testing.assert_array_equal(tout.cpu().numpy(), out.get())
 
 

@@ -191,11 +191,37 @@ def test_mass_threshold_map_against_brute_force(is_causal):
     assert maps[-1].sum() < maps[0].sum()
 
 
+def _tf32_relative_bound(q, k, scale, rows):
+    """Relative bound on P^ between the key-level estimates (operands rounded to TF32, the kernels'
+    tensor-core format) and the study's float64 code: each rounding moves an operand by at most
+    2^-11 of itself, so a logit by at most 2^-10 scale sum_c |q_c k_c| (largest over the head's
+    pooled rows and keys: Delta); a softmax, or a mean of softmaxes, by a factor within
+    exp(+-2 Delta); plus 1e-5 for float32 P^ and pooled means. ``[B, H, 1, 1]``."""
+    _, ks = R.smooth_k(k)
+    qr = np.abs(R.pool_blocks(q, rows)).astype(np.float64)
+    kk = R.expand_kv_heads(np.abs(ks).astype(np.float64), q.shape[1])
+    delta = scale * 2.0 ** -10 * np.matmul(qr, kk.swapaxes(-1, -2)).max(axis=(2, 3))
+    return (np.expm1(2 * delta) + 1e-5)[:, :, None, None]
+
+
+def test_round_tf32_is_cvt_rna():
+    """round_tf32 keeps 10 mantissa bits, rounding half away from zero; inf / nan pass through."""
+    one = 1.0
+    x = np.array([one + 2.0 ** -11, one + 2.0 ** -11 - 2.0 ** -23, -(one + 3 * 2.0 ** -11),
+                  one + 2.0 ** -10, 2.0 ** -100 * (1 + 2.0 ** -11), np.inf], F32)
+    got = R.round_tf32(x)
+    want = np.array([one + 2.0 ** -10, one, -(one + 2 * 2.0 ** -10), one + 2.0 ** -10,
+                     2.0 ** -100 * (1 + 2.0 ** -10), np.inf], F32)
+    assert_equal(got, want, what="tf32 rounding")
+    assert np.isnan(R.round_tf32(np.array([np.nan], F32))).all()
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_qbar_keys_predictor_matches_the_study_code(is_causal):
     """predictor="qbar_keys" with theta = -1 and the mass threshold is the predictor study's
-    predict_block_map_v2 (float64 scores; independent selection code), up to blocks whose scaled
-    estimate lies within float32 rounding of the threshold."""
+    predict_block_map_v2 (float64 scores; independent selection code), up to the TF32 rounding
+    of the operands (_tf32_relative_bound) and blocks whose scaled estimate lies within it of
+    the threshold."""
     from sparge_cupy.reference import predictors as P
     q, k, _ = make_qkv(1, 4, 2, 700, 900, 64, seed=41)
     t = np.array([0.2, 0.7, 1.5, 4.0], F32)
@@ -204,13 +230,69 @@ def test_qbar_keys_predictor_matches_the_study_code(is_causal):
     want, dv2 = P.predict_block_map_v2(q, k, is_causal=is_causal, scale=0.125, threshold=t,
                                        return_details=True)
     nk = got.shape[-1]
-    near = np.abs(dv2["score"] * nk - t[None, :, None, None]) <= 1e-5 * t[None, :, None, None]
+    rel = _tf32_relative_bound(q, k, 0.125, CONFIG.block_q)
+    near = np.abs(dv2["score"] * nk - t[None, :, None, None]) <= rel * t[None, :, None, None]
     bad = (got != want) & ~near
     assert not bad.any(), f"{int(bad.sum())} blocks differ: first {np.argwhere(bad)[:8].tolist()}"
-    np.testing.assert_allclose(d["p_hat"], np.where(d["valid"], dv2["score"], 0), rtol=1e-6, atol=1e-9)
+    want_p = np.where(d["valid"], dv2["score"], 0)
+    assert_close(d["p_hat"], want_p, rel * want_p + 1e-9, what="P^ vs the study's mass")
+    assert np.abs(d["p_hat"] - want_p).max() > 0, "TF32 rounding should show"
     paper = R.predict_block_map(q, k, is_causal=is_causal, scale=0.125, simthreshd1=heads(-1, 4),
                                 mass_threshold=t)
     assert (paper != got).any(), "the two estimates should differ on structured input"
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_qgroup_keys_predictor_matches_the_study_code(is_causal):
+    """predictor="qgroup_keys": its P^ is the predictor study's mass estimate with the query pooled
+    over CONFIG.query_group rows (estimate_block_mass(q_group=32, k_sub=1): float64 from the
+    unrounded means, a linear-domain mean; independent code) to TF32 rounding, partial last
+    query block and causal diagonal included; and it differs from the block-pooled qbar_keys."""
+    from sparge_cupy.reference import predictors as P
+    q, k, _ = make_qkv(1, 4, 2, 700, 900, 64, seed=43)
+    q[..., :4] += 3.0 * np.random.default_rng(5).standard_normal(q.shape[:3] + (1,)).astype(F32)
+    kw = dict(is_causal=is_causal, scale=0.125, simthreshd1=heads(-1, 4), mass_threshold=heads(1.0, 4))
+    _, d = R.predict_block_map(q, k, predictor="qgroup_keys", return_details=True, **kw)
+    want = P.estimate_block_mass(q, k, is_causal=is_causal, scale=0.125, q_group=CONFIG.query_group, k_sub=1)
+    want = np.where(d["valid"], want, 0)
+    rel = _tf32_relative_bound(q, k, 0.125, CONFIG.query_group)
+    assert_close(d["p_hat"], want, rel * want + 1e-9, what="P^ vs the study's mass")
+    _, dq = R.predict_block_map(q, k, predictor="qbar_keys", return_details=True, **kw)
+    assert np.abs(d["p_hat"] - dq["p_hat"]).max() > 1e-3, "query groups should change the estimate"
+
+
+def test_qgroup_keys_with_one_group_per_block_is_qbar_keys():
+    """With query_group = BQ the groups are the blocks: the mean of one softmax is that softmax,
+    so P^ and the map are qbar_keys' (a check of the combination step, mean_group_logits)."""
+    import dataclasses
+    cfg = dataclasses.replace(CONFIG, query_group=CONFIG.block_q)
+    q, k, _ = make_qkv(2, 4, 2, 530, 530, 64, seed=44)
+    for causal in (False, True):
+        kw = dict(is_causal=causal, scale=0.2, simthreshd1=heads(0.2, 4),
+                  mass_threshold=np.array([0.3, 1, 2, 5], F32), return_details=True)
+        m1, d1 = R.predict_block_map(q, k, predictor="qgroup_keys", cfg=cfg, **kw)
+        m2, d2 = R.predict_block_map(q, k, predictor="qbar_keys", **kw)
+        # the two logits differ by a per-row constant, each rounded to float32: a few ulp of
+        # logits of magnitude ~10 move P^ by ~1e-6 relative
+        assert_close(d1["p_hat"], d2["p_hat"], 1e-5 * d2["p_hat"] + 1e-12, what="P^ (float32 rounding)")
+        assert_equal(m1, m2, what="block map")
+
+
+def test_mean_group_logits_weights_partial_groups_and_rejects_bad_groups():
+    """The combination weights each group by its valid rows (a 1-row last group counts 1/33 of
+    a block of 33 rows) in the log domain (no underflow at logits -1e4), and a query_group that
+    does not divide BQ is a ValueError naming it."""
+    import dataclasses
+    with np.errstate(divide="ignore"):
+        lse = np.log(np.array([[0.5, 0.5, 0.0], [0.0, 0.25, 0.75]]))[None, None]   # 2 groups, 3 blocks
+    got = np.exp(R.mean_group_logits(lse, 33))
+    assert_close(got[0, 0, 0], (32 * np.array([0.5, 0.5, 0]) + np.array([0, 0.25, 0.75])) / 33,
+                 1e-15, what="weighted mean")
+    far = R.mean_group_logits(lse - 1e4, 33)
+    with np.errstate(divide="ignore"):
+        assert_close(far, np.log(got), 1e-12, what="shifted logits")
+    with pytest.raises(ValueError, match="query_group: expected a positive divisor of block_q"):
+        R.mean_group_logits(lse, 33, dataclasses.replace(CONFIG, query_group=48))
 
 
 def _predict(q, k, **kw):

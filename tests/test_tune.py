@@ -275,23 +275,24 @@ def test_mass_mode_meets_the_bounds_and_beats_topcdf(causal_gqa, causal_mass_tun
     assert tuned.stage1_sparsity.mean() >= causal_tuned.stage1_sparsity.mean()   # 0.165 vs 0.110
 
 
-def test_qbar_keys_predictor_tunes_and_reevaluates(causal_gqa, causal_mass_tuned):
-    """The tuner on the qbar_keys estimate: its kwargs carry the predictor, the bounds hold
-    through the public API, and the hf settings carry it as an option."""
+@pytest.mark.parametrize("predictor", ["qbar_keys", "qgroup_keys"])
+def test_key_level_predictors_tune_and_reevaluate(causal_gqa, causal_mass_tuned, predictor):
+    """The tuner on the qbar_keys / qgroup_keys estimates: its kwargs carry the predictor, the
+    bounds hold through the public API, and the hf settings carry it as an option."""
     q, k, v, scale = causal_gqa
     tuned = T.tune_layer([q], [k], [v], is_causal=True, scale=scale, l1=L1, pv_l1=PV_L1,
-                         layer="7", mode="mass", predictor="qbar_keys", thetas=(-1.0, 0.5))
-    assert tuned.predictor == "qbar_keys" and tuned.kwargs()["predictor"] == "qbar_keys"
+                         layer="7", mode="mass", predictor=predictor, thetas=(-1.0, 0.5))
+    assert tuned.predictor == predictor and tuned.kwargs()["predictor"] == predictor
     assert tuned.verified and tuned.meets_bound.all()
     l1_s2, stats = _reevaluate(tuned, q, k, v, is_causal=True, scale=scale, stage2=True)
     assert (l1_s2 <= PV_L1).all(), l1_s2
     np.testing.assert_allclose(l1_s2, tuned.l1, rtol=1e-6)
-    assert T.LayerTuning.from_json(tuned.to_json()).predictor == "qbar_keys"
+    assert T.LayerTuning.from_json(tuned.to_json()).predictor == predictor
     assert causal_mass_tuned.predictor == "paper" and "predictor" not in causal_mass_tuned.kwargs()
     settings = T.to_hf_settings([tuned])
-    assert settings["options"]["predictor"] == "qbar_keys"
+    assert settings["options"]["predictor"] == predictor
     from sparge_cupy import hf
-    assert hf.SpargeSettings.from_dict(settings).predictor == "qbar_keys"
+    assert hf.SpargeSettings.from_dict(settings).predictor == predictor
 
 
 def test_local_window_tunes_reevaluates_and_round_trips(causal_gqa):
