@@ -732,6 +732,8 @@ def _argv_of(args):
         parts.append(f"--block-factor {args.block_factor:g}")
     if args.block_quantile != 1.0:
         parts.append(f"--block-quantile {args.block_quantile:g}")
+    if "tuned_qbar" in args.steps:           # always named: its default changed once
+        parts.append(f"--qbar-predictor {args.qbar_predictor}")
     parts += [f"--device {args.device}", f"--name {args.name}"]   # --out-dir: where the report is
     if args.merge:
         parts.append("--merge")

@@ -128,7 +128,8 @@ def test_command_writes_csv_report_and_figures_and_merges(tmp_path, synthetic, c
     assert all(r["mass_threshold"] >= 0 for r in pick(csv_rows, group="tuned_mass"))
     for needle in ("## Summary", "| tokens | layer | oracle | tuned s1 | ratio", "mass s1 | mass total |",
                    "the issue's is 0.05), mass threshold: ", "## Runs",
-                   "sparge-cupy eval --tokens 300", "## Quantization floor", "## Timings"):
+                   "sparge-cupy eval --tokens 300", "--qbar-predictor qgroup_keys",
+                   "## Quantization floor", "## Timings"):
         assert needle in report, f"report lacks {needle!r}"
     for what in ("maps", "sweep", "length", "stages"):
         assert_png(out / f"gemma3_eval_test_{what}.png")
