@@ -383,6 +383,10 @@ def test_command_line_writes_and_merges_layers(tmp_path, minilm, capsys):
                        "--thetas=-1,0.5", "--quiet"]) == 0
     assert "saved layer 'b'" in capsys.readouterr().out
     assert set(T.load_tuning(out)) == {"a", "b"}
+    # the command line takes every predictor, and the file keeps it
+    assert T.main(["--inputs", str(npz), "--layer", "c", "--out", str(out), "--device", "cpu",
+                   "--mode", "mass", "--predictor", "qgroup_keys", "--thetas=-1", "--quiet"]) == 0
+    assert T.load_tuning(out)["c"].predictor == "qgroup_keys"
 
 
 def test_bad_arguments_name_the_argument():
