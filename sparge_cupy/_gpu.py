@@ -693,9 +693,17 @@ def quantize_operands(q, k, v, st, *, qk, rebalance, pv, with_q_dot_km, nonfinit
     return Quantized(q_op, dq, k_op, dk, q_dot_km, vt, dv)
 
 
-def run_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, return_lse,
-                  return_stats, out=None):
+def run_attention(q, k, qz, block_map, **options):
     """The attention kernel alone, on prepared operands; ``q``, ``k`` give the shapes."""
+    return prepare_attention(q, k, qz, block_map, **options)()
+
+
+def prepare_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, return_lse,
+                      return_stats, out=None):
+    """Everything the attention launch needs on the host (outputs, parameter struct, tensor
+    maps), done before the launch: returns ``launch()``, which launches the kernel and returns
+    what :func:`run_attention` returns. :func:`_attend` prepares while the quantization kernels
+    run and reads the non-finite counter only then, so that the GPU waits for the launch alone."""
     cp = _cupy()
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
@@ -719,14 +727,16 @@ def run_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, pv, r
         Lq=Lq, Lk=Lk, nq=nq, nk=nk, d_out=q.D, causal=int(is_causal), scale=scale),)
     if which == "wgmma":
         params += (wg_tensor_maps(qz, D, qk, pv),)
-    kern(_grid(nq, Hq, B), (THREADS,), params, shared_mem=smem)
 
-    results = [out]
-    if return_lse:
-        results.append(lse)
-    if return_stats:
-        results.append(_stats(block_map, counts, Lq=Lq, Lk=Lk, is_causal=is_causal))
-    return results[0] if len(results) == 1 else tuple(results)
+    def launch():
+        kern(_grid(nq, Hq, B), (THREADS,), params, shared_mem=smem)
+        results = [out]
+        if return_lse:
+            results.append(lse)
+        if return_stats:
+            results.append(_stats(block_map, counts, Lq=Lq, Lk=Lk, is_causal=is_causal))
+        return results[0] if len(results) == 1 else tuple(results)
+    return launch
 
 
 def _stats(block_map, counts, *, Lq, Lk, is_causal):
@@ -763,11 +773,12 @@ def _attend(q, k, v, block_map, st, counter, *, qk, rebalance, pv, return_lse, *
     the call's one non-finite check (``counter`` holds Q's and K's counts; quantize_v adds V's)
     between them: a bad input raises before the attention runs, and the host waits only for the
     short passes, not for the attention, so that it queues the next work while the attention
-    runs."""
+    runs. The launch is prepared before the wait (prepare_attention)."""
     qz = quantize_operands(q, k, v, st, qk=qk, rebalance=rebalance, pv=pv,
                            with_q_dot_km=return_lse, nonfinite=counter)
+    launch = prepare_attention(q, k, qz, block_map, qk=qk, pv=pv, return_lse=return_lse, **options)
     check_counter(counter, q=q, k=k, v=v)
-    return run_attention(q, k, qz, block_map, qk=qk, pv=pv, return_lse=return_lse, **options)
+    return launch()
 
 
 def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd, qk, rebalance,
