@@ -5,6 +5,11 @@ kept, filter off, CUDA events, median after warm-up.
     python bench/attn_variants.py                      # table: every version x shape, + SDPA
     python bench/attn_variants.py --ncu --versions wgmma  # one launch (for ncu)
     python bench/attn_variants.py --quick --versions mma wgmma
+    python bench/attn_variants.py --versions wgmma wgmma@/tmp/old_cuda --shapes 4,32,8192,128,1,0.1
+
+A version ``kernel@folder`` is that kernel built from the sources in ``folder`` (e.g. an older
+commit's ``cuda/``, for a before / after in one process); ``--shapes B,H,L,D,CAUSAL,DENSITY ...``
+replaces the default shapes (block maps of that density drawn at random, block column 0 kept).
 
 Versions: the two kernels of cuda/sparse_attn.cu as the package builds them (mma: mma.sync,
 wgmma: sm_90a warpgroup MMA with TMA loads) and builds with extra NVRTC options (VERSIONS);
@@ -37,13 +42,22 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
 }
 
 
-def kernel(version, D, qk, pv, dtype="float16"):
+def parse_version(version):
+    """(kernel, extra NVRTC options or None, source folder or None) of a version name."""
+    if "@" in version:
+        which, folder = version.split("@", 1)
+        return which, (), folder
     which, extra = VERSIONS[version]
+    return which, extra, None
+
+
+def kernel(version, D, qk, pv, dtype="float16"):
+    which, extra, folder = parse_version(version)
     name = _compile.attn_name(D, qk, pv, dtype, which)
     if extra is None:
         return _compile.get_kernel("sparse_attn.cu", name)
     opts = _compile.base_options() + (_compile.arch_flag(90),) + tuple(extra)
-    return _compile.Kernel(cp.RawModule(code=_compile.source_text("sparse_attn.cu"), options=opts,
+    return _compile.Kernel(cp.RawModule(code=_compile.source_text("sparse_attn.cu", folder), options=opts,
                                         name_expressions=[name]).get_function(name))
 
 
@@ -73,7 +87,7 @@ def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
     B, Hq, Lq, D = qo.shape
     _, Hkv, Lk, _ = ko.shape
     nq, nk = -(-Lq // BQ), -(-Lk // BK)
-    which, _ = VERSIONS[version]
+    which = parse_version(version)[0]
     threads = _gpu.THREADS
     kern = kernel(version, D, qk, pv)
     smem = _gpu.attn_smem_bytes(D, qk, pv, which)
@@ -125,6 +139,7 @@ def main():
     ap.add_argument("--versions", nargs="+", default=list(VERSIONS))
     ap.add_argument("--modes", nargs="+", default=["int8-fp8"])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="B,H,L,D,CAUSAL,DENSITY")
     a = ap.parse_args()
     if a.ncu:
         B, H, L, D, causal = (int(x) for x in a.ncu_shape.split(","))
@@ -136,6 +151,9 @@ def main():
         return
     rows = []
     shapes = SHAPES[:2] + SHAPES[3:4] if a.quick else SHAPES
+    if a.shapes:
+        shapes = [tuple(int(x) for x in sh.split(",")[:4]) + (bool(int(sh.split(",")[4])), float(sh.split(",")[5]))
+                  for sh in a.shapes]
     for (B, H, L, D, causal, dens) in shapes:
         for mode in a.modes:
             qk, pv = mode.split("-")

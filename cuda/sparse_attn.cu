@@ -112,6 +112,46 @@ __device__ __forceinline__ void store_pair(OutT* dst, float v0, float v1, bool s
     if (second) dst[1] = from_float<OutT>(v1);
 }
 
+// The epilogue's rows (both kernels): l summed over the 4 threads of each row, the rows' output
+// pointers, and whether the fast stores apply: every channel written and every row's l a div_rn
+// divisor (then o / l by div_rn gives __fdiv_rn's quotients in three instructions), the same
+// answer on every lane.
+template <int D, typename OutT>
+__device__ __forceinline__ bool epilogue_rows(const AttnParams& p, float (&l)[2], const int (&t_row)[2],
+                                              int b, int h, OutT* (&out)[2]) {
+    bool fast = p.d_out == D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        out[r] = static_cast<OutT*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
+                 (long long)t_row[r] * p.out_stride_t;
+        fast = fast && (l[r] == 0.f || div_rn_ok(l[r]));
+    }
+    return __all_sync(0xffffffffu, fast) != 0;
+}
+
+// The general stores (both kernels): the channels below d_out of the real rows, zeros for an
+// empty row; value(n, r, v0, v1) gives channels n * 8 + 2 t4 + {0, 1} of row r (IEEE division).
+template <int D, typename OutT, typename F>
+__device__ __forceinline__ void store_rows_general(const AttnParams& p, const float (&l)[2],
+                                                   const bool (&row_real)[2], OutT* const (&out)[2],
+                                                   int t4, F&& value) {
+    const bool paired = (p.d_out % 2) == 0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!row_real[r]) continue;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            const int d = n * 8 + 2 * t4;
+            if (d >= p.d_out) continue;
+            float v0 = 0.f, v1 = 0.f;
+            if (l[r] != 0.f) value(n, r, v0, v1);
+            store_pair<OutT>(out[r] + d, v0, v1, d + 1 < p.d_out, paired);
+        }
+    }
+}
+
 template <bool C, typename A, typename B> struct Select { using type = A; };
 template <typename A, typename B> struct Select<false, A, B> { using type = B; };
 
@@ -350,35 +390,56 @@ __global__ void __launch_bounds__(ATTN_THREADS, D <= 128 ? 2 : 1) sparse_attn(co
 
     // Epilogue: O = acc / l (FP8: times dv / 448); a row that saw no key (l = 0: no kept block, or
     // every key masked) writes zeros and LSE -inf. Every channel < d_out of every real row is written.
+    // As in sparse_attn_wg: where every channel is written and every l is a div_rn divisor (the
+    // common case), div_rn (the same quotients as __fdiv_rn) and dv / 448 once per channel pair.
     const float* dv = PV_FP8 ? p.dv + ((size_t)b * p.Hkv + kvh) * D : nullptr;
-    const bool paired = (p.d_out % 2) == 0;
+    OutT* out[2];
+    if (epilogue_rows<D, OutT>(p, l, t_row, b, h, out)) {
+        const float r448 = __frcp_rn(FP8_MAX);
+        float rl[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        if (!row_real[r]) continue;
-        const bool empty = l[r] == 0.f;
-        OutT* out = static_cast<OutT*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
-                    (long long)t_row[r] * p.out_stride_t;
+        for (int r = 0; r < 2; ++r) rl[r] = __frcp_rn(l[r]);
 #pragma unroll
         for (int n = 0; n < O_TILES; ++n) {
             const int d = n * 8 + 2 * t4;
-            if (d >= p.d_out) continue;
-            float v0 = 0.f, v1 = 0.f;
-            if (!empty) {
-                v0 = __fdiv_rn(o[n][2 * r], l[r]);
-                v1 = __fdiv_rn(o[n][2 * r + 1], l[r]);
-                if constexpr (PV_FP8) {
-                    v0 = __fmul_rn(v0, __fdiv_rn(dv[d], FP8_MAX));
-                    v1 = __fmul_rn(v1, __fdiv_rn(dv[d + 1], FP8_MAX));
-                }
+            float w0 = 1.f, w1 = 1.f;
+            if constexpr (PV_FP8) {
+                const float2 w = *reinterpret_cast<const float2*>(dv + d);
+                w0 = div_rn(w.x, FP8_MAX, r448);
+                w1 = div_rn(w.y, FP8_MAX, r448);
             }
-            store_pair<OutT>(out + d, v0, v1, d + 1 < p.d_out, paired);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                if (!row_real[r]) continue;
+                float v0 = 0.f, v1 = 0.f;
+                if (l[r] != 0.f) {
+                    v0 = div_rn(o[n][2 * r], l[r], rl[r]);
+                    v1 = div_rn(o[n][2 * r + 1], l[r], rl[r]);
+                    if constexpr (PV_FP8) {
+                        v0 = __fmul_rn(v0, w0);
+                        v1 = __fmul_rn(v1, w1);
+                    }
+                }
+                store_pair<OutT>(out[r] + d, v0, v1, true, true);
+            }
         }
-        if (p.lse && t4 == 0) {
+    } else {
+        store_rows_general<D, OutT>(p, l, row_real, out, t4, [&](int n, int r, float& v0, float& v1) {
+            v0 = __fdiv_rn(o[n][2 * r], l[r]);
+            v1 = __fdiv_rn(o[n][2 * r + 1], l[r]);
+            if constexpr (PV_FP8) {
+                const int d = n * 8 + 2 * t4;
+                v0 = __fmul_rn(v0, __fdiv_rn(dv[d], FP8_MAX));
+                v1 = __fmul_rn(v1, __fdiv_rn(dv[d + 1], FP8_MAX));
+            }
+        });
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (p.lse && t4 == 0 && row_real[r]) {
             const size_t at = ((size_t)b * p.Hq + h) * p.Lq + t_row[r];
-            p.lse[at] = empty ? -CUDART_INF_F
-                              : __fadd_rn(__fmul_rn(m[r] + log2f(l[r]), LN2), __fmul_rn(p.scale, p.q_dot_km[at]));
+            p.lse[at] = l[r] == 0.f ? -CUDART_INF_F
+                                    : __fadd_rn(__fmul_rn(m[r] + log2f(l[r]), LN2), __fmul_rn(p.scale, p.q_dot_km[at]));
         }
     }
 }
@@ -726,7 +787,11 @@ struct WgRows {
     }
 
     // The epilogue: Stage 2 counts, then O = o / l (FP8: times dv) in the user's layout and dtype,
-    // zeros for an empty row, and the LSE.
+    // zeros for an empty row, and the LSE. Two forms of the stores: every channel written and
+    // every row's l a div_rn divisor (the common case, warp-uniform): each pair of channels is
+    // two div_rn (three instructions each, the same quotient as __fdiv_rn), its dv loaded once for
+    // both rows; otherwise per-channel bounds and IEEE division. (The general form alone cost
+    // ~45 instructions per pair, ~1400 per thread at D = 128: three key blocks' softmax.)
     template <int D, typename OutT>
     __device__ __forceinline__ void store(const AttnParams& p, const float (&o)[D / 2], int h, int b,
                                           int kvh, size_t qblk) {
@@ -735,36 +800,58 @@ struct WgRows {
             atomicAdd(p.group_counts + qblk * 2 + 1, skipped);
         }
         const float* dv = PV_FP8 ? p.dv + ((size_t)b * p.Hkv + kvh) * D : nullptr;
-        const bool paired = (p.d_out % 2) == 0;
         const int t4 = lane & 3;
+        OutT* out[2];
+        if (epilogue_rows<D, OutT>(p, l, t_row, b, h, out)) {
+            float ls[2], rl[2];                      // an empty row divides by 1 and stores zeros
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-            if (!row_real[r]) continue;
-            const bool empty = l[r] == 0.f;
-            OutT* out = static_cast<OutT*>(p.out) + b * p.out_stride_b + h * p.out_stride_h +
-                        (long long)t_row[r] * p.out_stride_t;
+            for (int r = 0; r < 2; ++r) {
+                ls[r] = l[r] == 0.f ? 1.f : l[r];
+                rl[r] = __frcp_rn(ls[r]);
+            }
+            // The thread's dv pairs, their loads all in flight together; at D = 256 one pair at a
+            // time (64 more live registers there slowed the whole kernel by 18%, bench/NOTES.md).
+            constexpr bool PRELOAD = PV_FP8 && D <= 128;
+            float2 w[PRELOAD ? D / 8 : 1];
+            if constexpr (PRELOAD) {
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) w[n] = *reinterpret_cast<const float2*>(dv + n * 8 + 2 * t4);
+            }
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) {
                 const int d = n * 8 + 2 * t4;
-                if (d >= p.d_out) continue;
-                float v0 = 0.f, v1 = 0.f;
-                if (!empty) {                        // FP8: o and l both count p448
-                    v0 = __fdiv_rn(o[4 * n + 2 * r], l[r]);
-                    v1 = __fdiv_rn(o[4 * n + 2 * r + 1], l[r]);
+                if constexpr (PV_FP8 && !PRELOAD) w[0] = *reinterpret_cast<const float2*>(dv + d);
+                const float2 wn = w[PRELOAD ? n : 0];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {        // FP8: o and l both count p448
+                    float v0 = div_rn(o[4 * n + 2 * r], ls[r], rl[r]);
+                    float v1 = div_rn(o[4 * n + 2 * r + 1], ls[r], rl[r]);
                     if constexpr (PV_FP8) {
-                        v0 = __fmul_rn(v0, dv[d]);
-                        v1 = __fmul_rn(v1, dv[d + 1]);
+                        v0 = __fmul_rn(v0, wn.x);
+                        v1 = __fmul_rn(v1, wn.y);
                     }
+                    if (l[r] == 0.f) v0 = v1 = 0.f;
+                    if (row_real[r]) store_pair<OutT>(out[r] + d, v0, v1, true, true);
                 }
-                store_pair<OutT>(out + d, v0, v1, d + 1 < p.d_out, paired);
             }
-            if (p.lse && t4 == 0) {
+        } else {
+            store_rows_general<D, OutT>(p, l, row_real, out, t4, [&](int n, int r, float& v0, float& v1) {
+                v0 = __fdiv_rn(o[4 * n + 2 * r], l[r]);
+                v1 = __fdiv_rn(o[4 * n + 2 * r + 1], l[r]);
+                if constexpr (PV_FP8) {
+                    const int d = n * 8 + 2 * t4;
+                    v0 = __fmul_rn(v0, dv[d]);
+                    v1 = __fmul_rn(v1, dv[d + 1]);
+                }
+            });
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (p.lse && t4 == 0 && row_real[r]) {
                 const size_t at = ((size_t)b * p.Hq + h) * p.Lq + t_row[r];
-                p.lse[at] = empty ? -CUDART_INF_F
-                                  : __fadd_rn(__fmul_rn(m[r] + (log2f(l[r]) - (PV_FP8 ? LOG2_FP8_MAX : 0.f)), LN2),
-                                              __fmul_rn(p.scale, p.q_dot_km[at]));
+                p.lse[at] = l[r] == 0.f ? -CUDART_INF_F
+                                        : __fadd_rn(__fmul_rn(m[r] + (log2f(l[r]) - (PV_FP8 ? LOG2_FP8_MAX : 0.f)), LN2),
+                                                    __fmul_rn(p.scale, p.q_dot_km[at]));
             }
         }
     }
