@@ -134,17 +134,18 @@ SHAPES = [  # B, H, L, D, causal, density
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true", help="one launch of the first version (for ncu)")
-    ap.add_argument("--ncu-shape", default="1,32,8192,128,1", metavar="B,H,L,D,CAUSAL",
-                    help="the --ncu launch's shape (default 1,32,8192,128,1)")
+    ap.add_argument("--ncu-shape", default="1,32,8192,128,1", metavar="B,H,L,D,CAUSAL[,DENSITY]",
+                    help="the --ncu launch's shape (default 1,32,8192,128,1, all blocks kept)")
     ap.add_argument("--versions", nargs="+", default=list(VERSIONS))
     ap.add_argument("--modes", nargs="+", default=["int8-fp8"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shapes", nargs="+", default=None, metavar="B,H,L,D,CAUSAL,DENSITY")
     a = ap.parse_args()
     if a.ncu:
-        B, H, L, D, causal = (int(x) for x in a.ncu_shape.split(","))
+        B, H, L, D, causal = (int(x) for x in a.ncu_shape.split(",")[:5])
+        dens = float(a.ncu_shape.split(",")[5]) if a.ncu_shape.count(",") >= 5 else 1.0
         qk, pv = a.modes[0].split("-")
-        _, qo, ko, qz, bmap = prepare(B, H, L, D, bool(causal), qk, pv)
+        _, qo, ko, qz, bmap = prepare(B, H, L, D, bool(causal), qk, pv, dens)
         run, _ = launcher(a.versions[0], qo, ko, qz, bmap, bool(causal), qk, pv)
         run()
         cp.cuda.Device().synchronize()
