@@ -39,7 +39,23 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
     "wgmma": ("wgmma", None),
     "wgmma-1cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=1",)),
     "wgmma-3cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=3",)),
+    "wgmma-ovl": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((64, 256))}",)),
+    "wgmma-ovl-1cta": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((128,))}",
+                                 "-DSPARGE_WG_MIN_BLOCKS=1")),
 }
+
+
+def overlap_dims(version):
+    """The head dims at which a version overlaps (its SPARGE_WG_OVERLAP; the package's own
+    build: None, the package's setting)."""
+    extra = parse_version(version)[1]
+    if extra is None:
+        return None
+    for opt in extra:
+        if opt.startswith("-DSPARGE_WG_OVERLAP="):
+            mask = int(opt.split("=")[1])
+            return tuple(d for d in _compile.HEAD_DIMS if (mask >> (d // 64)) & 1)
+    return ()
 
 
 def parse_version(version):
@@ -90,7 +106,7 @@ def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
     which = parse_version(version)[0]
     threads = _gpu.THREADS
     kern = kernel(version, D, qk, pv)
-    smem = _gpu.attn_smem_bytes(D, qk, pv, which)
+    smem = _gpu.attn_smem_bytes(D, qk, pv, which, overlap_dims(version))
     if smem > 48 * 1024:
         kern.max_dynamic_shared_size_bytes = smem
     out = cp.empty((B, Hq, Lq, D), cp.float16)

@@ -562,12 +562,23 @@ __device__ __forceinline__ void warpgroup_barrier_sync(int wg) {
 #endif
 template <int D> struct WgOccupancy { static constexpr int value = D <= 128 ? SPARGE_WG_MIN_BLOCKS : 1; };
 
+// Head dims at which sparse_attn_wg overlaps the next block's Q K^T with this block's softmax
+// (registers for a second score tile; three stages of K and V, where they fit): bit D / 64 of
+// SPARGE_WG_OVERLAP. The package passes it (sparge_cupy._compile.wg_overlap_dims: none unless
+// the environment's SPARGE_WG_OVERLAP names head dims).
+#ifndef SPARGE_WG_OVERLAP
+#define SPARGE_WG_OVERLAP 0
+#endif
+constexpr int WG_SMEM_MAX = 227 * 1024;  // shared memory per CTA on sm_90 (mirrored in _gpu.py)
+
 // Dynamic shared memory the launcher gives sparse_attn_wg (1 KB for aligning the tiles).
 template <int D, bool QK_INT8, bool PV_FP8>
 struct WgSmem {
     static constexpr int QRB = D * (QK_INT8 ? 1 : 2), VRB = BK * (PV_FP8 ? 1 : 2);
     static constexpr int Q = BQ * QRB, K = BK * QRB, V = D * VRB;
-    static constexpr int bytes = 1024 + Q + 2 * (K + V);
+    static constexpr bool overlap = ((SPARGE_WG_OVERLAP >> (D / 64)) & 1) && 1024 + Q + 3 * (K + V) <= WG_SMEM_MAX;
+    static constexpr int stages = overlap ? 3 : 2;
+    static constexpr int bytes = 1024 + Q + stages * (K + V);
 };
 
 // The operands' TMA tensor maps (cuTensorMapEncodeTiled, sparge_cupy/_gpu.py: wg_tensor_maps):
@@ -655,11 +666,13 @@ struct WgRows {
         visited = skipped = 0;
     }
 
-    // One kept block j's softmax: scores from the accumulator, Stage 2, online softmax, and P as
-    // the A fragments of P V. alpha[r] is o's rescale for row r (1 where the group skips), for
+    // One kept block j's softmax: scores from the accumulator (or from its float32 copy: the
+    // overlapped loop converts before reusing the accumulator), Stage 2, online softmax, and P
+    // as the A fragments of P V. alpha[r] is o's rescale for row r (1 where the group skips), for
     // the caller to apply with (FP8: to) the block's P V. Returns whether the whole warpgroup
     // skips the block's P V.
-    __device__ __forceinline__ bool step(const AttnParams& p, int i, AccT (&acc)[32], int j,
+    template <typename T>
+    __device__ __forceinline__ bool step(const AttnParams& p, int i, const T (&acc)[32], int j,
                                          unsigned (&pa)[PV_STEPS][4], float (&alpha)[2], int* wg_skip) {
         const int t4 = lane & 3;
         const float c = __fmul_rn(__fmul_rn(__fmul_rn(dq_i, dk_row[j]), p.scale), LOG2E);
@@ -899,13 +912,16 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
     constexpr int QRB = Smem::QRB, VRB = Smem::VRB;
     constexpr int PV_STEPS = Rows::PV_STEPS;
 
+    constexpr bool OVERLAP = Smem::overlap;
+    constexpr int NS = Smem::stages;
+
     extern __shared__ unsigned char smem_raw[];
     __shared__ int wg_skip[ATTN_WARPS];
     unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-    // Tiles: Q, then K stage 0, K stage 1, V stage 0, V stage 1 (all 1024-byte aligned).
+    // Tiles: Q, then the NS stages of K, then those of V (all 1024-byte aligned).
     unsigned char* sQ = base;
     unsigned char* sK0 = sQ + Smem::Q;
-    unsigned char* sV0 = sK0 + 2 * Smem::K;
+    unsigned char* sV0 = sK0 + NS * Smem::K;
 
     const int i = p.nq - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -917,10 +933,10 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
     // Thread 0 has the TMA load stage s's tiles (the swizzled images the wgmmas read); full[s]
     // counts their bytes in.
     constexpr int QSW = QRB < 128 ? QRB : 128;
-    __shared__ __align__(8) unsigned long long full[2];
+    __shared__ __align__(8) unsigned long long full[NS];
     if (tid == 0) {
-        mbar_init(&full[0], 1);
-        mbar_init(&full[1], 1);
+#pragma unroll
+        for (int s = 0; s < NS; ++s) mbar_init(&full[s], 1);
         mbar_init_fence();
     }
     __syncthreads();
@@ -933,7 +949,7 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
             tma_load(sK0 + stage * Smem::K + c * BK * QSW, &maps.k, c * QSW, k_row + j * BK, &full[stage]);
         tma_load(sV0 + stage * Smem::V, &maps.vt, j * VRB, v_row0, &full[stage]);
     };
-    // Descriptor low words: this warpgroup's Q rows, K and V^T stage 0 (stage 1 follows).
+    // Descriptor low words: this warpgroup's Q rows, K and V^T stage 0 (the others follow).
     const unsigned q_lo = desc_lo(sQ) + ((64 * wg * (QRB < 128 ? QRB : 128)) >> 4);
     const unsigned k_lo0 = desc_lo(sK0), v_lo0 = desc_lo(sV0);
 
@@ -942,55 +958,106 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
     for (int n = 0; n < D / 2; ++n) o[n] = 0.f;
     Rows rows(p, i, h, b, kvh, qblk, warp, lane);
 
-    // One block per iteration: S = Q K_j^T, softmax, P V_j, each waited before the next; the
-    // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two
-    // CTAs per SM at D <= 128).
-    int j = scan.next(-1), stage = 0;
+    // O += P V_j for the block in `stage` (warpgroup-uniform: skipped where the whole warpgroup
+    // skips it); waits for every wgmma in flight.
+    auto pv_block = [&](const unsigned (&pa)[PV_STEPS][4], const float (&alpha)[2], int stage, bool skip) {
+        if (skip) {
+            if constexpr (OVERLAP) wgmma_wait<0>();
+            return;
+        }
+        const unsigned v_lo = v_lo0 + stage * (Smem::V >> 4);
+        if constexpr (PV_FP8) {
+            constexpr int NC = SPARGE_WG_PV_CHUNK < D ? SPARGE_WG_PV_CHUNK : D;
+#pragma unroll
+            for (int c = 0; c < D / NC; ++c) {   // NC output channels at a time (registers)
+                float t[NC / 2];
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<NC, D, PV_FP8>(t, pa[ks], v_lo, c * NC, ks, ks > 0);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_operands(t);
+                rows.add_block(o, t, c * NC / 2, alpha);
+            }
+        } else {
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(o, pa[ks], v_lo, 0, ks, 1);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_operands(o);
+        }
+    };
+
+    int j = scan.next(-1);
     if (j <= j_last && tid == 0) {
         mbar_add_tx(&full[0], Smem::Q);
 #pragma unroll
         for (int c = 0; c < QRB / QSW; ++c) tma_load(sQ + c * BQ * QSW, &maps.q, c * QSW, (int)qblk * BQ, &full[0]);
     }
     if (j <= j_last) load_kv(j, 0);
-    for (int n = 0; j <= j_last; ++n) {
-        mbar_wait(&full[stage], (n >> 1) & 1);   // K_j, V_j (and Q) are in
-        __syncthreads();                         // every warp is done with stage ^ 1
-        const int j_next = scan.next(j);
-        if (j_next <= j_last) load_kv(j_next, stage ^ 1);
-        AccT acc[32];                            // S = Q K_j^T (the first k step overwrites)
-        wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + stage * (Smem::K >> 4));
-        wgmma_wait<0>();
-        fence_operands(acc);
-        unsigned pa[PV_STEPS][4];
-        float alpha[2];
-        const bool wg_all_skip = rows.step(p, i, acc, j, pa, alpha, wg_skip);
-        if constexpr (!PV_FP8) rows.rescale(o, alpha);
-        if (!wg_all_skip) {                      // O += P V_j (warpgroup-uniform branch)
-            const unsigned v_lo = v_lo0 + stage * (Smem::V >> 4);
-            if constexpr (PV_FP8) {
-                constexpr int NC = SPARGE_WG_PV_CHUNK < D ? SPARGE_WG_PV_CHUNK : D;
-#pragma unroll
-                for (int c = 0; c < D / NC; ++c) {   // NC output channels at a time (registers)
-                    float t[NC / 2];
-                    wgmma_fence();
-#pragma unroll
-                    for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<NC, D, PV_FP8>(t, pa[ks], v_lo, c * NC, ks, ks > 0);
-                    wgmma_commit();
-                    wgmma_wait<0>();
-                    fence_operands(t);
-                    rows.add_block(o, t, c * NC / 2, alpha);
-                }
-            } else {
-                wgmma_fence();
-#pragma unroll
-                for (int ks = 0; ks < PV_STEPS; ++ks) wg_pv<D, D, PV_FP8>(o, pa[ks], v_lo, 0, ks, 1);
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_operands(o);
-            }
+    if constexpr (!OVERLAP) {
+        // One block per iteration: S = Q K_j^T, softmax, P V_j, each waited before the next; the
+        // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two
+        // CTAs per SM at D <= 128).
+        int stage = 0;
+        for (int n = 0; j <= j_last; ++n) {
+            mbar_wait(&full[stage], (n >> 1) & 1);   // K_j, V_j (and Q) are in
+            __syncthreads();                         // every warp is done with stage ^ 1
+            const int j_next = scan.next(j);
+            if (j_next <= j_last) load_kv(j_next, stage ^ 1);
+            AccT acc[32];                            // S = Q K_j^T (the first k step overwrites)
+            wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + stage * (Smem::K >> 4));
+            wgmma_wait<0>();
+            fence_operands(acc);
+            unsigned pa[PV_STEPS][4];
+            float alpha[2];
+            const bool wg_all_skip = rows.step(p, i, acc, j, pa, alpha, wg_skip);
+            if constexpr (!PV_FP8) rows.rescale(o, alpha);
+            pv_block(pa, alpha, stage, wg_all_skip);
+            stage ^= 1;
+            j = j_next;
         }
-        stage ^= 1;
-        j = j_next;
+    } else {
+        // Three stages: block n in stage n % 3. Iteration n holds block n's scores, issues the
+        // next block's Q K^T into the accumulator just read, and runs block n's softmax while the
+        // tensor cores work; then P V_n (both waited together). The loads of block n + 2 fly
+        // meanwhile (into block n - 1's stage, free after the iteration's CTA barrier).
+        int j1 = j <= j_last ? scan.next(j) : j_last + 1;
+        if (j1 <= j_last) load_kv(j1, 1);
+        AccT acc[32];
+        if (j <= j_last) {
+            mbar_wait(&full[0], 0);
+            wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0);
+            wgmma_wait<0>();
+            fence_operands(acc);
+        }
+        int s0 = 0, s1 = 1, ph1 = 0;                 // stages of blocks n and n + 1, the latter's parity
+        while (j <= j_last) {
+            const int s2 = s1 == NS - 1 ? 0 : s1 + 1;
+            __syncthreads();                         // every warp is done with block n - 1 (stage s2)
+            const int j2 = j1 <= j_last ? scan.next(j1) : j_last + 1;
+            if (j2 <= j_last) load_kv(j2, s2);
+            float s[32];                             // block n's scores (exact: |acc| < 2^24)
+#pragma unroll
+            for (int x = 0; x < 32; ++x) s[x] = (float)acc[x];
+            fence_operands(acc);
+            if (j1 <= j_last) {                      // CTA-uniform
+                mbar_wait(&full[s1], ph1);
+                wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + s1 * (Smem::K >> 4));
+            }
+            unsigned pa[PV_STEPS][4];
+            float alpha[2];
+            const bool wg_all_skip = rows.step(p, i, s, j, pa, alpha, wg_skip);
+            if constexpr (!PV_FP8) rows.rescale(o, alpha);
+            pv_block(pa, alpha, s0, wg_all_skip);    // waits for the Q K^T too
+            fence_operands(acc);
+            s0 = s1;
+            ph1 ^= s2 == 0;
+            s1 = s2;
+            j = j1;
+            j1 = j2;
+        }
     }
     rows.template store<D, OutT>(p, o, h, b, kvh, qblk);
 #else

@@ -108,18 +108,18 @@ def device_info():
     }
 
 
-def run_tests(timeout, log_dir, kernel="auto"):
-    """tests/test_gpu.py with the attention kernel ``kernel`` (SPARGE_ATTN_KERNEL; "auto" is the
-    device's default; a forced kernel runs the attention tests only)."""
-    xml = log_dir / f"gpu_tests_{kernel}.xml"
+def run_tests(timeout, log_dir, variant="auto"):
+    """tests/test_gpu.py as the package builds it ("auto"), or its attention tests alone with a
+    variant of FORCED (its environment: another kernel, the overlapped loop)."""
+    xml = log_dir / f"gpu_tests_{variant}.xml"
     workers = ["-n", str(min(8, max(1, (os.cpu_count() or 2) // 2)))] if _has("xdist") else []
     workers += ["--timeout=180"] if _has("pytest_timeout") else []
-    workers += [] if kernel == "auto" else ["-k", "attention or attn"]
+    workers += [] if variant == "auto" else ["-k", "attention or attn"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2",
-           "SPARGE_ATTN_KERNEL": kernel}
+           "SPARGE_ATTN_KERNEL": "auto", **(FORCED[variant][1] if variant != "auto" else {})}
     code, out, secs = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
                             "tests/test_gpu.py", f"--junitxml={xml}"], timeout, env=env)
-    (log_dir / f"gpu_tests_{kernel}.log").write_text(out)
+    (log_dir / f"gpu_tests_{variant}.log").write_text(out)
     rows, metrics = [], []
     if xml.exists():
         for tc in ET.parse(xml).getroot().iter("testcase"):
@@ -297,9 +297,14 @@ def _tests_section(tests, title):
     return lines
 
 
-# The attention tests again with each other kernel forced (SPARGE_ATTN_KERNEL), where the device
-# runs more than one (Hopper: wgmma by default, and mma, the portable kernel).
-FORCED_KERNELS = {"mma": "the portable mma.sync kernel"}
+# The attention tests again in other builds the device can run: name: (what, environment, runs
+# on compute capability). Hopper runs wgmma by default; mma is the portable kernel; wg-overlap is
+# the wgmma kernel with its overlapped loop (SPARGE_WG_OVERLAP) at every head dim.
+FORCED = {
+    "mma": ("the portable mma.sync kernel", {"SPARGE_ATTN_KERNEL": "mma"}, (90,)),
+    "wg-overlap": ("the wgmma kernel's overlapped loop at every head dim",
+                   {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256"}, (90,)),
+}
 
 
 def write_report(info, tests, sanitizers, timings, out_dirs, breakdown=(), cache_demo=None,
@@ -312,9 +317,10 @@ def write_report(info, tests, sanitizers, timings, out_dirs, breakdown=(), cache
              f"- date: {info['date']}", f"- commit: {info['commit']}",
              f"- attention kernel by default on this card: {_gpu.attn_kernel_choice()}", ""]
     lines += _tests_section(tests, "GPU tests (tests/test_gpu.py, default attention kernel)")
-    for kernel, result in forced:
+    for variant, result in forced:
+        what, env, _ = FORCED[variant]
         lines += [""] + _tests_section(
-            result, f"Attention tests again with {FORCED_KERNELS[kernel]} (SPARGE_ATTN_KERNEL={kernel})")
+            result, f"Attention tests again with {what} ({' '.join(f'{k}={v}' for k, v in env.items())})")
     if metrics:
         lines += ["", "Errors recorded by the tests (relative L1; 'mirror' = the blocked mirror of "
                   "reference/ on the same quantized operands, 'dense' = float64 attention with the "
@@ -371,13 +377,12 @@ def main():
     print(f"{info['card']} cc {info['cc']}, commit {info['commit']}", flush=True)
     tests = run_tests(args.test_timeout, log_dir)
     print(f"tests done in {tests[3]:.0f} s (exit {tests[0]})", flush=True)
-    from sparge_cupy import _gpu
     forced = []
-    if _gpu.attn_kernel_choice() != "mma":
-        for kernel in (k for k in FORCED_KERNELS if k != _gpu.attn_kernel_choice()):
-            forced.append((kernel, run_tests(args.test_timeout, log_dir, kernel=kernel)))
-            print(f"{kernel} attention tests done in {forced[-1][1][3]:.0f} s (exit {forced[-1][1][0]})",
-                  flush=True)
+    cc = int(info["cc"].replace(".", ""))
+    for variant in (v for v, (_, _, ccs) in FORCED.items() if cc in ccs):
+        forced.append((variant, run_tests(args.test_timeout, log_dir, variant)))
+        print(f"{variant} attention tests done in {forced[-1][1][3]:.0f} s (exit {forced[-1][1][0]})",
+              flush=True)
     sanitizers = [] if args.skip_sanitizers else run_sanitizers(args.sanitizer_timeout, log_dir)
     timings, breakdown = [], []
     if not args.skip_timings:

@@ -86,6 +86,42 @@ def base_options():
     return ("-std=c++17",) + tuple(f"-I{d}" for d in cuda_include_dirs())
 
 
+# Head dims at which sparse_attn_wg overlaps the next block's Q K^T with the current block's
+# softmax (cuda/sparse_attn.cu, SPARGE_WG_OVERLAP: three stages of K and V, a second score tile
+# in registers). None by default until measured (bench/NOTES.md); the environment variable
+# SPARGE_WG_OVERLAP (head dims, comma-separated, e.g. "64,256") sets them for a process (the GPU
+# suite and the benchmarks).
+WG_OVERLAP_DIMS = ()
+
+
+def wg_overlap_dims():
+    """The head dims SPARGE_WG_OVERLAP names ("" or "0": none), else WG_OVERLAP_DIMS."""
+    raw = os.environ.get("SPARGE_WG_OVERLAP")
+    if raw is None:
+        return tuple(WG_OVERLAP_DIMS)
+    dims = []
+    for part in raw.replace(" ", "").split(","):
+        if part in ("", "0"):
+            continue
+        if not part.isdigit() or int(part) not in HEAD_DIMS:
+            raise ValueError(f"SPARGE_WG_OVERLAP: expected head dims from {HEAD_DIMS}, comma-"
+                             f"separated (\"\" or 0: none), got {raw!r}")
+        dims.append(int(part))
+    return tuple(sorted(set(dims)))
+
+
+def wg_overlap_mask(dims):
+    """SPARGE_WG_OVERLAP's value in C: bit D / 64 set for each head dim D."""
+    return sum(1 << (d // 64) for d in dims)
+
+
+def source_options(source):
+    """The NVRTC options a source takes beyond base_options() and the architecture."""
+    if source == "sparse_attn.cu":
+        return (f"-DSPARGE_WG_OVERLAP={wg_overlap_mask(wg_overlap_dims())}",)
+    return ()
+
+
 # ---------------------------------------------------------------------------------------------
 # Name expressions: every template instantiation the launcher may ask for.
 
@@ -202,11 +238,12 @@ def get_kernel(source, name):
     import cupy
 
     dev_id = cupy.cuda.runtime.getDevice()
-    key = (dev_id, source, name)
+    extra = source_options(source)
+    key = (dev_id, source, name, extra)
     hit = _modules.get(key)
     if hit is None:
         cc = int(cupy.cuda.Device(dev_id).compute_capability)
-        options = base_options() + (arch_flag(cc),)
+        options = base_options() + (arch_flag(cc),) + extra
         mod = cupy.RawModule(code=source_text(source), options=options, name_expressions=[name])
         hit = _modules[key] = (mod, Kernel(mod.get_function(name)))
     return hit[1]
@@ -229,7 +266,7 @@ def compile_for_arch(source, names, cc, *, verbose_ptxas=False):
     register / spill report when ``verbose_ptxas``.
     """
     nvrtc = _nvrtc()
-    options = list(base_options()) + [arch_flag(cc), "-ftz=true"]
+    options = list(base_options()) + [arch_flag(cc), "-ftz=true"] + list(source_options(source))
     if verbose_ptxas:
         options.append("-Xptxas=-v")
     prog = nvrtc.createProgram(source_text(source), source, [], [])

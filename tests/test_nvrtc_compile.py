@@ -63,7 +63,8 @@ def _compile_with_checks(source, checks):
     prog = nvrtc.createProgram(_compile.source_text(source) + "\n" + "\n".join(checks), source, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, list(_compile.base_options()) + [_compile.arch_flag(90)])
+            nvrtc.compileProgram(prog, list(_compile.base_options()) + [_compile.arch_flag(90)]
+                                 + list(_compile.source_options(source)))
         except nvrtc.NVRTCError:
             pytest.fail(nvrtc.getProgramLog(prog))
     finally:
@@ -193,9 +194,11 @@ def test_wgmma_shared_memory_fits_sm90():
     assert worst <= 227 * 1024
 
 
-def test_wgmma_shared_memory_matches_launcher():
+@pytest.mark.parametrize("overlap", ["", "64,128,256"])
+def test_wgmma_shared_memory_matches_launcher(overlap, monkeypatch):
     """The launcher's shared-memory size of the wgmma kernel is the kernel's WgSmem, for each head
-    dim and mode."""
+    dim and mode, with and without the overlapped loop (three stages where they fit)."""
+    monkeypatch.setenv("SPARGE_WG_OVERLAP", overlap)
     checks, B = [], lambda x: "true" if x else "false"
     for D in _compile.HEAD_DIMS:
         for qk in ("int8", "fp16"):
@@ -204,3 +207,40 @@ def test_wgmma_shared_memory_matches_launcher():
                 checks.append(f"static_assert({t}::bytes == {_gpu.attn_smem_bytes(D, qk, pv, 'wgmma')}, "
                               f'"{t}: bytes");')
     _compile_with_checks("sparse_attn.cu", checks)
+
+
+def test_wg_overlap_setting(monkeypatch):
+    monkeypatch.delenv("SPARGE_WG_OVERLAP", raising=False)
+    assert _compile.wg_overlap_dims() == tuple(_compile.WG_OVERLAP_DIMS)
+    monkeypatch.setenv("SPARGE_WG_OVERLAP", "256, 64")
+    assert _compile.wg_overlap_dims() == (64, 256)
+    assert _compile.source_options("sparse_attn.cu") == ("-DSPARGE_WG_OVERLAP=18",)
+    assert _compile.source_options("select.cu") == ()
+    assert _gpu.attn_smem_bytes(64, "int8", "fp8", "wgmma") == 1024 + 128 * 64 + 3 * 2 * 64 * 64
+    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma") == 1024 + 128 * 128 + 2 * 2 * 64 * 128
+    # three stages of fp16 K and V at D = 256 do not fit in a CTA's shared memory: two
+    assert _gpu.attn_smem_bytes(256, "fp16", "fp16", "wgmma") == 1024 + 128 * 512 + 2 * 2 * 64 * 512
+    monkeypatch.setenv("SPARGE_WG_OVERLAP", "0")
+    assert _compile.wg_overlap_dims() == ()
+    for bad in ("96", "x", "64;128", "-64"):
+        monkeypatch.setenv("SPARGE_WG_OVERLAP", bad)
+        with pytest.raises(ValueError, match="SPARGE_WG_OVERLAP: expected head dims"):
+            _compile.wg_overlap_dims()
+
+
+def test_wgmma_overlapped_loop_builds(monkeypatch):
+    """The overlapped loop (SPARGE_WG_OVERLAP) builds at every head dim for sm_90a, and where it is
+    meant to pay (D = 64 with two CTAs per SM, D = 256 with one) the default modes keep every
+    register: no spills (the second score tile is what the overlap adds)."""
+    import re
+    monkeypatch.setenv("SPARGE_WG_OVERLAP", "64,128,256")
+    names = [n for s, n in _compile.kernel_names(90) if s == "sparse_attn.cu" and "sparse_attn_wg" in n]
+    _, log = _compile.compile_for_arch("sparse_attn.cu", names, 90, verbose_ptxas=True)
+    spills = {m.group(1): int(m.group(2)) for m in re.finditer(
+        r"Compiling entry function '(\S+)'.*?(\d+) bytes spill stores", log, re.S)}
+    assert len(spills) == len(names), log[-2000:]
+    # sparse_attn_wg<D, true, true, T>: int8 Q K, FP8 P V (the defaults)
+    wanted = [m for m in spills if re.search(r"sparse_attn_wgILi(64|256)ELb1ELb1E", m)]
+    assert len(wanted) == 2 * len(_compile.ELEMENT_TYPES)
+    bad = {m: spills[m] for m in wanted if spills[m]}
+    assert not bad, f"{len(bad)} of {len(wanted)} spill (bytes): {sorted(bad.items())[:4]}"
