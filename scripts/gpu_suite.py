@@ -297,13 +297,15 @@ def _tests_section(tests, title):
     return lines
 
 
-# The attention tests again in other builds the device can run: name: (what, environment, runs
-# on compute capability). Hopper runs wgmma by default; mma is the portable kernel; wg-overlap is
-# the wgmma kernel with its overlapped loop (SPARGE_WG_OVERLAP) at every head dim.
+# The attention tests again in other builds and paths the device can run: name: (what,
+# environment, whether a device of compute capability cc runs it). Hopper runs wgmma by default;
+# mma is the portable kernel; wg-overlap the wgmma kernel with its overlapped loop
+# (SPARGE_WG_OVERLAP) at every head dim; pipeline the sparge_attn pipelined over 3 parts.
 FORCED = {
-    "mma": ("the portable mma.sync kernel", {"SPARGE_ATTN_KERNEL": "mma"}, (90,)),
+    "mma": ("the portable mma.sync kernel", {"SPARGE_ATTN_KERNEL": "mma"}, lambda cc: cc == 90),
     "wg-overlap": ("the wgmma kernel's overlapped loop at every head dim",
-                   {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256"}, (90,)),
+                   {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256"}, lambda cc: cc == 90),
+    "pipeline": ("sparge_attn pipelined over 3 parts", {"SPARGE_PIPELINE": "3"}, lambda cc: True),
 }
 
 
@@ -379,7 +381,7 @@ def main():
     print(f"tests done in {tests[3]:.0f} s (exit {tests[0]})", flush=True)
     forced = []
     cc = int(info["cc"].replace(".", ""))
-    for variant in (v for v, (_, _, ccs) in FORCED.items() if cc in ccs):
+    for variant in (v for v, (_, _, runs_on) in FORCED.items() if runs_on(cc)):
         forced.append((variant, run_tests(args.test_timeout, log_dir, variant)))
         print(f"{variant} attention tests done in {forced[-1][1][3]:.0f} s (exit {forced[-1][1][0]})",
               flush=True)
