@@ -42,6 +42,9 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
     "wgmma-ovl": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((64, 256))}",)),
     "wgmma-ovl-1cta": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((128,))}",
                                  "-DSPARGE_WG_MIN_BLOCKS=1")),
+    "wgmma-early-q": ("wgmma", ("-DSPARGE_WG_EARLY_Q=1",)),
+    "wgmma-map-pf": ("wgmma", ("-DSPARGE_WG_MAP_PREFETCH=1",)),
+    "wgmma-prologue": ("wgmma", ("-DSPARGE_WG_EARLY_Q=1", "-DSPARGE_WG_MAP_PREFETCH=1")),
 }
 
 

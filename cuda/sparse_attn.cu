@@ -878,20 +878,41 @@ __device__ __forceinline__ int last_key_block(const AttnParams& p, int i) {
     return lim < 0 ? -1 : (int)min((long long)p.nk - 1, lim / BK);
 }
 
+// Benchmark switches of sparse_attn_wg's fixed cost per query block (off by default until
+// measured, bench/NOTES.md): SPARGE_WG_EARLY_Q issues the Q tile's load before the first read of
+// the block map (on a barrier of its own) instead of after it; SPARGE_WG_MAP_PREFETCH has the
+// map scan load the next 32 entries of its row while it walks the current ones.
+#ifndef SPARGE_WG_EARLY_Q
+#define SPARGE_WG_EARLY_Q 0
+#endif
+#ifndef SPARGE_WG_MAP_PREFETCH
+#define SPARGE_WG_MAP_PREFETCH 0
+#endif
+
 // The kept key blocks of one map row in increasing order, as seen by one warp: it reads 32 map
-// entries at once into a bit mask (warp-uniform), so a sparse row costs one load per 32 blocks.
+// entries at once into a bit mask (warp-uniform), so a sparse row costs one load per 32 blocks
+// (with SPARGE_WG_MAP_PREFETCH, the next 32 entries are loaded when a window is opened).
 struct MapScan {
     const unsigned char* row;
     int last, lane;
     int base = -64;                   // bit x of win: block base + x is kept
     unsigned win = 0;
+    bool pre = false;                 // SPARGE_WG_MAP_PREFETCH: this lane's entry of the next window
+    __device__ __forceinline__ bool entry(int x) const { return x + lane <= last && row[x + lane]; }
     // The next kept block after j, or last + 1.
     __device__ __forceinline__ int next(int j) {
         int x = j + 1;
         while (x <= last) {
             if (x >= base + 32) {
-                base = x;
-                win = __ballot_sync(0xffffffffu, x + lane <= last && row[x + lane]);
+                if (SPARGE_WG_MAP_PREFETCH) {    // a new window starts where the last ended
+                    const bool kept = x == base + 32 ? pre : entry(x);
+                    base = x;
+                    pre = entry(x + 32);
+                    win = __ballot_sync(0xffffffffu, kept);
+                } else {
+                    base = x;
+                    win = __ballot_sync(0xffffffffu, entry(x));
+                }
             }
             const unsigned rest = win >> (x - base);
             if (rest) return x + __ffs(rest) - 1;
@@ -934,9 +955,11 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
     // counts their bytes in.
     constexpr int QSW = QRB < 128 ? QRB : 128;
     __shared__ __align__(8) unsigned long long full[NS];
+    __shared__ __align__(8) unsigned long long q_full;   // SPARGE_WG_EARLY_Q: the Q tile's own
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < NS; ++s) mbar_init(&full[s], 1);
+        if (SPARGE_WG_EARLY_Q) mbar_init(&q_full, 1);
         mbar_init_fence();
     }
     __syncthreads();
@@ -989,13 +1012,21 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
         }
     };
 
-    int j = scan.next(-1);
-    if (j <= j_last && tid == 0) {
-        mbar_add_tx(&full[0], Smem::Q);
+    auto load_q = [&](unsigned long long* bar) {
 #pragma unroll
-        for (int c = 0; c < QRB / QSW; ++c) tma_load(sQ + c * BQ * QSW, &maps.q, c * QSW, (int)qblk * BQ, &full[0]);
+        for (int c = 0; c < QRB / QSW; ++c) tma_load(sQ + c * BQ * QSW, &maps.q, c * QSW, (int)qblk * BQ, bar);
+    };
+    if (SPARGE_WG_EARLY_Q && j_last >= 0 && tid == 0) {   // before the map's first read
+        mbar_expect_tx(&q_full, Smem::Q);
+        load_q(&q_full);
+    }
+    int j = scan.next(-1);
+    if (!SPARGE_WG_EARLY_Q && j <= j_last && tid == 0) {
+        mbar_add_tx(&full[0], Smem::Q);
+        load_q(&full[0]);
     }
     if (j <= j_last) load_kv(j, 0);
+    if (SPARGE_WG_EARLY_Q && j_last >= 0) mbar_wait(&q_full, 0);   // also before an early exit
     if constexpr (!OVERLAP) {
         // One block per iteration: S = Q K_j^T, softmax, P V_j, each waited before the next; the
         // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two

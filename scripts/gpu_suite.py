@@ -299,12 +299,14 @@ def _tests_section(tests, title):
 
 # The attention tests again in other builds and paths the device can run: name: (what,
 # environment, whether a device of compute capability cc runs it). Hopper runs wgmma by default;
-# mma is the portable kernel; wg-overlap the wgmma kernel with its overlapped loop
-# (SPARGE_WG_OVERLAP) at every head dim; pipeline the sparge_attn pipelined over 3 parts.
+# mma is the portable kernel; wg-candidates the wgmma kernel with its candidate switches on
+# (SPARGE_WG_OVERLAP, SPARGE_ATTN_DEFINES); pipeline the sparge_attn pipelined over 3 parts.
 FORCED = {
     "mma": ("the portable mma.sync kernel", {"SPARGE_ATTN_KERNEL": "mma"}, lambda cc: cc == 90),
-    "wg-overlap": ("the wgmma kernel's overlapped loop at every head dim",
-                   {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256"}, lambda cc: cc == 90),
+    "wg-candidates": ("the wgmma kernel's candidate switches, off by default (the overlapped loop at "
+                      "every head dim, the early Q load, the map prefetch)",
+                      {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256",
+                       "SPARGE_ATTN_DEFINES": "SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1"}, lambda cc: cc == 90),
     "pipeline": ("sparge_attn pipelined over 3 parts", {"SPARGE_PIPELINE": "3"}, lambda cc: True),
 }
 

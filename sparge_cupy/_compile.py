@@ -115,10 +115,25 @@ def wg_overlap_mask(dims):
     return sum(1 << (d // 64) for d in dims)
 
 
+def attn_defines():
+    """SPARGE_ATTN_DEFINES: the attention kernel's benchmark switches for a process, as
+    ``NAME=INTEGER`` words naming ``SPARGE_WG_*`` macros of cuda/sparse_attn.cu (not
+    SPARGE_WG_OVERLAP, which the launcher's shared memory follows: see wg_overlap_dims), e.g.
+    ``"SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1"``; NVRTC options ``-DNAME=INTEGER``."""
+    words = os.environ.get("SPARGE_ATTN_DEFINES", "").split()
+    for w in words:
+        name, _, value = w.partition("=")
+        if (not name.startswith("SPARGE_WG_") or name == "SPARGE_WG_OVERLAP" or not name[10:].replace("_", "").isalnum()
+                or not value.isdigit()):
+            raise ValueError(f"SPARGE_ATTN_DEFINES: expected NAME=INTEGER words naming SPARGE_WG_* "
+                             f"switches other than SPARGE_WG_OVERLAP, got {w!r}")
+    return tuple(f"-D{w}" for w in words)
+
+
 def source_options(source):
     """The NVRTC options a source takes beyond base_options() and the architecture."""
     if source == "sparse_attn.cu":
-        return (f"-DSPARGE_WG_OVERLAP={wg_overlap_mask(wg_overlap_dims())}",)
+        return (f"-DSPARGE_WG_OVERLAP={wg_overlap_mask(wg_overlap_dims())}",) + attn_defines()
     return ()
 
 

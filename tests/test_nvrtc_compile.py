@@ -228,12 +228,25 @@ def test_wg_overlap_setting(monkeypatch):
             _compile.wg_overlap_dims()
 
 
+def test_attn_defines(monkeypatch):
+    monkeypatch.setenv("SPARGE_ATTN_DEFINES", " SPARGE_WG_EARLY_Q=1  SPARGE_WG_MAP_PREFETCH=0 ")
+    monkeypatch.setenv("SPARGE_WG_OVERLAP", "")
+    assert _compile.source_options("sparse_attn.cu") == (
+        "-DSPARGE_WG_OVERLAP=0", "-DSPARGE_WG_EARLY_Q=1", "-DSPARGE_WG_MAP_PREFETCH=0")
+    for bad in ("SPARGE_WG_OVERLAP=2", "FOO=1", "SPARGE_WG_X=", "SPARGE_WG_X=a", "SPARGE_WG_X"):
+        monkeypatch.setenv("SPARGE_ATTN_DEFINES", bad)
+        with pytest.raises(ValueError, match="SPARGE_ATTN_DEFINES: expected NAME=INTEGER"):
+            _compile.source_options("sparse_attn.cu")
+
+
 def test_wgmma_overlapped_loop_builds(monkeypatch):
-    """The overlapped loop (SPARGE_WG_OVERLAP) builds at every head dim for sm_90a, and where it is
-    meant to pay (D = 64 with two CTAs per SM, D = 256 with one) the default modes keep every
-    register: no spills (the second score tile is what the overlap adds)."""
+    """The candidate switches together (the overlapped loop SPARGE_WG_OVERLAP, the early Q load,
+    the map prefetch) build at every head dim for sm_90a, and where the overlap is meant to pay
+    (D = 64 with two CTAs per SM, D = 256 with one) the default modes keep every register: no
+    spills (the second score tile is what the overlap adds)."""
     import re
     monkeypatch.setenv("SPARGE_WG_OVERLAP", "64,128,256")
+    monkeypatch.setenv("SPARGE_ATTN_DEFINES", "SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1")  # all candidates
     names = [n for s, n in _compile.kernel_names(90) if s == "sparse_attn.cu" and "sparse_attn_wg" in n]
     _, log = _compile.compile_for_arch("sparse_attn.cu", names, 90, verbose_ptxas=True)
     spills = {m.group(1): int(m.group(2)) for m in re.finditer(
