@@ -39,12 +39,10 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
     "wgmma": ("wgmma", None),
     "wgmma-1cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=1",)),
     "wgmma-3cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=3",)),
-    "wgmma-ovl": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((64, 256))}",)),
-    "wgmma-ovl-1cta": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((128,))}",
-                                 "-DSPARGE_WG_MIN_BLOCKS=1")),
-    "wgmma-early-q": ("wgmma", ("-DSPARGE_WG_EARLY_Q=1",)),
-    "wgmma-map-pf": ("wgmma", ("-DSPARGE_WG_MAP_PREFETCH=1",)),
-    "wgmma-prologue": ("wgmma", ("-DSPARGE_WG_EARLY_Q=1", "-DSPARGE_WG_MAP_PREFETCH=1")),
+    "wgmma-no-ovl": ("wgmma", ("-DSPARGE_WG_OVERLAP=0",)),
+    "wgmma-ovl-all": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((64, 128, 256))}",)),
+    "wgmma-no-prologue": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask(_compile.WG_OVERLAP_DIMS)}",
+                                    "-DSPARGE_WG_EARLY_Q=0", "-DSPARGE_WG_MAP_PREFETCH=0")),
 }
 
 
@@ -58,7 +56,7 @@ def overlap_dims(version):
         if opt.startswith("-DSPARGE_WG_OVERLAP="):
             mask = int(opt.split("=")[1])
             return tuple(d for d in _compile.HEAD_DIMS if (mask >> (d // 64)) & 1)
-    return ()
+    return (64,)          # the source's default (SPARGE_WG_OVERLAP 2)
 
 
 def parse_version(version):

@@ -564,10 +564,10 @@ template <int D> struct WgOccupancy { static constexpr int value = D <= 128 ? SP
 
 // Head dims at which sparse_attn_wg overlaps the next block's Q K^T with this block's softmax
 // (registers for a second score tile; three stages of K and V, where they fit): bit D / 64 of
-// SPARGE_WG_OVERLAP. The package passes it (sparge_cupy._compile.wg_overlap_dims: none unless
-// the environment's SPARGE_WG_OVERLAP names head dims).
+// SPARGE_WG_OVERLAP. The package passes it (sparge_cupy._compile.wg_overlap_dims: D = 64 unless
+// the environment's SPARGE_WG_OVERLAP says otherwise); the default here is the same.
 #ifndef SPARGE_WG_OVERLAP
-#define SPARGE_WG_OVERLAP 0
+#define SPARGE_WG_OVERLAP 2
 #endif
 constexpr int WG_SMEM_MAX = 227 * 1024;  // shared memory per CTA on sm_90 (mirrored in _gpu.py)
 
@@ -878,15 +878,17 @@ __device__ __forceinline__ int last_key_block(const AttnParams& p, int i) {
     return lim < 0 ? -1 : (int)min((long long)p.nk - 1, lim / BK);
 }
 
-// Benchmark switches of sparse_attn_wg's fixed cost per query block (off by default until
-// measured, bench/NOTES.md): SPARGE_WG_EARLY_Q issues the Q tile's load before the first read of
-// the block map (on a barrier of its own) instead of after it; SPARGE_WG_MAP_PREFETCH has the
-// map scan load the next 32 entries of its row while it walks the current ones.
+// sparse_attn_wg's fixed cost per query block: SPARGE_WG_EARLY_Q issues the Q tile's load before
+// the first read of the block map (on a barrier of its own) instead of after it;
+// SPARGE_WG_MAP_PREFETCH has the map scan load the next 32 entries of its row while it walks the
+// current ones. Both on (together 1.10x at a tenth of the blocks, D = 128 causal 8K; 1.20x at
+// D = 256; dense unchanged: bench/NOTES.md, sixth session); 0 turns them off (benchmarks,
+// SPARGE_ATTN_DEFINES).
 #ifndef SPARGE_WG_EARLY_Q
-#define SPARGE_WG_EARLY_Q 0
+#define SPARGE_WG_EARLY_Q 1
 #endif
 #ifndef SPARGE_WG_MAP_PREFETCH
-#define SPARGE_WG_MAP_PREFETCH 0
+#define SPARGE_WG_MAP_PREFETCH 1
 #endif
 
 // The kept key blocks of one map row in increasing order, as seen by one warp: it reads 32 map

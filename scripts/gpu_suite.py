@@ -297,17 +297,17 @@ def _tests_section(tests, title):
     return lines
 
 
-# The attention tests again in other builds and paths the device can run: name: (what,
-# environment, whether a device of compute capability cc runs it). Hopper runs wgmma by default;
-# mma is the portable kernel; wg-candidates the wgmma kernel with its candidate switches on
-# (SPARGE_WG_OVERLAP, SPARGE_ATTN_DEFINES); pipeline the sparge_attn pipelined over 3 parts.
+# The attention tests again in other builds the device can run: name: (what, environment,
+# whether a device of compute capability cc runs it). Hopper runs wgmma by default; mma is the
+# portable kernel; wg-switches the wgmma kernel with its switches turned the other way from the
+# defaults (the overlapped loop at every head dim, SPARGE_WG_OVERLAP; the early Q load and the
+# map prefetch off, SPARGE_ATTN_DEFINES), so that every path the switches select stays tested.
 FORCED = {
     "mma": ("the portable mma.sync kernel", {"SPARGE_ATTN_KERNEL": "mma"}, lambda cc: cc == 90),
-    "wg-candidates": ("the wgmma kernel's candidate switches, off by default (the overlapped loop at "
-                      "every head dim, the early Q load, the map prefetch)",
-                      {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256",
-                       "SPARGE_ATTN_DEFINES": "SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1"}, lambda cc: cc == 90),
-    "pipeline": ("sparge_attn pipelined over 3 parts", {"SPARGE_PIPELINE": "3"}, lambda cc: True),
+    "wg-switches": ("the wgmma kernel's switches the other way (the overlapped loop at every head "
+                    "dim, the early Q load and the map prefetch off)",
+                    {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256",
+                     "SPARGE_ATTN_DEFINES": "SPARGE_WG_EARLY_Q=0 SPARGE_WG_MAP_PREFETCH=0"}, lambda cc: cc == 90),
 }
 
 

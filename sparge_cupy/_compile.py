@@ -88,10 +88,11 @@ def base_options():
 
 # Head dims at which sparse_attn_wg overlaps the next block's Q K^T with the current block's
 # softmax (cuda/sparse_attn.cu, SPARGE_WG_OVERLAP: three stages of K and V, a second score tile
-# in registers). None by default until measured (bench/NOTES.md); the environment variable
-# SPARGE_WG_OVERLAP (head dims, comma-separated, e.g. "64,256") sets them for a process (the GPU
-# suite and the benchmarks).
-WG_OVERLAP_DIMS = ()
+# in registers): D = 64, where it measured 1.04-1.08x (bench/NOTES.md, sixth session; at D = 256
+# it was 1% slower dense, at D = 128 it does not fit in registers). The environment variable
+# SPARGE_WG_OVERLAP (head dims, comma-separated, e.g. "64,256"; "" for none) sets them for a
+# process (the GPU suite and the benchmarks).
+WG_OVERLAP_DIMS = (64,)
 
 
 def wg_overlap_dims():

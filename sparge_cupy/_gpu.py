@@ -719,7 +719,7 @@ def prepare_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, p
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
     nq, nk = -(-Lq // BQ), -(-Lk // BK)
-    out = _output(q, None) if out is None else out    # given: checked by the caller, or a part of one
+    out = _output(q, out)
     lse = cp.empty((B, Hq, Lq), cp.float32) if return_lse else None
     counts = cp.zeros((B, Hq, nq, 2), cp.int32) if return_stats else None
     block_map = cp.ascontiguousarray(block_map)
@@ -796,7 +796,6 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd
                       pv, return_lse, return_stats, out=None, quant_stats=None):
     """``quant_stats``: see :func:`block_statistics` (private: the ring's partials)."""
     q, k, v = _as_operands(layout, q, k, v)
-    out = _output(q, out)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=False, nonfinite=counter, quant_stats=quant_stats)
     return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
@@ -808,124 +807,15 @@ def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, t
                 attention_sink, pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None,
                 mass_threshold=None, predictor="paper", local_window=False):
     """Prediction and attention sharing the statistics of Q and K; the pass that pools K - km
-    also writes the K operand. With more than one part (:func:`pipeline_parts`) the call is
-    pipelined over parts of the heads (or of the batch)."""
+    also writes the K operand."""
     q, k, v = _as_operands(layout, q, k, v)
-    out = _output(q, out)
-    sel = dict(simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, mass_threshold=mass_threshold,
-               attention_sink=attention_sink, predictor=predictor, local_window=local_window)
-    attn = dict(is_causal=is_causal, scale=scale, pvthreshd=pvthreshd, qk=qk, rebalance=rebalance,
-                pv=pv, return_lse=return_lse)
-    parts = pipeline_parts(q, k) if not return_stats else []
-    if len(parts) > 1:
-        return _sparge_attn_pipelined(q, k, v, parts, out, sel, attn)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter, k_operand=(qk, rebalance),
                           q_groups=predictor == "qgroup_keys")
-    block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale, **sel)
-    return _attend(q, k, v, block_map, st, counter, return_stats=return_stats, out=out, **attn)
-
-
-# ---------------------------------------------------------------------------------------------
-# The pipelined sparge_attn: the prediction and quantization of one part of the heads (a
-# memory-bound chain of short passes) run on a side stream while the attention of the previous
-# part (compute-bound) runs on the caller's stream.
-
-# Parts of a pipelined sparge_attn call; 1 turns the pipeline off. Off by default until measured
-# (bench/NOTES.md); the environment variable SPARGE_PIPELINE sets it for a process.
-PIPELINE_PARTS = 1
-
-
-def pipeline_parts(q, k):
-    """The parts a sparge_attn call on Operands ``q``, ``k`` is pipelined over: ``[(axis, a, b,
-    r)]``, key/value heads (axis "head") or batch entries ("batch", where there is a single
-    key/value head) ``a .. b - 1``, query heads ``r a .. r b - 1`` (r = 1 for the batch);
-    ``SPARGE_PIPELINE`` (default PIPELINE_PARTS) parts at most, one part: no pipeline."""
-    raw = os.environ.get("SPARGE_PIPELINE")
-    n = PIPELINE_PARTS
-    if raw is not None:
-        n = int(raw) if raw.strip().isdigit() else 0
-        if n < 1:
-            raise ValueError(f"SPARGE_PIPELINE: expected a number of parts >= 1 (1: off), got {raw!r}")
-    B, Hq = q.shape[:2]
-    Hkv = k.shape[1]
-    axis, units, r = ("head", Hkv, Hq // Hkv) if Hkv > 1 else ("batch", B, 1)
-    n = min(n, units)
-    if n <= 1:
-        return []
-    bounds = [units * c // n for c in range(n + 1)]
-    return [(axis, bounds[c], bounds[c + 1], r) for c in range(n)]
-
-
-def _part(x, layout, axis, a, b):
-    """Heads (or batch entries) a .. b - 1 of an array in the user's layout: a view."""
-    if axis == "batch":
-        return x[a:b]
-    return x[:, a:b] if layout == "HND" else x[:, :, a:b]
-
-
-def _operand_part(x, axis, a, b):
-    return Operand(_part(x.array, x.layout, axis, a, b), x.dtype, x.layout, x.D)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream():
-    """This device's stream for the pipeline's prediction: non-blocking (the legacy default
-    stream would otherwise order it after every attention launched before) and of the highest
-    priority (its programs go first as the attention's retire; CUDA clamps the value)."""
-    cp = _cupy()
-    dev = cp.cuda.Device().id
-    if dev not in _SIDE_STREAMS:
-        _SIDE_STREAMS[dev] = cp.cuda.Stream(non_blocking=True, priority=-1000)
-    return _SIDE_STREAMS[dev]
-
-
-def _sparge_attn_pipelined(q, k, v, parts, out, sel, attn):
-    """sparge_attn over ``parts`` (:func:`pipeline_parts`): each part's statistics, selection and
-    quantization on the side stream, its attention on the caller's stream once they are done, so
-    that part c + 1's passes overlap part c's attention. The same kernels on the same heads as
-    one call: outputs bit-identical. The non-finite check reads the counter before the last part's
-    attention (a bad input raises there; earlier parts may have written ``out``).
-
-    Memory: CuPy's pool reuses a freed block only on the stream it was allocated on; every array
-    of a part is allocated on the side stream and kept until the call returns, and the side
-    stream first waits for everything the caller's stream had queued (this call's inputs, the
-    previous call's attention), so that no block is reused while an attention may read it."""
-    cp = _cupy()
-    user, side = cp.cuda.get_current_stream(), _side_stream()
-    B, Hq, Lq, _ = q.shape
-    Lk = k.shape[2]
-    lse = cp.empty((B, Hq, Lq), cp.float32) if attn["return_lse"] else None
-    counter = nonfinite_counter()
-    side.wait_event(user.record())
-    keep = []
-    for c, (axis, a, b, r) in enumerate(parts):
-        qa, qb = (a * r, b * r) if axis == "head" else (a, b)
-        qc = _operand_part(q, axis, qa, qb)
-        kc, vc = _operand_part(k, axis, a, b), _operand_part(v, axis, a, b)
-        heads = (lambda x: x if x is None or axis == "batch" else x[qa:qb])
-        sel_c = {key: heads(val) if key in ("simthreshd1", "cdfthreshd", "topk", "mass_threshold") else val
-                 for key, val in sel.items()}
-        with side:
-            st = block_statistics(qc, kc, pooled=True, nonfinite=counter,
-                                  k_operand=(attn["qk"], attn["rebalance"]),
-                                  q_groups=sel["predictor"] == "qgroup_keys")
-            block_map = select(st, kc, Lq=Lq, Lk=Lk, is_causal=attn["is_causal"], scale=attn["scale"], **sel_c)
-            qz = quantize_operands(qc, kc, vc, st, qk=attn["qk"], rebalance=attn["rebalance"], pv=attn["pv"],
-                                   with_q_dot_km=attn["return_lse"], nonfinite=counter)
-            launch = prepare_attention(
-                qc, kc, qz, block_map, is_causal=attn["is_causal"], scale=attn["scale"],
-                pvthreshd=heads(attn["pvthreshd"]), qk=attn["qk"], pv=attn["pv"],
-                return_lse=attn["return_lse"], return_stats=False, out=_part(out, q.layout, axis, qa, qb))
-            ready = side.record()
-            if c == len(parts) - 1:
-                check_counter(counter, q=q, k=k, v=v)
-        user.wait_event(ready)
-        result = launch()
-        keep.append((st, block_map, qz, result))     # the part's LSE too (side-stream memory)
-        if lse is not None:
-            lse_part = lse[qa:qb] if axis == "batch" else lse[:, qa:qb]
-            lse_part[...] = result[1]
-    return (out, lse) if lse is not None else out
+    block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
+                       simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+                       mass_threshold=mass_threshold, attention_sink=attention_sink,
+                       predictor=predictor, local_window=local_window)
+    return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
+                   pvthreshd=pvthreshd, qk=qk, rebalance=rebalance, pv=pv,
+                   return_lse=return_lse, return_stats=return_stats, out=out)

@@ -213,35 +213,3 @@ def test_v_shape_mismatch(qkv):
 def _re(msg):
     import re
     return re.escape(msg)
-
-
-@pytest.mark.parametrize("layout", ["HND", "NHD"])
-def test_pipeline_parts_cover_every_head_once(layout, monkeypatch):
-    """The pipelined sparge_attn's parts (CPU-side planning, sparge_cupy._gpu.pipeline_parts):
-    key/value heads split as evenly as possible with each part's query heads (GQA), the batch
-    where there is one key/value head, views of the user's arrays, every head exactly once."""
-    from sparge_cupy import _gpu
-    monkeypatch.setenv("SPARGE_PIPELINE", "4")
-    for B, Hq, Hkv, n_parts in ((2, 12, 6, 4), (3, 4, 1, 3), (1, 8, 2, 2), (1, 3, 1, 0)):
-        q, k, _ = make_qkv(B, Hq, Hkv, 5, 5, 8, layout=layout)
-        qo, ko = (_gpu.Operand(x, "float32", layout, 8) for x in (q, k))
-        parts = _gpu.pipeline_parts(qo, ko)
-        assert len(parts) == n_parts, (B, Hq, Hkv, parts)
-        seen_q, seen_k = np.zeros_like(q, dtype=int), np.zeros_like(k, dtype=int)
-        for axis, a, b, r in parts:
-            assert axis == ("head" if Hkv > 1 else "batch") and r == (Hq // Hkv if Hkv > 1 else 1)
-            qa, qb = (a * r, b * r) if axis == "head" else (a, b)
-            qp, kp = _gpu._operand_part(qo, axis, qa, qb), _gpu._operand_part(ko, axis, a, b)
-            assert np.shares_memory(qp.array, q) and np.shares_memory(kp.array, k)
-            _gpu._part(seen_q, layout, axis, qa, qb)[...] += 1
-            _gpu._part(seen_k, layout, axis, a, b)[...] += 1
-            if axis == "head":   # the part's query heads are those its key/value heads serve
-                assert qp.shape[1] == (b - a) * r and qa // r == a and (qb - 1) // r == b - 1
-        if parts:
-            assert (seen_q == 1).all() and (seen_k == 1).all()
-    monkeypatch.setenv("SPARGE_PIPELINE", "1")
-    assert _gpu.pipeline_parts(qo, ko) == []
-    for bad in ("0", "two", "-3", ""):
-        monkeypatch.setenv("SPARGE_PIPELINE", bad)
-        with pytest.raises(ValueError, match="SPARGE_PIPELINE: expected a number of parts >= 1"):
-            _gpu.pipeline_parts(qo, ko)

@@ -15,7 +15,7 @@ cupy = pytest.importorskip("cupy")
 if not cupy.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from conftest import assert_close, assert_equal, make_qkv  # noqa: E402
+from conftest import assert_close, make_qkv  # noqa: E402
 from gpu_helpers import (check_attention, reference_map, rel_l1,  # noqa: E402
                          unexplained_map_rows)
 
@@ -568,58 +568,6 @@ def test_strided_inputs_equal_contiguous():
     a = sc.sparge_attn(qg, kg, vg, is_causal=True, layout="NHD")
     b = sc.sparge_attn(*as_view, is_causal=True, layout="NHD")
     assert cupy.array_equal(a, b)
-
-
-# The pipelined sparge_attn (SPARGE_PIPELINE): parts over key/value heads (GQA, heads of unequal
-# thresholds) or, with one key/value head, over the batch.
-PIPE_CASES = [
-    (2, 6, 3, 1000, 1000, 80, "float16", "NHD", True),
-    (3, 4, 1, 700, 900, 128, "float32", "HND", False),
-    (1, 5, 5, 4224, 4224, 64, "float16", "HND", True),
-]
-
-
-def _pipe_kw(case, predictor):
-    Hq, layout, causal = case[1], case[7], case[8]
-    return dict(is_causal=causal, layout=layout, simthreshd1=np.linspace(-0.2, 0.6, Hq),
-                cdfthreshd=np.linspace(0.7, 0.97, Hq), pvthreshd=np.linspace(6.0, 20.0, Hq),
-                predictor=predictor, return_lse=True, pv="fp8" if FP8 else "fp16")
-
-
-@pytest.mark.parametrize("predictor", ["paper", "qgroup_keys"])
-@pytest.mark.parametrize("case", PIPE_CASES, ids=[f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}-{c[7]}" for c in PIPE_CASES])
-def test_pipelined_sparge_attn_bit_identical(case, predictor, monkeypatch):
-    """Parts of the heads (or batch) predicted on the side stream while the previous part's
-    attention runs: the same kernels on the same heads, so the same bits as one call (output and
-    LSE), twice in a row (a block reused too early would show), each part given its own heads'
-    thresholds."""
-    _, (qg, kg, vg) = _inputs(case)
-    B, Hkv, layout = case[0], case[2], case[7]
-    kw = _pipe_kw(case, predictor)
-    monkeypatch.setenv("SPARGE_PIPELINE", "1")
-    whole = [sc.sparge_attn(x * s, kg, vg, **kw) for x, s in ((qg, 1), (qg, -0.5))]
-    monkeypatch.setenv("SPARGE_PIPELINE", "3")
-    parts = _gpu.pipeline_parts(_gpu.operand(qg, layout), _gpu.operand(kg, layout))
-    assert len(parts) == min(3, Hkv if Hkv > 1 else B)
-    piped = [sc.sparge_attn(x * s, kg, vg, **kw) for x, s in ((qg, 1), (qg, -0.5))]
-    for n, ((o1, l1), (o2, l2)) in enumerate(zip(whole, piped)):
-        assert_equal(o2.get(), o1.get(), what=f"call {n}: output")
-        assert_equal(l2.get(), l1.get(), what=f"call {n}: LSE")
-
-
-def test_pipelined_sparge_attn_raises_for_nonfinite(monkeypatch):
-    """A NaN in the first part's V or the last part's Q raises the API's error (the check reads
-    the counter before the last part's attention)."""
-    case = PIPE_CASES[0]
-    _, (qg, kg, vg) = _inputs(case)
-    kw = _pipe_kw(case, "paper")
-    monkeypatch.setenv("SPARGE_PIPELINE", "3")
-    v_bad, q_bad = vg.copy(), qg.copy()
-    v_bad[0, 5, 0, 1] = np.nan                      # NHD: kv head 0
-    q_bad[1, 7, case[1] - 1, 2] = np.inf            # the last query head
-    for args, name in (((qg, kg, v_bad), "v"), ((q_bad, kg, vg), "q")):
-        with pytest.raises(ValueError, match=rf"^{name}: "):
-            sc.sparge_attn(*args, **kw)
 
 
 BAD_INPUTS = [

@@ -239,14 +239,16 @@ def test_attn_defines(monkeypatch):
             _compile.source_options("sparse_attn.cu")
 
 
-def test_wgmma_overlapped_loop_builds(monkeypatch):
-    """The candidate switches together (the overlapped loop SPARGE_WG_OVERLAP, the early Q load,
-    the map prefetch) build at every head dim for sm_90a, and where the overlap is meant to pay
-    (D = 64 with two CTAs per SM, D = 256 with one) the default modes keep every register: no
-    spills (the second score tile is what the overlap adds)."""
+@pytest.mark.parametrize("switches", ["1", "0"])
+def test_wgmma_switches_build(switches, monkeypatch):
+    """The wgmma kernel with its switches (the overlapped loop SPARGE_WG_OVERLAP at every head
+    dim; the early Q load and the map prefetch on, then off: every path they select) builds for
+    sm_90a, and where the overlap is meant to pay (D = 64 with two CTAs per SM; D = 256 with one)
+    the default modes keep every register: no spills (the second score tile is what the overlap
+    adds)."""
     import re
     monkeypatch.setenv("SPARGE_WG_OVERLAP", "64,128,256")
-    monkeypatch.setenv("SPARGE_ATTN_DEFINES", "SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1")  # all candidates
+    monkeypatch.setenv("SPARGE_ATTN_DEFINES", f"SPARGE_WG_EARLY_Q={switches} SPARGE_WG_MAP_PREFETCH={switches}")
     names = [n for s, n in _compile.kernel_names(90) if s == "sparse_attn.cu" and "sparse_attn_wg" in n]
     _, log = _compile.compile_for_arch("sparse_attn.cu", names, 90, verbose_ptxas=True)
     spills = {m.group(1): int(m.group(2)) for m in re.finditer(

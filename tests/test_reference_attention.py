@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (all_blocks, assert_close, assert_equal, dense_float32,
-                      float32_attention_tolerance, make_qkv)
+from conftest import all_blocks, assert_close, assert_equal, float32_attention_tolerance, make_qkv
 
-from sparge_cupy import CONFIG
 from sparge_cupy import reference as R
 
 INF = np.float32(np.inf)
