@@ -881,9 +881,9 @@ __device__ __forceinline__ int last_key_block(const AttnParams& p, int i) {
 // sparse_attn_wg's fixed cost per query block: SPARGE_WG_EARLY_Q issues the Q tile's load before
 // the first read of the block map (on a barrier of its own) instead of after it;
 // SPARGE_WG_MAP_PREFETCH has the map scan load the next 32 entries of its row while it walks the
-// current ones. Both on (together 1.10x at a tenth of the blocks, D = 128 causal 8K; 1.20x at
-// D = 256; dense unchanged: bench/NOTES.md, sixth session); 0 turns them off (benchmarks,
-// SPARGE_ATTN_DEFINES).
+// current ones. Both apply where the loop is not overlapped (D >= 128: 1-2% faster at a tenth of
+// the blocks, dense unchanged; with the overlapped loop at D = 64 they cost ~1%: bench/NOTES.md,
+// sixth session); 0 turns them off everywhere (benchmarks, SPARGE_ATTN_DEFINES).
 #ifndef SPARGE_WG_EARLY_Q
 #define SPARGE_WG_EARLY_Q 1
 #endif
@@ -894,6 +894,7 @@ __device__ __forceinline__ int last_key_block(const AttnParams& p, int i) {
 // The kept key blocks of one map row in increasing order, as seen by one warp: it reads 32 map
 // entries at once into a bit mask (warp-uniform), so a sparse row costs one load per 32 blocks
 // (with SPARGE_WG_MAP_PREFETCH, the next 32 entries are loaded when a window is opened).
+template <bool PREFETCH>
 struct MapScan {
     const unsigned char* row;
     int last, lane;
@@ -906,7 +907,7 @@ struct MapScan {
         int x = j + 1;
         while (x <= last) {
             if (x >= base + 32) {
-                if (SPARGE_WG_MAP_PREFETCH) {    // a new window starts where the last ended
+                if (PREFETCH) {                  // a new window starts where the last ended
                     const bool kept = x == base + 32 ? pre : entry(x);
                     base = x;
                     pre = entry(x + 32);
@@ -936,6 +937,7 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
     constexpr int PV_STEPS = Rows::PV_STEPS;
 
     constexpr bool OVERLAP = Smem::overlap;
+    constexpr bool EARLY_Q = SPARGE_WG_EARLY_Q && !OVERLAP;
     constexpr int NS = Smem::stages;
 
     extern __shared__ unsigned char smem_raw[];
@@ -952,16 +954,16 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
     const int kvh = h / (p.Hq / p.Hkv);
     const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
     const int j_last = last_key_block(p, i);
-    MapScan scan{p.block_map + qblk * p.nk, j_last, lane};
+    MapScan<SPARGE_WG_MAP_PREFETCH && !Smem::overlap> scan{p.block_map + qblk * p.nk, j_last, lane};
     // Thread 0 has the TMA load stage s's tiles (the swizzled images the wgmmas read); full[s]
     // counts their bytes in.
     constexpr int QSW = QRB < 128 ? QRB : 128;
     __shared__ __align__(8) unsigned long long full[NS];
-    __shared__ __align__(8) unsigned long long q_full;   // SPARGE_WG_EARLY_Q: the Q tile's own
+    __shared__ __align__(8) unsigned long long q_full;   // EARLY_Q: the Q tile's own
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < NS; ++s) mbar_init(&full[s], 1);
-        if (SPARGE_WG_EARLY_Q) mbar_init(&q_full, 1);
+        if (EARLY_Q) mbar_init(&q_full, 1);
         mbar_init_fence();
     }
     __syncthreads();
@@ -1018,17 +1020,17 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
 #pragma unroll
         for (int c = 0; c < QRB / QSW; ++c) tma_load(sQ + c * BQ * QSW, &maps.q, c * QSW, (int)qblk * BQ, bar);
     };
-    if (SPARGE_WG_EARLY_Q && j_last >= 0 && tid == 0) {   // before the map's first read
+    if (EARLY_Q && j_last >= 0 && tid == 0) {   // before the map's first read
         mbar_expect_tx(&q_full, Smem::Q);
         load_q(&q_full);
     }
     int j = scan.next(-1);
-    if (!SPARGE_WG_EARLY_Q && j <= j_last && tid == 0) {
+    if (!EARLY_Q && j <= j_last && tid == 0) {
         mbar_add_tx(&full[0], Smem::Q);
         load_q(&full[0]);
     }
     if (j <= j_last) load_kv(j, 0);
-    if (SPARGE_WG_EARLY_Q && j_last >= 0) mbar_wait(&q_full, 0);   // also before an early exit
+    if (EARLY_Q && j_last >= 0) mbar_wait(&q_full, 0);   // also before an early exit
     if constexpr (!OVERLAP) {
         // One block per iteration: S = Q K_j^T, softmax, P V_j, each waited before the next; the
         // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two

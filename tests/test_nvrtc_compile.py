@@ -239,15 +239,14 @@ def test_attn_defines(monkeypatch):
             _compile.source_options("sparse_attn.cu")
 
 
-@pytest.mark.parametrize("switches", ["1", "0"])
-def test_wgmma_switches_build(switches, monkeypatch):
-    """The wgmma kernel with its switches (the overlapped loop SPARGE_WG_OVERLAP at every head
-    dim; the early Q load and the map prefetch on, then off: every path they select) builds for
-    sm_90a, and where the overlap is meant to pay (D = 64 with two CTAs per SM; D = 256 with one)
-    the default modes keep every register: no spills (the second score tile is what the overlap
-    adds)."""
+@pytest.mark.parametrize("overlap,switches", [("64,128,256", "1"), ("", "0")])
+def test_wgmma_switches_build(overlap, switches, monkeypatch):
+    """The wgmma kernel with its switches the other ways from the defaults (the overlapped loop
+    SPARGE_WG_OVERLAP at every head dim; then no overlap with the early Q load and the map
+    prefetch off) builds for sm_90a, and at D = 64 (two CTAs per SM) and D = 256 (one) the
+    default modes keep every register: no spills (the overlap's second score tile)."""
     import re
-    monkeypatch.setenv("SPARGE_WG_OVERLAP", "64,128,256")
+    monkeypatch.setenv("SPARGE_WG_OVERLAP", overlap)
     monkeypatch.setenv("SPARGE_ATTN_DEFINES", f"SPARGE_WG_EARLY_Q={switches} SPARGE_WG_MAP_PREFETCH={switches}")
     names = [n for s, n in _compile.kernel_names(90) if s == "sparse_attn.cu" and "sparse_attn_wg" in n]
     _, log = _compile.compile_for_arch("sparse_attn.cu", names, 90, verbose_ptxas=True)
