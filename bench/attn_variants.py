@@ -41,8 +41,6 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
     "wgmma-3cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=3",)),
     "wgmma-no-ovl": ("wgmma", ("-DSPARGE_WG_OVERLAP=0",)),
     "wgmma-ovl-all": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((64, 128, 256))}",)),
-    "wgmma-3stage": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask(_compile.WG_OVERLAP_DIMS)}",
-                               "-DSPARGE_WG_STAGES=3")),
     "wgmma-no-prologue": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask(_compile.WG_OVERLAP_DIMS)}",
                                     "-DSPARGE_WG_EARLY_Q=0", "-DSPARGE_WG_MAP_PREFETCH=0")),
 }
@@ -109,9 +107,7 @@ def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
     which = parse_version(version)[0]
     threads = _gpu.THREADS
     kern = kernel(version, D, qk, pv)
-    extra = parse_version(version)[1]                # None: the package's own build and settings
-    stages = None if extra is None else 3 if "-DSPARGE_WG_STAGES=3" in extra else 2
-    smem = _gpu.attn_smem_bytes(D, qk, pv, which, overlap_dims(version), stages)
+    smem = _gpu.attn_smem_bytes(D, qk, pv, which, overlap_dims(version))
     if smem > 48 * 1024:
         kern.max_dynamic_shared_size_bytes = smem
     out = cp.empty((B, Hq, Lq, D), cp.float16)

@@ -569,11 +569,6 @@ template <int D> struct WgOccupancy { static constexpr int value = D <= 128 ? SP
 #ifndef SPARGE_WG_OVERLAP
 #define SPARGE_WG_OVERLAP 2
 #endif
-// K / V stages of the loop that is not overlapped: 2 (the next kept block loads during this one)
-// or 3 (the one after too, where three fit); the package passes it (sparge_cupy._compile.wg_stages).
-#ifndef SPARGE_WG_STAGES
-#define SPARGE_WG_STAGES 2
-#endif
 constexpr int WG_SMEM_MAX = 227 * 1024;  // shared memory per CTA on sm_90 (mirrored in _gpu.py)
 
 // Dynamic shared memory the launcher gives sparse_attn_wg (1 KB for aligning the tiles).
@@ -581,9 +576,8 @@ template <int D, bool QK_INT8, bool PV_FP8>
 struct WgSmem {
     static constexpr int QRB = D * (QK_INT8 ? 1 : 2), VRB = BK * (PV_FP8 ? 1 : 2);
     static constexpr int Q = BQ * QRB, K = BK * QRB, V = D * VRB;
-    static constexpr bool three_fit = 1024 + Q + 3 * (K + V) <= WG_SMEM_MAX;
-    static constexpr bool overlap = ((SPARGE_WG_OVERLAP >> (D / 64)) & 1) && three_fit;
-    static constexpr int stages = (overlap || SPARGE_WG_STAGES == 3) && three_fit ? 3 : 2;
+    static constexpr bool overlap = ((SPARGE_WG_OVERLAP >> (D / 64)) & 1) && 1024 + Q + 3 * (K + V) <= WG_SMEM_MAX;
+    static constexpr int stages = overlap ? 3 : 2;
     static constexpr int bytes = 1024 + Q + stages * (K + V);
 };
 
@@ -811,15 +805,16 @@ struct WgRows {
     // two div_rn (three instructions each, the same quotient as __fdiv_rn), its dv loaded once for
     // both rows; otherwise per-channel bounds and IEEE division. (The general form alone cost
     // ~45 instructions per pair, ~1400 per thread at D = 128: three key blocks' softmax.)
-    // dv: the head's FP8 V scales, staged in shared memory by the kernel's prologue (at a tenth
-    // of the blocks, waiting here for their global loads was 9% of the kernel's time).
-    template <int D, typename OutT>
+    // dv: the head's FP8 V scales (D = 256: staged in shared memory by the kernel's prologue; ncu
+    // at a tenth of the blocks found 9% of the kernel waiting here for their global loads).
+    template <int D, typename OutT, bool DV_SMEM>
     __device__ __forceinline__ void store(const AttnParams& p, const float (&o)[D / 2], int h, int b,
-                                          size_t qblk, const float* dv) {
+                                          int kvh, size_t qblk, const float* s_dv) {
         if (p.group_counts && lane == 0) {
             atomicAdd(p.group_counts + qblk * 2, visited);
             atomicAdd(p.group_counts + qblk * 2 + 1, skipped);
         }
+        const float* dv = DV_SMEM ? s_dv : PV_FP8 ? p.dv + ((size_t)b * p.Hkv + kvh) * D : nullptr;
         const int t4 = lane & 3;
         OutT* out[2];
         if (epilogue_rows<D, OutT>(p, l, t_row, b, h, out)) {
@@ -945,6 +940,9 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
 
     constexpr bool OVERLAP = Smem::overlap;
     constexpr bool EARLY_Q = SPARGE_WG_EARLY_Q && !OVERLAP;
+    // The FP8 V scales of the epilogue staged in shared memory at D = 256, where the epilogue
+    // loads them a pair at a time (registers); at D <= 128 it loads them all at once itself.
+    constexpr bool DV_SMEM = PV_FP8 && D > 128;
     constexpr int NS = Smem::stages;
 
     extern __shared__ unsigned char smem_raw[];
@@ -967,7 +965,7 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
     constexpr int QSW = QRB < 128 ? QRB : 128;
     __shared__ __align__(8) unsigned long long full[NS];
     __shared__ __align__(8) unsigned long long q_full;   // EARLY_Q: the Q tile's own
-    __shared__ __align__(16) float s_dv[PV_FP8 ? D : 4];
+    __shared__ __align__(16) float s_dv[DV_SMEM ? D : 4];
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < NS; ++s) mbar_init(&full[s], 1);
@@ -1038,37 +1036,10 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
         load_q(&full[0]);
     }
     if (j <= j_last) load_kv(j, 0);
-    if (PV_FP8 && tid < D / 4)                   // the epilogue's V scales, while the tiles load
+    if (DV_SMEM && tid < D / 4)                  // the epilogue's V scales, while the tiles load
         reinterpret_cast<float4*>(s_dv)[tid] = reinterpret_cast<const float4*>(p.dv + ((size_t)b * p.Hkv + kvh) * D)[tid];
     if (EARLY_Q && j_last >= 0) mbar_wait(&q_full, 0);   // also before an early exit
-    if constexpr (!OVERLAP && NS == 3) {
-        // As below, with the loads two kept blocks ahead: block n in stage n % 3, block n + 2
-        // loaded into block n - 1's stage once the iteration's CTA barrier has passed.
-        int j1 = j <= j_last ? scan.next(j) : j_last + 1;
-        if (j1 <= j_last) load_kv(j1, 1);
-        int s0 = 0, s1 = 1, ph0 = 0;                 // stages of blocks n and n + 1, block n's parity
-        while (j <= j_last) {
-            mbar_wait(&full[s0], ph0);               // K_j, V_j (and Q) are in
-            __syncthreads();                         // every warp is done with block n - 1
-            const int s2 = s1 == NS - 1 ? 0 : s1 + 1;
-            const int j2 = j1 <= j_last ? scan.next(j1) : j_last + 1;
-            if (j2 <= j_last) load_kv(j2, s2);
-            AccT acc[32];
-            wg_qk_issue<D, QK_INT8>(acc, q_lo, k_lo0 + s0 * (Smem::K >> 4));
-            wgmma_wait<0>();
-            fence_operands(acc);
-            unsigned pa[PV_STEPS][4];
-            float alpha[2];
-            const bool wg_all_skip = rows.step(p, i, acc, j, pa, alpha, wg_skip);
-            if constexpr (!PV_FP8) rows.rescale(o, alpha);
-            pv_block(pa, alpha, s0, wg_all_skip);
-            ph0 ^= s1 == 0;
-            s0 = s1;
-            s1 = s2;
-            j = j1;
-            j1 = j2;
-        }
-    } else if constexpr (!OVERLAP) {
+    if constexpr (!OVERLAP) {
         // One block per iteration: S = Q K_j^T, softmax, P V_j, each waited before the next; the
         // loads of the next kept block fly meanwhile. Latency is hidden across warpgroups (two
         // CTAs per SM at D <= 128).
@@ -1131,8 +1102,8 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
             j1 = j2;
         }
     }
-    __syncthreads();                             // s_dv written (also where no block was kept)
-    rows.template store<D, OutT>(p, o, h, b, qblk, s_dv);
+    if constexpr (DV_SMEM) __syncthreads();      // s_dv written (also where no block was kept)
+    rows.template store<D, OutT, DV_SMEM>(p, o, h, b, kvh, qblk, s_dv);
 #else
     __trap();
 #endif

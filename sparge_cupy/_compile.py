@@ -111,22 +111,6 @@ def wg_overlap_dims():
     return tuple(sorted(set(dims)))
 
 
-# K / V stages of sparse_attn_wg's loop where it is not overlapped (SPARGE_WG_STAGES: 2, or 3 where
-# three fit: the loads two kept blocks ahead); the environment variable SPARGE_WG_STAGES sets it
-# for a process.
-WG_STAGES = 2
-
-
-def wg_stages():
-    """SPARGE_WG_STAGES (2 or 3), else WG_STAGES."""
-    raw = os.environ.get("SPARGE_WG_STAGES")
-    if raw is None:
-        return WG_STAGES
-    if raw.strip() not in ("2", "3"):
-        raise ValueError(f"SPARGE_WG_STAGES: expected 2 or 3, got {raw!r}")
-    return int(raw)
-
-
 def wg_overlap_mask(dims):
     """SPARGE_WG_OVERLAP's value in C: bit D / 64 set for each head dim D."""
     return sum(1 << (d // 64) for d in dims)
@@ -135,25 +119,23 @@ def wg_overlap_mask(dims):
 def attn_defines():
     """SPARGE_ATTN_DEFINES: the attention kernel's benchmark switches for a process, as
     ``NAME=INTEGER`` words naming ``SPARGE_WG_*`` macros of cuda/sparse_attn.cu (not
-    SPARGE_WG_OVERLAP or SPARGE_WG_STAGES, which the launcher's shared memory follows: see
-    wg_overlap_dims, wg_stages), e.g.
+    SPARGE_WG_OVERLAP, which the launcher's shared memory follows: see wg_overlap_dims), e.g.
     ``"SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1"``; NVRTC options ``-DNAME=INTEGER``."""
     words = os.environ.get("SPARGE_ATTN_DEFINES", "").split()
     for w in words:
         name, _, value = w.partition("=")
-        if (not name.startswith("SPARGE_WG_") or name in ("SPARGE_WG_OVERLAP", "SPARGE_WG_STAGES")
+        if (not name.startswith("SPARGE_WG_") or name == "SPARGE_WG_OVERLAP"
                 or not name[10:].replace("_", "").isalnum()
                 or not value.isdigit()):
             raise ValueError(f"SPARGE_ATTN_DEFINES: expected NAME=INTEGER words naming SPARGE_WG_* "
-                             f"switches other than SPARGE_WG_OVERLAP and SPARGE_WG_STAGES, got {w!r}")
+                             f"switches other than SPARGE_WG_OVERLAP, got {w!r}")
     return tuple(f"-D{w}" for w in words)
 
 
 def source_options(source):
     """The NVRTC options a source takes beyond base_options() and the architecture."""
     if source == "sparse_attn.cu":
-        return (f"-DSPARGE_WG_OVERLAP={wg_overlap_mask(wg_overlap_dims())}",
-                f"-DSPARGE_WG_STAGES={wg_stages()}") + attn_defines()
+        return (f"-DSPARGE_WG_OVERLAP={wg_overlap_mask(wg_overlap_dims())}",) + attn_defines()
     return ()
 
 

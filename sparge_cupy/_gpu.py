@@ -53,7 +53,7 @@ import numpy as np
 
 from . import _checks as ck
 from ._compile import (ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, SELECT_ROW_KEYS, attn_name, get_kernel,
-                       wg_overlap_dims, wg_stages)
+                       wg_overlap_dims)
 from .config import CONFIG
 
 BQ, BK = CONFIG.block_q, CONFIG.block_k
@@ -590,18 +590,17 @@ def select(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, top
 WG_SMEM_MAX = 227 * 1024
 
 
-def attn_smem_bytes(D, qk, pv, kernel="mma", overlap_dims=None, stages=None):
+def attn_smem_bytes(D, qk, pv, kernel="mma", overlap_dims=None):
     """Dynamic shared memory of the attention kernel (sparse_attn.cu): Q and K/V tiles; the
-    wgmma kernel keeps two stages of K and V, three where it overlaps (D in overlap_dims,
-    default _compile.wg_overlap_dims()) or ``stages`` (default _compile.wg_stages()) is 3, if
-    three fit in WG_SMEM_MAX; and 1 KB for aligning its swizzled tiles."""
+    wgmma kernel keeps two stages of K and V (three where it overlaps: D in overlap_dims,
+    default _compile.wg_overlap_dims(), and three stages fit in WG_SMEM_MAX) and 1 KB for
+    aligning its swizzled tiles."""
     qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
     if kernel == "wgmma":
         stage = BK * D * qe + D * BK * ve
         three = 1024 + BQ * D * qe + 3 * stage
         overlap = D in (wg_overlap_dims() if overlap_dims is None else overlap_dims)
-        deep = (wg_stages() if stages is None else stages) == 3
-        return three if (overlap or deep) and three <= WG_SMEM_MAX else three - stage
+        return three if overlap and three <= WG_SMEM_MAX else three - stage
     return (BQ + BK) * (D * qe + 16) + D * (BK * ve + 16)
 
 

@@ -194,12 +194,11 @@ def test_wgmma_shared_memory_fits_sm90():
     assert worst <= 227 * 1024
 
 
-@pytest.mark.parametrize("overlap,stages", [("", "2"), ("64,128,256", "2"), ("64", "3")])
-def test_wgmma_shared_memory_matches_launcher(overlap, stages, monkeypatch):
+@pytest.mark.parametrize("overlap", ["", "64,128,256"])
+def test_wgmma_shared_memory_matches_launcher(overlap, monkeypatch):
     """The launcher's shared-memory size of the wgmma kernel is the kernel's WgSmem, for each head
-    dim and mode, with and without the overlapped loop or the third stage (where it fits)."""
+    dim and mode, with and without the overlapped loop (three stages where they fit)."""
     monkeypatch.setenv("SPARGE_WG_OVERLAP", overlap)
-    monkeypatch.setenv("SPARGE_WG_STAGES", stages)
     checks, B = [], lambda x: "true" if x else "false"
     for D in _compile.HEAD_DIMS:
         for qk in ("int8", "fp16"):
@@ -215,7 +214,7 @@ def test_wg_overlap_setting(monkeypatch):
     assert _compile.wg_overlap_dims() == tuple(_compile.WG_OVERLAP_DIMS)
     monkeypatch.setenv("SPARGE_WG_OVERLAP", "256, 64")
     assert _compile.wg_overlap_dims() == (64, 256)
-    assert _compile.source_options("sparse_attn.cu")[0] == "-DSPARGE_WG_OVERLAP=18"
+    assert _compile.source_options("sparse_attn.cu") == ("-DSPARGE_WG_OVERLAP=18",)
     assert _compile.source_options("select.cu") == ()
     assert _gpu.attn_smem_bytes(64, "int8", "fp8", "wgmma") == 1024 + 128 * 64 + 3 * 2 * 64 * 64
     assert _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma") == 1024 + 128 * 128 + 2 * 2 * 64 * 128
@@ -232,31 +231,22 @@ def test_wg_overlap_setting(monkeypatch):
 def test_attn_defines(monkeypatch):
     monkeypatch.setenv("SPARGE_ATTN_DEFINES", " SPARGE_WG_EARLY_Q=1  SPARGE_WG_MAP_PREFETCH=0 ")
     monkeypatch.setenv("SPARGE_WG_OVERLAP", "")
-    monkeypatch.setenv("SPARGE_WG_STAGES", "3")
     assert _compile.source_options("sparse_attn.cu") == (
-        "-DSPARGE_WG_OVERLAP=0", "-DSPARGE_WG_STAGES=3", "-DSPARGE_WG_EARLY_Q=1", "-DSPARGE_WG_MAP_PREFETCH=0")
-    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma") == 1024 + 128 * 128 + 3 * 2 * 64 * 128
-    for bad in ("4", "two", ""):
-        monkeypatch.setenv("SPARGE_WG_STAGES", bad)
-        with pytest.raises(ValueError, match="SPARGE_WG_STAGES: expected 2 or 3"):
-            _compile.wg_stages()
-    monkeypatch.setenv("SPARGE_WG_STAGES", "2")
-    for bad in ("SPARGE_WG_OVERLAP=2", "SPARGE_WG_STAGES=3", "FOO=1", "SPARGE_WG_X=", "SPARGE_WG_X=a", "SPARGE_WG_X"):
+        "-DSPARGE_WG_OVERLAP=0", "-DSPARGE_WG_EARLY_Q=1", "-DSPARGE_WG_MAP_PREFETCH=0")
+    for bad in ("SPARGE_WG_OVERLAP=2", "FOO=1", "SPARGE_WG_X=", "SPARGE_WG_X=a", "SPARGE_WG_X"):
         monkeypatch.setenv("SPARGE_ATTN_DEFINES", bad)
         with pytest.raises(ValueError, match="SPARGE_ATTN_DEFINES: expected NAME=INTEGER"):
             _compile.source_options("sparse_attn.cu")
 
 
 @pytest.mark.parametrize("overlap,switches", [("64,128,256", "1"), ("", "0")])
-@pytest.mark.parametrize("stages", ["2", "3"])
-def test_wgmma_switches_build(overlap, switches, stages, monkeypatch):
+def test_wgmma_switches_build(overlap, switches, monkeypatch):
     """The wgmma kernel with its switches the other ways from the defaults (the overlapped loop
     SPARGE_WG_OVERLAP at every head dim; then no overlap with the early Q load and the map
     prefetch off) builds for sm_90a, and at D = 64 (two CTAs per SM) and D = 256 (one) the
     default modes keep every register: no spills (the overlap's second score tile)."""
     import re
     monkeypatch.setenv("SPARGE_WG_OVERLAP", overlap)
-    monkeypatch.setenv("SPARGE_WG_STAGES", stages)
     monkeypatch.setenv("SPARGE_ATTN_DEFINES", f"SPARGE_WG_EARLY_Q={switches} SPARGE_WG_MAP_PREFETCH={switches}")
     names = [n for s, n in _compile.kernel_names(90) if s == "sparse_attn.cu" and "sparse_attn_wg" in n]
     _, log = _compile.compile_for_arch("sparse_attn.cu", names, 90, verbose_ptxas=True)
