@@ -56,7 +56,7 @@ def overlap_dims(version):
         if opt.startswith("-DSPARGE_WG_OVERLAP="):
             mask = int(opt.split("=")[1])
             return tuple(d for d in _compile.HEAD_DIMS if (mask >> (d // 64)) & 1)
-    return (64,)          # the source's default (SPARGE_WG_OVERLAP 2)
+    return tuple(_compile.WG_OVERLAP_DIMS)   # the source's default mirrors the package's
 
 
 def parse_version(version):

@@ -908,16 +908,11 @@ struct MapScan {
     __device__ __forceinline__ int next(int j) {
         int x = j + 1;
         while (x <= last) {
-            if (x >= base + 32) {
-                if (PREFETCH) {                  // a new window starts where the last ended
-                    const bool kept = x == base + 32 ? pre : entry(x);
-                    base = x;
-                    pre = entry(x + 32);
-                    win = __ballot_sync(0xffffffffu, kept);
-                } else {
-                    base = x;
-                    win = __ballot_sync(0xffffffffu, entry(x));
-                }
+            if (x >= base + 32) {               // with PREFETCH, a window starts where the last ended
+                const bool kept = PREFETCH && x == base + 32 ? pre : entry(x);
+                if (PREFETCH) pre = entry(x + 32);
+                base = x;
+                win = __ballot_sync(0xffffffffu, kept);
             }
             const unsigned rest = win >> (x - base);
             if (rest) return x + __ffs(rest) - 1;
