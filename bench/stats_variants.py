@@ -11,8 +11,11 @@ and quantize_qk at B = 1 and 4, H = 32, L = 16K, D = 128, fp16 are timed per lau
 the smaller median of two repeats of 20), then both as one region; the quantized operands and
 statistics of every variant are compared with the first variant's (bit for bit, "same" column).
 With ``--select`` first, the variants are of select.cu instead (compressed_map and select_rows
-at B = 4, L = 16K and 32K; the S^ and the block map compared). Prints a table last. Needs a CUDA
-GPU.
+at B = 4, L = 16K and 32K; the S^ and the block map compared); with ``--quant-v``, of quant_v.cu
+(v_channel_amax and quantize_v, FP8, at B = 4, H = 32, D = 64 / 128 / 256 and 8K / 16K; V^T and dv
+compared), where an option ``bpp:N`` sets ``_gpu.VQ_BLOCKS_PER_PROGRAM`` (e.g.
+``old@/tmp/old_cuda,bpp:1`` for a source whose quantize_v takes one key block a program). Prints a
+table last. Needs a CUDA GPU.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from sparge_cupy import _compile, _gpu  # noqa: E402
 
 KERNELS = ("q_stats", "k_sums", "k_pass", "quantize_q")
 SELECT_KERNELS = ("compressed_map", "select_rows")
+QUANT_V_KERNELS = ("v_channel_amax", "quantize_v")
 
 
 def variant_get_kernel(extra, variant_source="block_stats.cu", folder=None):
@@ -52,14 +56,23 @@ def variant_get_kernel(extra, variant_source="block_stats.cu", folder=None):
 
 
 def parse(spec):
-    """(label, extra options, folder) of one variant argument."""
+    """(label, extra options, folder, quantize_v blocks per program or None) of one variant."""
+    bpp = None
     if "@" in spec:
         label, folder = spec.split("@", 1)
-        return label, [], folder
-    if "=" in spec:
-        label, opts = spec.split("=", 1)
-        return label, [o for o in opts.split(",") if o], None
-    return f"min_blocks={spec}", [f"-DSPARGE_STATS_MIN_BLOCKS={spec}"], None
+        folder, *opts = folder.split(",")
+    elif "=" in spec:
+        label, rest = spec.split("=", 1)
+        folder, opts = None, rest.split(",")
+    else:
+        return f"min_blocks={spec}", [f"-DSPARGE_STATS_MIN_BLOCKS={spec}"], None, None
+    extra = []
+    for o in filter(None, opts):
+        if o.startswith("bpp:"):
+            bpp = int(o[4:])
+        else:
+            extra.append(o)
+    return label, extra, folder, bpp
 
 
 def outputs(P):
@@ -74,6 +87,10 @@ def outputs(P):
 
 def stages(P, source):
     """(timed calls, the kernels to report, what they write) for the variant ``source``."""
+    if source == "quant_v.cu":
+        def quant_v():
+            return _gpu.quantize_v(P.vo, pv="fp8")
+        return (quant_v,), QUANT_V_KERNELS, lambda: [a.get() for a in quant_v()]
     if source == "select.cu":
         def select():
             return _gpu.select(P.st, Lq=P.q.shape[2], Lk=P.k.shape[2], **P.common, **P.sel)
@@ -91,17 +108,18 @@ def stages(P, source):
     return (stats, quant), KERNELS, lambda: outputs(P)
 
 
-def main(specs, source="block_stats.cu", shapes=((1, 16384), (4, 16384))):
+def main(specs, source="block_stats.cu", shapes=((1, 16384, 128), (4, 16384, 128))):
     rows = []
-    original = _gpu.get_kernel
+    original, original_bpp = _gpu.get_kernel, _gpu.VQ_BLOCKS_PER_PROGRAM
     kernels = KERNELS
-    for B, L in shapes:
-        P = pb.pipeline(B, 32, L, 128, True)
+    for B, L, D in shapes:
+        P = pb.pipeline(B, 32, L, D, True)
         fns, kernels, written = stages(P, source)
         first = None
         for spec in specs:
-            label, extra, folder = parse(spec)
+            label, extra, folder, bpp = parse(spec)
             _gpu.get_kernel = variant_get_kernel(extra, source, folder=folder)
+            _gpu.VQ_BLOCKS_PER_PROGRAM = original_bpp if bpp is None else bpp
             got = written()
             first = got if first is None else first
             same = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, first))
@@ -110,19 +128,22 @@ def main(specs, source="block_stats.cu", shapes=((1, 16384), (4, 16384))):
                 for (lab, _), ms in pb.per_launch_ms(fn, 20).items():
                     times.setdefault(lab, []).append(ms)
             region = pb.region_ms(lambda: [fn() for fn in fns], 20)
-            rows.append((B, L, label, [min(times.get(k, [float("nan")])) for k in kernels], region, same))
+            rows.append((B, L, D, label, [min(times.get(k, [float("nan")])) for k in kernels], region, same))
             print(rows[-1], flush=True)
-        _gpu.get_kernel = original
-    print(f"\n{source}\n\n| B | L | variant | " + " | ".join(kernels) + " | region | same |")
-    print("|---|---|---|" + "---|" * (len(kernels) + 2))
-    for B, L, label, ms, region, same in rows:
-        print(f"| {B} | {L} | {label} | " + " | ".join(f"{x:.4f}" for x in ms)
+        _gpu.get_kernel, _gpu.VQ_BLOCKS_PER_PROGRAM = original, original_bpp
+    print(f"\n{source}\n\n| B | L | D | variant | " + " | ".join(kernels) + " | region | same |")
+    print("|---|---|---|---|" + "---|" * (len(kernels) + 2))
+    for B, L, D, label, ms, region, same in rows:
+        print(f"| {B} | {L} | {D} | {label} | " + " | ".join(f"{x:.4f}" for x in ms)
               + f" | {region:.4f} | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--select"]:           # variants of select.cu (B 4, L 16K and 32K)
-        main(args[1:] or ["shipped="], "select.cu", ((4, 16384), (4, 32768)))
+        main(args[1:] or ["shipped="], "select.cu", ((4, 16384, 128), (4, 32768, 128)))
+    elif args[:1] == ["--quant-v"]:        # variants of quant_v.cu
+        main(args[1:] or ["shipped="], "quant_v.cu",
+             ((4, 8192, 64), (4, 8192, 128), (4, 16384, 128), (4, 8192, 256)))
     else:
         main(args or ["4"])

@@ -446,6 +446,19 @@ def quantize_qk(q, k, st, *, qk, rebalance, with_q_dot_km):
     return q_op, dq, made[2], made[3], q_dot_km
 
 
+# Key blocks per quantize_v program, at most (the next block's loads are in flight while a block
+# is stored); bench/NOTES.md has the measured choice.
+VQ_BLOCKS_PER_PROGRAM = 4
+
+
+def _vq_grid(nk, H, B):
+    """quantize_v's grid: up to VQ_BLOCKS_PER_PROGRAM key blocks a program while at least 8
+    programs per multiprocessor remain (short sequences keep one block a program)."""
+    sms = _device_limits(_cupy().cuda.Device().id)[2]
+    per = max(1, min(VQ_BLOCKS_PER_PROGRAM, (nk * H * B) // (8 * sms)))
+    return _grid(-(-nk // per), H, B)
+
+
 def quantize_v(v, *, pv, nonfinite=None, amax=None):
     """V^T ``[B, Hkv, Dp, nk*BK]`` in e4m3 (keys permuted within each 32) or fp16, and ``dv``
     ``[B, Hkv, Dp]`` (FP8 only, else None). ``nonfinite``: a :func:`nonfinite_counter` to count
@@ -465,7 +478,7 @@ def quantize_v(v, *, pv, nonfinite=None, amax=None):
         dv = cp.empty_like(amax)
     vt = cp.empty((B, Hkv, D, nk * BK), cp.uint8 if fp8 else cp.float16)
     kern = get_kernel("quant_v.cu", f"sparge::quantize_v<{T}, {'true' if fp8 else 'false'}, {D}>")
-    kern(_grid(nk, Hkv, B), (THREADS,),
+    kern(_vq_grid(nk, Hkv, B), (THREADS,),
          (v.view(), amax, vt, dv, _slot(nonfinite, 2), _I32(Hkv), _I32(Lk)))
     return vt, dv
 
@@ -480,11 +493,14 @@ def select_smem_bytes(nk):
 
 @functools.lru_cache(maxsize=None)
 def _device_limits(device_id):
-    """(compute capability as an int, shared memory per block after opt-in) of a device."""
+    """(compute capability as an int, shared memory per block after opt-in, multiprocessors)
+    of a device."""
     cp = _cupy()
     dev = cp.cuda.Device(device_id)
-    return int(dev.compute_capability), cp.cuda.runtime.deviceGetAttribute(
-        cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id)
+    attr = cp.cuda.runtime.deviceGetAttribute
+    return (int(dev.compute_capability),
+            attr(cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id),
+            attr(cp.cuda.runtime.cudaDevAttrMultiProcessorCount, device_id))
 
 
 def _compute_capability():

@@ -180,6 +180,43 @@ def test_v_fp8_bit_identical(case):
     assert not logical[..., Lk:].any(), "padding keys must be zero"
 
 
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_quantize_v_any_blocks_per_program(case, pv, monkeypatch):
+    """quantize_v's programs walk key blocks j, j + grid, ...: three blocks a program (the last
+    program shorter) write the same V^T, dv and NaN / Inf count as one block a program (the
+    grid the test shapes get), on finite inputs and with NaN in the first, a middle and the last
+    element; pv="fp16" is V rounded to fp16."""
+    if pv == "fp8" and not FP8:
+        pytest.skip("FP8 needs compute capability 8.9+")
+    (_, _, v), _ = _inputs(case)
+    layout, Lk, D = case[7], case[4], case[5]
+    bad = np.ascontiguousarray(v).copy()
+    flat = bad.reshape(-1)
+    flat[[0, flat.size // 3, flat.size - 1]] = np.nan
+    for x, n_bad in ((v, 0), (bad, len({0, flat.size // 3, flat.size - 1}))):
+        outs = []
+        for per in (1, 3):
+            monkeypatch.setattr(_gpu, "_vq_grid", lambda nk, H, B, per=per: (-(-nk // per), H, B))
+            counter = _gpu.nonfinite_counter()
+            vt, dv = _gpu.quantize_v(_gpu.operand(cupy.asarray(x), layout), pv=pv, nonfinite=counter)
+            outs.append((vt.get(), None if dv is None else dv.get(), int(counter.get()[2])))
+        (vt1, dv1, n1), (vt3, dv3, n3) = outs
+        assert n1 == n3 == n_bad, (n1, n3, n_bad)
+        # bytes, not values: NaN inputs stay NaN in the fp16 V^T, and NaN != NaN
+        mismatch = np.flatnonzero(vt1.view(np.uint8) != vt3.view(np.uint8))
+        assert mismatch.size == 0, f"{mismatch.size} V^T bytes differ, first at {mismatch[:8]}"
+        if pv == "fp8":
+            np.testing.assert_array_equal(dv1, dv3)
+        else:                                               # keys in order, not permuted
+            want = _hnd(x, layout).astype(np.float16).transpose(0, 1, 3, 2)
+            got = vt1.view(np.float16)[:, :, :D, :Lk]
+            ok = (got == want) | (np.isnan(got) & np.isnan(want))
+            assert ok.all(), (f"{int((~ok).sum())} fp16 values differ, first at "
+                              f"{np.argwhere(~ok)[:4].tolist()}")
+            assert not vt1.view(np.float16)[..., Lk:].any(), "padding keys must be zero"
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 1: the block map.
 
