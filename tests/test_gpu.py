@@ -15,7 +15,7 @@ cupy = pytest.importorskip("cupy")
 if not cupy.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from conftest import assert_close, make_qkv  # noqa: E402
+from conftest import assert_close, assert_equal, make_qkv  # noqa: E402
 from gpu_helpers import (check_attention, reference_map, rel_l1,  # noqa: E402
                          unexplained_map_rows)
 
@@ -203,17 +203,13 @@ def test_quantize_v_any_blocks_per_program(case, pv, monkeypatch):
             outs.append((vt.get(), None if dv is None else dv.get(), int(counter.get()[2])))
         (vt1, dv1, n1), (vt3, dv3, n3) = outs
         assert n1 == n3 == n_bad, (n1, n3, n_bad)
-        # bytes, not values: NaN inputs stay NaN in the fp16 V^T, and NaN != NaN
-        mismatch = np.flatnonzero(vt1.view(np.uint8) != vt3.view(np.uint8))
-        assert mismatch.size == 0, f"{mismatch.size} V^T bytes differ, first at {mismatch[:8]}"
+        assert_equal(vt1.view(np.uint8), vt3.view(np.uint8), what="V^T bytes")   # NaN as bits
         if pv == "fp8":
             np.testing.assert_array_equal(dv1, dv3)
         else:                                               # keys in order, not permuted
             want = _hnd(x, layout).astype(np.float16).transpose(0, 1, 3, 2)
             got = vt1.view(np.float16)[:, :, :D, :Lk]
-            ok = (got == want) | (np.isnan(got) & np.isnan(want))
-            assert ok.all(), (f"{int((~ok).sum())} fp16 values differ, first at "
-                              f"{np.argwhere(~ok)[:4].tolist()}")
+            assert_equal(got, want, what="fp16 V^T")
             assert not vt1.view(np.float16)[..., Lk:].any(), "padding keys must be zero"
 
 
