@@ -1,9 +1,11 @@
 """Issue 4's speed targets, checked on the CSVs of one ``bench/run_bench.py`` run.
 
     python bench/targets.py bench/results/bench_full_2026-12-04_NVIDIA_H200.csv [more.csv] [--out md]
+    python bench/targets.py RUN.csv --readme-table     # the README's results table instead
 
 Prints (and with ``--out`` writes) one markdown table: each target, the rows it compares, the
-measured ratio and whether it holds. Only rows whose status is ``ok`` count; a comparison with a
+measured ratio and whether it holds; with ``--readme-table`` the README's table of TOPS per method
+and density (D=128, L 16K and 32K). Only rows whose status is ``ok`` count; a comparison with a
 missing row says so. Rows of several CSVs are pooled (a later file's row replaces an earlier one
 of the same method, L, D, causal and density): pass CSVs of the same card and commit only.
 Methods (``run_bench.py``): ``sparge_e2e_tau0.9`` is ``sparge_attn`` with the prediction
@@ -134,6 +136,33 @@ def check(rows, Ls_long=(16384, 32768), L_8k=8192, Ds=(64, 128)):
     return out
 
 
+# The README's table: (method, label, masks it is shown for).
+README_ROWS = (
+    ("sdpa_flash", "PyTorch SDPA, flash (FlashAttention-2)", (False,)),
+    ("sdpa_cudnn", "PyTorch SDPA, cuDNN", (False, True)),
+    ("sageattn_1.0.6", "sageattention 1.0.6", (False,)),
+    ("flex_attention", "flex_attention, same block map", (False, True)),
+    (OURS_E2E, "**sparge_attn** (with the prediction)", (False, True)),
+    (OURS, "**block_sparse_attn**, int8 QK / fp8 PV (default)", (False, True)),
+    ("sparge_fp16_fp8", "**block_sparse_attn**, `qk=\"fp16\"`", (False,)),
+    (KERNEL, "**attention kernel alone**", (False, True)),
+)
+
+
+def readme_table(rows, D=128, Ls=(16384, 32768), densities=(1.0, 0.5, 0.25, 0.1)):
+    """Dense-equivalent TOPS per method, L, mask and density (blank: not measured or not ok)."""
+    head = " | ".join(f"density {d}" if d == 1.0 else str(d) for d in densities)
+    lines = [f"| method | L | causal | {head} |", "|---|---|---|" + "---|" * len(densities)]
+    for L in Ls:
+        for causal in (False, True):
+            for method, label, masks in README_ROWS:
+                tops = [_ms(rows, method, L, D, causal, d, field="tops") for d in densities]
+                if causal in masks and any(t is not None for t in tops):
+                    cells = " | ".join("" if t is None else f"{t:.0f}" for t in tops)
+                    lines.append(f"| {label} | {L // 1024}K | {'yes' if causal else 'no'} | {cells} |")
+    return "\n".join(lines)
+
+
 def table(results):
     lines = ["| target | what | measured | met |", "|---|---|---|---|"]
     lines += [f"| {t} | {w} | {m} | {'yes' if ok else '**no**'} |" for t, w, m, ok in results]
@@ -144,8 +173,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csv", nargs="+")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    ap.add_argument("--readme-table", action="store_true",
+                    help="the README's table of TOPS (D=128, L 16K and 32K) instead of the targets")
     args = ap.parse_args(argv)
-    text = table(check(load(args.csv)))
+    rows = load(args.csv)
+    text = readme_table(rows) if args.readme_table else table(check(rows))
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -123,6 +123,23 @@ def test_issue_targets_from_csv(tmp_path):
     assert not got["4 prediction overhead", "D128 L32K causal"]
 
 
+
+def test_readme_table_from_csv(tmp_path):
+    """bench/targets.py --readme-table: TOPS per method and density, a failed or missing row blank."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import targets
+    rows = [row("sdpa_cudnn", 16384, 128, False, 1.0, 590.4),
+            row("sparge_int8_fp8", 16384, 128, False, 1.0, 672.0),
+            row("sparge_int8_fp8", 16384, 128, False, 0.4987, 1259.0),     # measured density
+            row("sparge_int8_fp8", 16384, 128, False, 0.1, 9999.0, status="FAIL rel_l1"),
+            row("sdpa_flash", 16384, 128, True, 1.0, 300.0),               # not shown causal
+            row("sparge_int8_fp8", 16384, 64, False, 1.0, 1.0)]            # not D 128
+    path = write_csv(tmp_path / "t.csv", rows)
+    lines = targets.readme_table(targets.load([path])).splitlines()
+    assert lines[0] == "| method | L | causal | density 1.0 | 0.5 | 0.25 | 0.1 |", lines
+    assert lines[2:] == ["| PyTorch SDPA, cuDNN | 16K | no | 590 |  |  |  |",
+                         "| **block_sparse_attn**, int8 QK / fp8 PV (default) | 16K | no | 672 | 1259 |  |  |"], lines
+
 def test_one_card_per_figure_and_named_columns(bench_csv, tmp_path):
     other = write_csv(tmp_path / "other.csv", [dict(row("sdpa_cudnn", 8192, 128, False, 1.0, 1.0),
                                                     card="Other GPU")])
