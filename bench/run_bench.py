@@ -105,8 +105,8 @@ def git_commit():
     if os.environ.get("SPARGE_COMMIT"):      # the device machine gets a copy of the tree, no .git
         return os.environ["SPARGE_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip() or "unknown"
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 

@@ -2,7 +2,7 @@
 
 Run from the repository root on a machine with a CUDA GPU:
 
-    PYTHONPATH=. python scripts/gpu_suite.py            # writes bench/results/gpu_suite_<date>_<card>.md
+    python scripts/gpu_suite.py      # writes bench/results/gpu_suite_<date>_<card>_<commit>.md
 
 Stages (each under its own time limit, so a hang costs one stage, not the run):
   1. ``pytest tests/test_gpu.py`` (kernels against reference/; parallel with pytest-xdist where
@@ -96,7 +96,7 @@ def device_info():
     commit = os.environ.get("SPARGE_COMMIT")
     if not commit:
         try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+            commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT,
                                     capture_output=True, text=True).stdout.strip() or "unknown"
         except OSError:
             commit = "unknown"
@@ -355,7 +355,8 @@ def write_report(info, tests, sanitizers, timings, out_dirs, breakdown=(), cache
                   demo_out.strip(), "```"]
     text = "\n".join(lines) + "\n"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info["card"]).strip("-").lower()
-    name = f"gpu_suite_{info['date'][:10]}_{slug}.md"
+    commit = re.sub(r"[^A-Za-z0-9]+", "-", info["commit"]).strip("-")
+    name = f"gpu_suite_{info['date'][:10]}_{slug}_{commit}.md"
     for d in out_dirs:
         d.mkdir(parents=True, exist_ok=True)
         (d / name).write_text(text)
