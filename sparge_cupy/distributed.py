@@ -84,6 +84,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks as ck
+from . import torch as torch_adapter
 from .api import DEFAULT_CDF, _selection
 from .config import CONFIG
 
@@ -108,21 +109,8 @@ def _dist():
 class _Reference:
     """The NumPy path: torch CPU tensors converted (zero-copy where possible) to NumPy arrays."""
 
-    @staticmethod
-    def to_numpy(t):
-        torch = _torch()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-
-    @staticmethod
-    def to_torch(x):
-        torch = _torch()
-        x = np.ascontiguousarray(x)
-        if x.dtype.name == "bfloat16":
-            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(x)
+    to_numpy = staticmethod(torch_adapter.to_numpy)
+    to_torch = staticmethod(torch_adapter.from_numpy)
 
     @classmethod
     def _call(cls, fn, *arrays, **kw):

@@ -16,7 +16,7 @@ a bool mask otherwise). For each attention call:
   sliding window), the mask is ``None`` (plain causal, or plain bidirectional for encoders), there
   is more than one query, and nothing else changes the scores (no dropout, logit soft-capping,
   position bias or sink logits). CUDA tensors go to the GPU kernels through
-  :mod:`sparge_cupy.torch`; any other tensor is copied to NumPy and runs the reference.
+  :mod:`sparge_cupy.torch`, which copies any other tensor to NumPy and runs the reference.
 - **Otherwise it falls back, exactly, to transformers' own "sdpa"** function with the same
   arguments (to the model's own eager function where "sdpa" refuses, i.e. with soft-capping):
   sliding-window layers, padding or any other explicit mask, single-token decoding steps, dropout,
@@ -324,33 +324,6 @@ def _plain(x):
     return np.asarray(x).tolist()
 
 
-def _to_numpy(t):
-    """A CPU copy of tensor ``t`` as NumPy, bfloat16 through ml_dtypes (bit-exact)."""
-    import torch
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _from_numpy(a, like):
-    import torch
-    a = np.ascontiguousarray(a)
-    if like.dtype == torch.bfloat16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(like.device)
-    return torch.from_numpy(a).to(device=like.device, dtype=like.dtype)
-
-
-def _gpu_backend():
-    try:
-        from . import torch as sparge_torch
-    except ImportError as e:
-        raise ImportError("sparge attention on CUDA tensors needs sparge_cupy.torch and CuPy "
-                          f"(pip install 'sparge-cupy[cuda]'); importing it failed: {e}") from e
-    return sparge_torch
-
-
 def _dense_fallback(module, query, key, value, attention_mask, *, dropout, scaling, is_causal,
                     **kwargs):
     """transformers' "sdpa" function; the model's own eager function where "sdpa" refuses."""
@@ -426,14 +399,9 @@ def make_attention_function(settings):
                   predictor=settings.predictor,
                   return_stats=settings.collect_stats,
                   **layer.kwargs(query.shape[1]))
-        if query.is_cuda:
-            st = _gpu_backend()
-            res = st.sparge_attn(query.contiguous(), key.contiguous(), value.contiguous(), **kw)
-            out = res[0] if isinstance(res, tuple) else res
-        else:
-            from .api import sparge_attn
-            res = sparge_attn(_to_numpy(query), _to_numpy(key), _to_numpy(value), **kw)
-            out = _from_numpy(res[0] if isinstance(res, tuple) else res, query)
+        from . import torch as sparge_torch      # the kernels on CUDA tensors, the reference on CPU
+        res = sparge_torch.sparge_attn(query.contiguous(), key.contiguous(), value.contiguous(), **kw)
+        out = res[0] if isinstance(res, tuple) else res
         if settings.collect_stats:
             stats = {k: _plain(v) for k, v in res[1].items()}
             _record(settings, module, "sparge", Lq=int(Lq), Lk=int(key.shape[2]), **stats)

@@ -1,8 +1,10 @@
 """The PyTorch adapter: :func:`predict_block_map`, :func:`block_sparse_attn` and
-:func:`sparge_attn` on torch CUDA tensors.
+:func:`sparge_attn` on torch tensors.
 
-Zero-copy both ways through DLPack, on torch's current stream, output a torch tensor of the
-input dtype and layout. bf16 works although CuPy has no bfloat16: the storage travels as 16-bit
+CUDA tensors run the GPU kernels, zero-copy both ways through DLPack, on torch's current stream.
+Tensors on the CPU (or any other device) run the NumPy reference (:mod:`sparge_cupy.api` on NumPy
+copies; bf16 through ``ml_dtypes``, bit for bit). Either way the output is a torch tensor of the input dtype, layout
+and device. bf16 works on the GPU although CuPy has no bfloat16: the storage travels as 16-bit
 integers and the kernels are instantiated for ``__nv_bfloat16``. Arguments and defaults are those
 of :mod:`sparge_cupy.api`; the checks are the same functions. torch is imported on first call only.
 """
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 from . import _checks as ck
+from . import api
 from .api import DEFAULT_CDF, _attn_options, _prediction_options, _selection
 from .config import CONFIG
 
@@ -22,7 +27,11 @@ def _torch():
 
 def _to_cupy(t, name):
     """A CuPy view of tensor ``t`` (bf16 as uint16 storage) and its dtype name."""
-    import cupy
+    try:
+        import cupy
+    except ImportError as e:
+        raise ImportError("sparge_cupy.torch on CUDA tensors needs CuPy (pip install "
+                          f"'sparge-cupy[cuda]'); importing it failed: {e}") from e
     torch = _torch()
     if not t.is_cuda:
         raise TypeError(f"{name}: expected a CUDA tensor, got one on {t.device}")
@@ -38,6 +47,35 @@ def _to_torch(x):
     if x.dtype == bool:
         return torch.from_dlpack(x.view("uint8")).view(torch.bool)
     return torch.from_dlpack(x)
+
+
+def to_numpy(t):
+    """A NumPy copy of tensor ``t`` (any device), bfloat16 as ``ml_dtypes.bfloat16`` (bit-exact)."""
+    torch = _torch()
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def from_numpy(a, like=None):
+    """Array ``a`` as a CPU tensor (sharing its memory where it is contiguous), or on the device of
+    tensor ``like``; bfloat16 arrays as torch.bfloat16."""
+    torch = _torch()
+    a = np.ascontiguousarray(a)
+    t = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.name == "bfloat16"
+         else torch.from_numpy(a))
+    return t if like is None else t.to(like.device)
+
+
+def _on_reference(fn, like, *tensors, **kw):
+    """``fn`` (an :mod:`sparge_cupy.api` function) on NumPy copies of ``tensors``, its arrays back
+    as tensors on the device of ``like`` (the statistics dict as it is)."""
+    res = fn(*(to_numpy(t) for t in tensors), **kw)
+    if not isinstance(res, tuple):
+        return from_numpy(res, like)
+    return tuple(r if isinstance(r, dict) else from_numpy(r, like) for r in res)
 
 
 class _StreamHandle:
@@ -72,6 +110,7 @@ def _on_current_stream(t):
 
 
 def _check(q, k, v, layout, is_causal, scale):
+    """(shapes, scale, whether the reference runs: tensors not on a CUDA device) of checked inputs."""
     torch = _torch()
     arrays = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     for name, t in arrays.items():
@@ -83,8 +122,9 @@ def _check(q, k, v, layout, is_causal, scale):
         raise ValueError(f"q, k, v: expected one device, got {', '.join(sorted(devices))}")
     ck.check_flag("is_causal", is_causal)
     scale = ck.check_scale(scale, shapes.D)
-    # NaN / Inf: counted inside the kernels, the ValueError raised at the end of the call (_gpu).
-    return shapes, scale
+    # NaN / Inf: counted inside the kernels, the ValueError raised at the end of the call (_gpu);
+    # on the reference path checked by the NumPy functions before anything runs.
+    return shapes, scale, q.device.type != "cuda"
 
 
 def _operands(layout, *tensors):
@@ -113,9 +153,12 @@ def predict_block_map(q, k, *, is_causal=False, scale=None, layout="HND",
                       predictor="paper"):
     """:func:`sparge_cupy.predict_block_map` for torch tensors; a torch bool tensor."""
     from . import _gpu
-    shapes, scale = _check(q, k, None, layout, is_causal, scale)
+    shapes, scale, on_reference = _check(q, k, None, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     sel.update(_prediction_options(attention_sink, local_window, predictor))
+    if on_reference:
+        return _on_reference(api.predict_block_map, q, q, k, is_causal=is_causal, scale=scale,
+                             layout=layout, **sel)
     with _on_current_stream(q):
         qo, ko = _operands(layout, q, k)
         bmap = _gpu.predict_block_map(qo, ko, is_causal=is_causal, scale=scale, layout=layout, **sel)
@@ -127,7 +170,7 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout
                       return_stats=False):
     """:func:`sparge_cupy.block_sparse_attn` for torch tensors."""
     from . import _gpu
-    shapes, scale = _check(q, k, v, layout, is_causal, scale)
+    shapes, scale, on_reference = _check(q, k, v, layout, is_causal, scale)
     torch = _torch()
     if not isinstance(block_map, torch.Tensor) or block_map.dtype != torch.bool:
         raise TypeError(f"block_map: expected a torch bool tensor, got "
@@ -136,7 +179,13 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout
     if tuple(block_map.shape) != expected:
         raise ValueError(f"block_map: expected shape [B, Hq, nq, nk] = {expected}, "
                          f"got {tuple(block_map.shape)}")
+    if block_map.device != q.device:
+        raise ValueError(f"block_map: expected a tensor on {q.device} (that of q), got one on "
+                         f"{block_map.device}")
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
+    if on_reference:
+        return _on_reference(api.block_sparse_attn, q, q, k, v, block_map, is_causal=is_causal,
+                             scale=scale, layout=layout, **opts)
     with _on_current_stream(q):
         qo, ko, vo = _operands(layout, q, k, v)
         bmap = _to_cupy(block_map.contiguous(), "block_map")[0]
@@ -151,10 +200,13 @@ def sparge_attn(q, k, v, *, is_causal=False, scale=None, layout="HND",
                 predictor="paper"):
     """:func:`sparge_cupy.sparge_attn` for torch tensors."""
     from . import _gpu
-    shapes, scale = _check(q, k, v, layout, is_causal, scale)
+    shapes, scale, on_reference = _check(q, k, v, layout, is_causal, scale)
     sel = _selection(shapes, simthreshd1, cdfthreshd, topk, mass_threshold)
     sel.update(_prediction_options(attention_sink, local_window, predictor))
     opts = _attn_options(shapes, pvthreshd, qk, rebalance, pv, return_lse, return_stats)
+    if on_reference:
+        return _on_reference(api.sparge_attn, q, q, k, v, is_causal=is_causal, scale=scale,
+                             layout=layout, **sel, **opts)
     with _on_current_stream(q):
         qo, ko, vo = _operands(layout, q, k, v)
         return _run_attention(_gpu.sparge_attn, q, qo, ko, vo, is_causal=is_causal, scale=scale,
