@@ -1,7 +1,8 @@
 """The ``sparge-cupy`` command (also ``python -m sparge_cupy``).
 
-``sparge-cupy demo [--out DIR] [--cpu]``: SpargeAttn on the shipped real input (one attention layer
-of all-MiniLM-L6-v2, ``sparge_cupy.data``) with the default settings, on the GPU when CuPy finds
+``sparge-cupy demo [--out DIR] [--cpu] [--inputs NPZ]``: SpargeAttn on the shipped real input (one
+attention layer of all-MiniLM-L6-v2, ``sparge_cupy.data``), or on a layer of your own (``--inputs``:
+the npz format of ``sparge-cupy tune``), with the default settings, on the GPU when CuPy finds
 one and the GPU path works, on the NumPy reference otherwise. Prints the sparsity of both stages,
 the error against dense float64 split into quantization only, sparsity only and both, the runtime,
 and the paths of the two figures of ``sparge_cupy.viz`` it writes.
@@ -104,9 +105,36 @@ def _to_host(res):
 # demo
 
 
+def load_demo_inputs(path=None, *, is_causal=None, scale=None):
+    """``(q, k, v, is_causal, scale, description, notes)`` of the demo: the shipped MiniLM layer
+    (non-causal, the model's scale) or the npz at ``path`` (arrays q, k, v and optionally 0-d
+    is_causal, scale, layout, as ``sparge-cupy tune`` reads them), as HND arrays. ``is_causal``
+    and ``scale`` given here override the file's; float64 arrays are cast to float32 (the API
+    takes fp16, bf16 and fp32)."""
+    if path is None:
+        from .data import load_default_qkv
+        data = load_default_qkv()
+        q, k, v = data["q"], data["k"], data["v"]
+        file_causal, file_scale = False, data["scale"]     # an encoder (bidirectional) layer
+        what, notes = _input_line(data), []
+    else:
+        from .tune import load_npz_layer
+        q, k, v, file_causal, file_scale, layout, notes = load_npz_layer(path)
+        what = (f"{Path(path).name}, q {list(q.shape)} k {list(k.shape)} {q.dtype} HND"
+                + (" (from NHD)" if layout == "NHD" else ""))
+    is_causal = bool(file_causal) if is_causal is None else is_causal
+    scale = file_scale if scale is None else scale
+    if scale is None and getattr(q, "ndim", 0) == 4:
+        scale = q.shape[-1] ** -0.5
+    return q, k, v, is_causal, scale, what, notes
+
+
 def run_demo(out_dir=DEFAULT_OUT, *, cpu=False, simthreshd1=CONFIG.simthreshd1, cdfthreshd=None,
-             topk=None, pvthreshd=None, figures=True):
+             topk=None, pvthreshd=None, figures=True, inputs=None, is_causal=None, scale=None):
     """Run the demo and return its numbers as a dict (``format_demo`` prints them).
+
+    ``inputs``: an npz path (see :func:`load_demo_inputs`) instead of the shipped layer;
+    ``is_causal`` and ``scale`` override its own.
 
     Keys: ``input`` (a description), ``shape``, ``backend``, ``notes`` (list of str),
     ``settings``, ``stage1_sparsity``, ``stage2_sparsity``, ``total_sparsity``, ``kept_blocks``,
@@ -114,17 +142,15 @@ def run_demo(out_dir=DEFAULT_OUT, *, cpu=False, simthreshd1=CONFIG.simthreshd1, 
     dict of ``reference.error_metrics``), ``runtime_s``, ``runtime_what``, ``figures`` (paths).
     """
     from . import reference as R
-    from .data import load_default_qkv
 
-    data = load_default_qkv()
-    q, k, v, scale = data["q"], data["k"], data["v"], data["scale"]
-    is_causal = False  # the default input is an encoder (bidirectional) layer
+    q, k, v, is_causal, scale, what, input_notes = load_demo_inputs(inputs, is_causal=is_causal,
+                                                                    scale=scale)
     if cdfthreshd is None and topk is None:
         cdfthreshd = CONFIG.cdfthreshd
     select = {"cdfthreshd": cdfthreshd} if topk is None else {"topk": topk}
     quant = {"qk": "int8", "pv": "fp8", "rebalance": True}   # the API's defaults
 
-    notes = []
+    notes = list(input_notes)
     use_gpu = False
     if cpu:
         notes.append("--cpu given: running the NumPy reference")
@@ -163,7 +189,7 @@ def run_demo(out_dir=DEFAULT_OUT, *, cpu=False, simthreshd1=CONFIG.simthreshd1, 
         from .viz.block_maps import plot_block_maps
         from .viz.error_sparsity import DEFAULT_THETAS, plot_error_sparsity
         out_dir = Path(out_dir)
-        title = _input_line(data)
+        title = what
         figures_written.append(plot_block_maps(
             q, k, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1, **select,
             title=f"Stage 1 on {title}", path=out_dir / "block_maps.png"))
@@ -173,7 +199,8 @@ def run_demo(out_dir=DEFAULT_OUT, *, cpu=False, simthreshd1=CONFIG.simthreshd1, 
             title=f"Error vs sparsity on {title}", path=out_dir / "error_sparsity.png"))
 
     return {
-        "input": _input_line(data) + f", {'causal' if is_causal else 'non-causal'}, scale {scale:.4g}",
+        "input": what + f", {'causal' if is_causal else 'non-causal'}, scale {scale:.4g}",
+        "default_input": inputs is None,
         "shape": tuple(int(n) for n in q.shape),
         "backend": backend_name,
         "notes": notes,
@@ -244,8 +271,10 @@ def format_demo(res):
         f"fix       {res['fix_share']:.1%} of valid blocks kept whole as fix blocks "
         "(Q or K block not self-similar)",
         f"recall    {res['recall']:.1%} of the true attention mass lies in the kept blocks",
-        *(["note      no block skipped at these thresholds: at 512 tokens few blocks are "
-           "self-similar above theta; try --tuned"] if res["stage1_sparsity"] == 0 else []),
+        *(([("note      no block skipped at these thresholds: at 512 tokens few blocks are "
+              "self-similar above theta; try --tuned") if res.get("default_input", True) else
+            ("note      no block skipped at these thresholds: lower --simthreshd1 / --cdfthreshd, "
+             "or tune them per head with sparge-cupy tune")]) if res["stage1_sparsity"] == 0 else []),
         "",
         f"{'error vs dense float64':<26}{'rel L1':>9}  {'cosine':>8}  {'RMSE':>9}",
     ]
@@ -284,13 +313,26 @@ def _cmd_demo(args, parser):
         if args.cdfthreshd is not None or args.topk is not None or args.pvthreshd is not None \
                 or args.simthreshd1 != CONFIG.simthreshd1:
             parser.error("--tuned sets the thresholds: give no --simthreshd1/--cdfthreshd/--topk/--pvthreshd")
+        if args.inputs is not None:
+            parser.error("--tuned: the shipped thresholds are tuned for the shipped input, not for "
+                         "--inputs (tune yours with sparge-cupy tune)")
         thresholds = dict(tuned_thresholds(), topk=None)
+    causal = {"yes": True, "no": False}.get(args.causal)
     try:
-        res = run_demo(args.out, cpu=args.cpu, **thresholds)
-    except (ValueError, TypeError) as e:   # bad thresholds: the API names the argument
+        res = run_demo(args.out, cpu=args.cpu, figures=not args.no_figures, inputs=args.inputs,
+                       is_causal=causal, scale=args.scale, **thresholds)
+    except (ValueError, TypeError, OSError) as e:   # bad input or thresholds: the message names it
         parser.error(str(e))
     print(format_demo(res))
     return 0
+
+
+def _cmd_tune(args, parser):
+    from . import tune
+    try:
+        return tune.run(args)
+    except (ValueError, TypeError, OSError) as e:   # bad inputs or options: the message names them
+        parser.error(str(e))
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,11 +367,21 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"sparge-cupy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,tune,eval,info}")
 
-    demo = sub.add_parser("demo", help="run SpargeAttn on the shipped real input, print "
-                                       "sparsity and error, write figures")
+    demo = sub.add_parser("demo", help="run SpargeAttn on the shipped real input (or --inputs), "
+                                       "print sparsity and error, write figures")
     demo.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                       help="directory for the figures (default ./%(default)s)")
     demo.add_argument("--cpu", action="store_true", help="use the NumPy reference even if a GPU is found")
+    demo.add_argument("--inputs", default=None, metavar="NPZ",
+                      help="a layer of your own instead of the shipped one: an npz with arrays q, k, v "
+                           "([B, H, L, D]) and optionally 0-d is_causal, scale, layout ('HND' or 'NHD')")
+    demo.add_argument("--causal", choices=("auto", "yes", "no"), default="auto",
+                      help="causal mask (auto: the file's is_causal, else no)")
+    demo.add_argument("--scale", type=float, default=None,
+                      help="softmax scale (default: the file's, else D^-0.5)")
+    demo.add_argument("--no-figures", action="store_true",
+                      help="print the numbers only (the figures sweep theta on the reference: "
+                           "slow at many thousand tokens)")
     demo.add_argument("--simthreshd1", type=float, default=CONFIG.simthreshd1, metavar="THETA",
                       help="self-similarity threshold theta (default %(default)s)")
     group = demo.add_mutually_exclusive_group()
@@ -348,7 +400,7 @@ def build_parser():
     tune_p = sub.add_parser("tune", help="tune per-head thresholds of one layer under an error "
                                          "bound (SPEC.md section 5); writes a JSON file")
     tune.add_arguments(tune_p)
-    tune_p.set_defaults(handler=lambda args, parser: tune.run(args))
+    tune_p.set_defaults(handler=_cmd_tune)
 
     from . import evaluate
     eval_p = sub.add_parser("eval", help="measure sparsity and error on Gemma 3 270M's real attention "

@@ -1092,7 +1092,16 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
 def load_npz_input(path):
     """``(q, k, v, is_causal, scale, layout)`` from an .npz holding arrays ``q``, ``k``, ``v`` and
     optionally 0-d ``is_causal``, ``scale`` and ``layout`` (default False, None, "HND")."""
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not readable as an .npz of arrays q, k, v ({e})") from e
+    if not hasattr(z, "files"):
+        raise ValueError(f"{path}: expected an .npz archive (numpy.savez) of arrays q, k, v, "
+                         f"got a single array of shape {z.shape}")
+    with z:
         missing = [n for n in ("q", "k", "v") if n not in z.files]
         if missing:
             raise ValueError(f"{path}: expected arrays q, k, v; missing {missing} (has {z.files})")
@@ -1101,6 +1110,23 @@ def load_npz_input(path):
         scale = float(z["scale"]) if "scale" in z.files else None
         layout = str(z["layout"]) if "layout" in z.files else "HND"
     return q, k, v, causal, scale, layout
+
+
+def load_npz_layer(path):
+    """``(q, k, v, is_causal, scale, layout, notes)`` of :func:`load_npz_input` with q, k, v as
+    contiguous HND arrays (``layout``: the file's), float64 cast to float32 (the API takes fp16,
+    bf16 and fp32; ``notes`` says so)."""
+    q, k, v, causal, scale, layout = load_npz_input(path)
+    if layout not in ("HND", "NHD"):
+        raise ValueError(f"{path}: layout must be 'HND' or 'NHD', got {layout!r}")
+    if layout == "NHD":
+        q, k, v = (x.transpose(0, 2, 1, 3) if x.ndim == 4 else x for x in (q, k, v))
+    notes = []
+    if any(x.dtype == np.float64 for x in (q, k, v)):
+        q, k, v = (x.astype(np.float32) if x.dtype == np.float64 else x for x in (q, k, v))
+        notes.append(f"{path}: float64 arrays cast to float32 (the API takes fp16, bf16 and fp32)")
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
+    return q, k, v, causal, scale, layout, notes
 
 
 def _gpu_available():
@@ -1171,12 +1197,9 @@ def run(args):
         import cupy
     qs, ks, vs, causal, scales = [], [], [], [], []
     for path in args.inputs:
-        q, k, v, c, s, layout = load_npz_input(path)
-        if layout not in ("HND", "NHD"):
-            raise ValueError(f"{path}: layout must be HND or NHD, got {layout!r}")
-        if layout == "NHD":
-            q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-        q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
+        q, k, v, c, s, _, notes = load_npz_layer(path)
+        for note in notes if log else ():
+            log(note)
         if use_gpu:
             q, k, v = (cupy.asarray(x) for x in (q, k, v))
         qs.append(q)

@@ -145,6 +145,68 @@ def test_demo_rejects_bad_thresholds(capsys):
     assert "cdfthreshd" in capsys.readouterr().err
 
 
+
+def test_demo_on_an_npz_of_your_own(tmp_path, capsys):
+    """--inputs: an NHD, causal GQA layer from a file; the printed numbers are those of the API
+    called directly on the same (transposed) arrays, and the file's is_causal is used."""
+    from sparge_cupy import reference as R
+    q, k, v = make_qkv(1, 4, 2, 300, 300, 64, layout="NHD", seed=7)
+    path = tmp_path / "layer.npz"
+    np.savez(path, q=q, k=k, v=v, is_causal=np.array(True), layout=np.array("NHD"))
+    assert main(["demo", "--inputs", str(path), "--no-figures", "--cpu", "--simthreshd1", "0.3",
+                 "--cdfthreshd", "0.9"]) == 0
+    text = capsys.readouterr().out
+    assert "layer.npz, q [1, 4, 300, 64] k [1, 2, 300, 64] float32 HND (from NHD), causal, scale 0.125" in text
+    nums = parse_demo(text + "\nfigures   a\n          b")
+    check_demo_numbers(nums)
+    qh, kh, vh = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (q, k, v))
+    out, stats = sparge_cupy.sparge_attn(qh, kh, vh, is_causal=True, simthreshd1=0.3, cdfthreshd=0.9,
+                                         return_stats=True)
+    want = R.error_metrics(out, R.dense_attention(qh, kh, vh, is_causal=True))
+    assert nums["both"]["rel_l1"] == pytest.approx(want["rel_l1"], rel=1e-3), (nums["both"], want)
+    assert nums["stage 1"] == pytest.approx(float(stats["stage1_sparsity"]), abs=1e-3)
+    assert nums["stage 1"] > 0          # theta 0.3, tau 0.9 drop blocks on this input
+
+
+def test_demo_inputs_casts_float64_and_overrides(tmp_path):
+    from sparge_cupy.cli import run_demo
+    q, k, v = make_qkv(1, 2, 2, 200, 200, 80, dtype=np.float64, seed=8)
+    path = tmp_path / "f64.npz"
+    np.savez(path, q=q, k=k, v=v, is_causal=np.array(True), scale=np.array(0.05))
+    res = run_demo(tmp_path, cpu=True, figures=False, inputs=path, is_causal=False, scale=0.2)
+    assert "non-causal, scale 0.2" in res["input"] and "float32" in res["input"], res["input"]
+    assert any("float64 arrays cast to float32" in n for n in res["notes"]), res["notes"]
+    res_file = run_demo(tmp_path, cpu=True, figures=False, inputs=path)
+    assert "causal, scale 0.05" in res_file["input"] and "non-causal" not in res_file["input"]
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(q=np.zeros((1, 2, 8, 16), np.float32), k=np.zeros((1, 2, 8, 16), np.float32)),
+     r"expected arrays q, k, v; missing \['v'\]"),
+    (dict(q=np.zeros((2, 8, 16), np.float32), k=np.zeros((2, 8, 16), np.float32),
+          v=np.zeros((2, 8, 16), np.float32)), r"q: expected 4 dimensions"),
+    (dict(q=np.zeros((1, 2, 8, 16), np.int32), k=np.zeros((1, 2, 8, 16), np.int32),
+          v=np.zeros((1, 2, 8, 16), np.int32)), r"q: expected dtype one of .* got int32"),
+    ("not an npz", r"not readable as an \.npz of arrays q, k, v"),
+    (None, r"No such file"),
+])
+def test_demo_and_tune_refuse_bad_input_files(tmp_path, capsys, arrays, message):
+    path = tmp_path / "bad.npz"
+    if isinstance(arrays, dict):
+        np.savez(path, **arrays)
+    elif arrays is not None:
+        path.write_text(arrays)
+    for argv in (["demo", "--inputs", str(path), "--no-figures"],
+                 ["tune", "--inputs", str(path), "--layer", "x", "--out", str(tmp_path / "t.json")]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err), (argv, err)
+    with pytest.raises(SystemExit):
+        main(["demo", "--inputs", str(path), "--tuned"])
+    assert "--tuned: the shipped thresholds are tuned for the shipped input" in capsys.readouterr().err
+
 def test_info(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
