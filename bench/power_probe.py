@@ -1,0 +1,113 @@
+"""SM clock, board power and per-call time while one attention call runs back to back.
+
+    PYTHONPATH=. python bench/power_probe.py [--seconds 12] [--L 32768] [--D 128 64]
+        [--methods sparge_attn sdpa_cudnn] [--out DIR]
+
+For each (method, D): B=4, H=32, fp16 random inputs, the call repeated for ``--seconds`` (CUDA
+events around each call) while ``nvidia-smi`` samples the SM clock, the power draw, the
+temperature and the active clock-throttle reasons every 100 ms; 2 s idle between cases. Writes
+``calls.csv`` (time, method, D, ms) and ``smi.csv`` to ``--out`` and prints per case the call
+times (min / median / max) and the clock and power over the samples taken while it ran, with the
+share of samples under the software power cap (throttle reason 0x4). ``sparge_attn`` is the whole
+call with the prediction (cdfthreshd 0.9, simthreshd1 0.3: random inputs keep every block),
+``sdpa_cudnn`` PyTorch's SDPA with the cuDNN backend. Needs a CUDA GPU, torch and nvidia-smi.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+POWER_CAP = 0x4          # nvidia-smi clocks_throttle_reasons: SW power cap
+
+
+def call(method, q, k, v):
+    import torch
+    if method == "sparge_attn":
+        import sparge_cupy.torch as st
+        return lambda: st.sparge_attn(q, k, v, cdfthreshd=0.9, simthreshd1=0.3)
+    if method == "sdpa_cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def f():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return f
+    raise ValueError(f"--methods: expected sparge_attn or sdpa_cudnn, got {method!r}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=12.0)
+    ap.add_argument("--L", type=int, default=32768)
+    ap.add_argument("--D", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--methods", nargs="+", default=["sparge_attn", "sdpa_cudnn"])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    import torch
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    smi_path = out / "smi.csv"
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,"
+                            "clocks_throttle_reasons.active", "--format=csv,noheader,nounits", "-lms", "100"],
+                           stdout=open(smi_path, "w"))
+    calls, spans = [], []
+    try:
+        for D in args.D:
+            for method in args.methods:
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(4, 32, args.L, D, device="cuda", dtype=torch.float16) for _ in range(3))
+                f = call(method, q, k, v)
+                f()
+                torch.cuda.synchronize()
+                t0 = time.time()
+                while time.time() < t0 + args.seconds:
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    f()
+                    b.record()
+                    b.synchronize()
+                    calls.append((time.time(), method, D, a.elapsed_time(b)))
+                spans.append((method, D, t0 + 1.0, time.time()))   # the first second: ramp-up
+                del q, k, v, f
+                time.sleep(2)
+    finally:
+        smi.terminate()
+        smi.wait()
+    with open(out / "calls.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("time", "method", "D", "ms")] + [(f"{t:.3f}", m, D, f"{ms:.3f}")
+                                                                   for t, m, D, ms in calls])
+    samples = []
+    for row in csv.reader(open(smi_path)):
+        try:
+            t = dt.datetime.strptime(row[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((t, float(row[1]), float(row[2]), float(row[3]), int(row[4].strip(), 16)))
+        except (ValueError, IndexError):
+            continue
+    print(f"{torch.cuda.get_device_name()}, B4 H32 L{args.L} fp16, {args.seconds:g} s a case")
+    print("| method | D | calls | ms min / median / max | SM MHz median (min) | W median | samples at the power cap |")
+    print("|---|---|---|---|---|---|---|")
+    for method, D, t0, t1 in spans:
+        ms = [m for t, me, d, m in calls if me == method and d == D]
+        s = [x for x in samples if t0 <= x[0] <= t1]
+        if not s:
+            print(f"| {method} | {D} | {len(ms)} | no nvidia-smi samples in this span |")
+            continue
+        capped = sum(1 for x in s if x[4] & POWER_CAP) / len(s)
+        print(f"| {method} | {D} | {len(ms)} | {min(ms):.2f} / {statistics.median(ms):.2f} / {max(ms):.2f} | "
+              f"{statistics.median(x[1] for x in s):.0f} ({min(x[1] for x in s):.0f}) | "
+              f"{statistics.median(x[2] for x in s):.0f} | {capped:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
