@@ -34,20 +34,33 @@ def sparsity_stats(visit, valid, visited_groups, skipped_groups, Lq, pv_group_ro
     visited_groups = np.asarray(visited_groups, dtype=np.int64)
     skipped_groups = np.asarray(skipped_groups, dtype=np.int64)
     pv_done = ((visited_groups - skipped_groups) / groups_per_block).sum(axis=-1)
+    return _with_totals({"valid_blocks": valid_n, "kept_blocks": kept_n,
+                         "pv_groups": visited_groups.sum(axis=-1),
+                         "pv_skipped": skipped_groups.sum(axis=-1), "pv_blocks_computed": pv_done})
+
+
+PER_HEAD_STATS = ("valid_blocks", "kept_blocks", "pv_groups", "pv_skipped", "pv_blocks_computed")
+
+
+def _with_totals(counts):
+    """The per (b, h) ``counts`` of :func:`sparsity_stats` with its three overall floats added."""
+    valid_n, kept_n = counts["valid_blocks"], counts["kept_blocks"]
+    pv_groups, pv_skipped, pv_done = counts["pv_groups"], counts["pv_skipped"], counts["pv_blocks_computed"]
     total_valid = int(valid_n.sum())
-    pv_groups = visited_groups.sum(axis=-1)
-    pv_skipped = skipped_groups.sum(axis=-1)
     return {
-        "valid_blocks": valid_n,
-        "kept_blocks": kept_n,
-        "pv_groups": pv_groups,
-        "pv_skipped": pv_skipped,
-        "pv_blocks_computed": pv_done,
+        **counts,
         "stage1_sparsity": float(1.0 - kept_n.sum() / total_valid) if total_valid else 0.0,
         "stage2_sparsity": float(pv_skipped.sum() / pv_groups.sum()) if pv_groups.sum() else 0.0,
         "total_sparsity": (float(1.0 - (kept_n.sum() + pv_done.sum()) / (2 * total_valid))
                            if total_valid else 0.0),
     }
+
+
+def concat_sparsity_stats(parts):
+    """The :func:`sparsity_stats` of a batch from those of consecutive slices of it (in batch
+    order): the per (b, h) counts concatenated, the overall floats computed again from them."""
+    parts = list(parts)
+    return _with_totals({name: np.concatenate([p[name] for p in parts]) for name in PER_HEAD_STATS})
 
 
 def relative_l1(out, ref):

@@ -44,6 +44,7 @@ write only the true channels.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -305,6 +306,77 @@ class Stats:
 
 def _grid(nb, H, B):
     return (int(nb), int(H), int(B))
+
+
+# CUDA's limit on gridDim.y and gridDim.z. The kernels put the heads in y and the batch in z, or
+# batch x heads in z (compressed_map, qbar_keys_mma); a batch with more than this many (batch
+# entry, head) pairs runs in slices of whole batch entries (every statistic is per batch entry,
+# so a slice computes exactly what the whole batch would), one set of launches a slice.
+MAX_GRID_YZ = 65535
+
+
+def batch_slices(B, Hq):
+    """``[(b0, b1)]`` covering the batch in order, each slice with ``(b1 - b0) * Hq`` at most
+    :data:`MAX_GRID_YZ`."""
+    if Hq > MAX_GRID_YZ:
+        raise ValueError(f"q: at most {MAX_GRID_YZ} query heads on the GPU (CUDA's launch grid), "
+                         f"got {Hq}")
+    step = MAX_GRID_YZ // Hq
+    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
+def _batch_slice(x, b0, b1):
+    """``x`` (an :class:`Operand`, a device array, a dataclass of them, or None) restricted to
+    batch entries ``b0 .. b1 - 1``."""
+    if x is None:
+        return None
+    if isinstance(x, Operand):
+        return Operand(x.array[b0:b1], x.dtype, x.layout, x.D)
+    if dataclasses.is_dataclass(x):
+        return dataclasses.replace(x, **{f.name: _batch_slice(getattr(x, f.name), b0, b1)
+                                         for f in dataclasses.fields(x)
+                                         if hasattr(getattr(x, f.name), "shape")})
+    return x[b0:b1]
+
+
+def _count_nonfinite(x):
+    """NaN and Inf in the storage of Operand ``x`` (bf16: exponent bits all ones)."""
+    cp = _cupy()
+    a = x.array
+    if x.dtype == "bfloat16":
+        return int(cp.count_nonzero((a & 0x7F80) == 0x7F80))
+    return int(cp.count_nonzero(~cp.isfinite(a)))
+
+
+def _in_batch_slices(fn, slices, operands, block_map=None, *, out=None, return_lse=False,
+                     return_stats=False, quant_stats=None, **options):
+    """``fn`` (:func:`sparge_attn` or :func:`block_sparse_attn`) slice by slice into one output:
+    the non-finite check first, over the whole inputs (so that its count is the whole tensor's),
+    then each slice's call writing its rows of ``out``; the LSE concatenated and the statistics
+    merged in batch order."""
+    cp = _cupy()
+    from .reference import concat_sparsity_stats
+    for name, x in zip("qkv", operands):
+        bad = _count_nonfinite(x)
+        if bad:
+            raise ck.nonfinite_error(name, bad, x.size)
+    out = _output(operands[0], out)
+    lse, stats = [], []
+    for b0, b1 in slices:
+        args = [_batch_slice(x, b0, b1) for x in operands]
+        if block_map is not None:
+            args.append(block_map[b0:b1])
+        extra = {} if quant_stats is None else {"quant_stats": _batch_slice(quant_stats, b0, b1)}
+        res = fn(*args, out=out[b0:b1], return_lse=return_lse, return_stats=return_stats,
+                 **extra, **options)
+        res = res if isinstance(res, tuple) else (res,)
+        if return_lse:
+            lse.append(res[1])
+        if return_stats:
+            stats.append(res[-1])
+    results = [out] + ([cp.concatenate(lse)] if return_lse else [])
+    results += [concat_sparsity_stats(stats)] if return_stats else []
+    return results[0] if len(results) == 1 else tuple(results)
 
 
 STATS_THREADS = 128                  # block_stats.cu's per-block kernels: a warp per block
@@ -574,6 +646,18 @@ def select(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, top
     ``row_kernel``: ``"auto"`` (a warp per row where the row fits, :func:`select_row_keys`) or
     ``"block"`` (select_blocks always: the two give the same map, which the GPU tests check)."""
     cp = _cupy()
+    B, Hq = (s_hat if s_hat is not None else st.q_sim).shape[:2]
+    slices = batch_slices(B, Hq)
+    if len(slices) > 1:
+        part = dict(Lq=Lq, Lk=Lk, is_causal=is_causal, scale=scale, simthreshd1=simthreshd1,
+                    cdfthreshd=cdfthreshd, topk=topk, attention_sink=attention_sink,
+                    mass_threshold=mass_threshold, predictor=predictor, row_kernel=row_kernel,
+                    local_window=local_window)
+        return cp.concatenate([
+            select(Stats(**{f: _batch_slice(getattr(st, f), b0, b1)
+                            for f in ("km", "qbar", "q_groups", "q_sim", "kbar", "k_sim")}),
+                   _batch_slice(k, b0, b1), s_hat=_batch_slice(s_hat, b0, b1), **part)
+            for b0, b1 in slices])
     if s_hat is None:
         s_hat = estimate_logits(st, k, Lq=Lq, Lk=Lk, is_causal=is_causal, scale=scale,
                                 simthreshd1=simthreshd1, predictor=predictor)
@@ -785,6 +869,18 @@ def _as_operands(layout, *arrays):
 def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
                       attention_sink, mass_threshold=None, predictor="paper", local_window=False):
     q, k = _as_operands(layout, q, k)
+    slices = batch_slices(q.shape[0], q.shape[1])
+    if len(slices) > 1:
+        for name, x in (("q", q), ("k", k)):
+            bad = _count_nonfinite(x)
+            if bad:
+                raise ck.nonfinite_error(name, bad, x.size)
+        kw = dict(is_causal=is_causal, scale=scale, layout=layout, simthreshd1=simthreshd1,
+                  cdfthreshd=cdfthreshd, topk=topk, attention_sink=attention_sink,
+                  mass_threshold=mass_threshold, predictor=predictor, local_window=local_window)
+        return _cupy().concatenate([
+            predict_block_map(_batch_slice(q, b0, b1), _batch_slice(k, b0, b1), **kw)
+            for b0, b1 in slices])
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter, q_groups=predictor == "qgroup_keys")
     block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
@@ -812,6 +908,13 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd
                       pv, return_lse, return_stats, out=None, quant_stats=None):
     """``quant_stats``: see :func:`block_statistics` (private: the ring's partials)."""
     q, k, v = _as_operands(layout, q, k, v)
+    slices = batch_slices(q.shape[0], q.shape[1])
+    if len(slices) > 1:
+        return _in_batch_slices(block_sparse_attn, slices, (q, k, v), block_map,
+                                is_causal=is_causal, scale=scale, layout=layout,
+                                pvthreshd=pvthreshd, qk=qk,
+                                rebalance=rebalance, pv=pv, return_lse=return_lse,
+                                return_stats=return_stats, out=out, quant_stats=quant_stats)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=False, nonfinite=counter, quant_stats=quant_stats)
     return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
@@ -825,6 +928,14 @@ def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, t
     """Prediction and attention sharing the statistics of Q and K; the pass that pools K - km
     also writes the K operand."""
     q, k, v = _as_operands(layout, q, k, v)
+    slices = batch_slices(q.shape[0], q.shape[1])
+    if len(slices) > 1:
+        return _in_batch_slices(sparge_attn, slices, (q, k, v), is_causal=is_causal, scale=scale,
+                                layout=layout, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
+                                topk=topk, attention_sink=attention_sink, pvthreshd=pvthreshd,
+                                qk=qk, rebalance=rebalance, pv=pv, return_lse=return_lse,
+                                return_stats=return_stats, out=out, mass_threshold=mass_threshold,
+                                predictor=predictor, local_window=local_window)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter, k_operand=(qk, rebalance),
                           q_groups=predictor == "qgroup_keys")

@@ -213,3 +213,20 @@ def test_v_shape_mismatch(qkv):
 def _re(msg):
     import re
     return re.escape(msg)
+
+
+def test_batch_slices_fit_the_launch_grid():
+    """The GPU path splits a batch whose (entry, head) pairs exceed CUDA's grid y / z limit into
+    consecutive slices of whole entries, each within it (the kernels run per slice: GPU suite)."""
+    from sparge_cupy import _gpu
+    cap = _gpu.MAX_GRID_YZ
+    assert cap == 65535
+    for B, Hq in ((1, 1), (4, 32), (2048, 32), (2049, 32), (70000, 1), (3, 40000), (1, cap)):
+        slices = _gpu.batch_slices(B, Hq)
+        assert slices[0][0] == 0 and slices[-1][1] == B, (B, Hq, slices)
+        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:])), slices
+        assert all(0 < (b1 - b0) * Hq <= cap for b0, b1 in slices), (B, Hq, slices)
+        assert len(slices) == -(-B * Hq // (cap // Hq * Hq)), (B, Hq, len(slices))
+    assert _gpu.batch_slices(2048, 32) == [(0, 2047), (2047, 2048)]
+    with pytest.raises(ValueError, match="q: at most 65535 query heads on the GPU"):
+        _gpu.batch_slices(1, cap + 1)

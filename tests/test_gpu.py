@@ -735,6 +735,52 @@ def test_nonfinite_through_the_torch_adapter():
         st.predict_block_map(tq, tk, is_causal=True, layout="NHD")
 
 
+
+@pytest.mark.parametrize("dtype, layout", [("float16", "HND"), ("bfloat16", "NHD")])
+def test_batch_over_the_launch_grid_runs_in_slices(dtype, layout, monkeypatch):
+    """More (batch entry, head) pairs than a launch grid's y / z take (65535 in CUDA; lowered here
+    so that a small batch splits in three): every entry point gives the bits of the unsplit call,
+    the statistics merged, the LSE concatenated, and a NaN in the last slice raises the whole
+    tensor's count before anything runs."""
+    B, Hq, Hkv, Lq, Lk, D = 5, 4, 2, 300, 260, 64
+    arrays = make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=_np_dtype(dtype), layout=layout, seed=11)
+    qo, ko, vo = _gpu_operands(arrays, layout, dtype)
+    pv = "fp8" if FP8 else "fp16"
+    common, select, attn = _gpu_entry_kwargs(Hq, D, pv)
+    attn.update(return_lse=True, return_stats=True, pvthreshd=np.full(Hq, 6.0, np.float32))
+    select.update(simthreshd1=np.full(Hq, 0.3, np.float32))
+    bmap = cupy.asarray(np.random.default_rng(2).random((B, Hq, -(-Lq // BQ), -(-Lk // BK))) < 0.6)
+
+    def run():
+        return (_gpu.sparge_attn(qo, ko, vo, layout=layout, **common, **select, **attn),
+                _gpu.block_sparse_attn(qo, ko, vo, bmap, layout=layout, **common, **attn),
+                _gpu.predict_block_map(qo, ko, layout=layout, **common, **select))
+
+    whole = run()
+    monkeypatch.setattr(_gpu, "MAX_GRID_YZ", 2 * Hq)           # slices of 2, 2 and 1 entries
+    assert _gpu.batch_slices(B, Hq) == [(0, 2), (2, 4), (4, 5)]
+    sliced = run()
+    for name, a, b in (("sparge_attn", whole[0], sliced[0]), ("block_sparse_attn", whole[1], sliced[1])):
+        assert_equal(cupy.asnumpy(b[0]), cupy.asnumpy(a[0]), what=f"{name} out (bits)")
+        assert_equal(cupy.asnumpy(b[1]), cupy.asnumpy(a[1]), what=f"{name} lse")
+        for key, value in a[2].items():
+            assert np.array_equal(b[2][key], value), (name, key, b[2][key], value)
+    assert_equal(cupy.asnumpy(sliced[2]), cupy.asnumpy(whole[2]), what="block map")
+    assert 0 < whole[0][2]["stage1_sparsity"] < 1 and 0 < whole[1][2]["stage1_sparsity"] < 1
+
+    x = np.array(arrays[2])                                       # v, a NaN in the last entry
+    x[(4, 1, 7, 3) if layout == "HND" else (4, 7, 1, 3)] = np.nan
+    bad_v = _gpu_operands([x], layout, dtype)[0]
+    for call in (lambda: _gpu.sparge_attn(qo, ko, bad_v, layout=layout, **common, **select, **attn),
+                 lambda: _gpu.block_sparse_attn(qo, ko, bad_v, bmap, layout=layout, **common, **attn)):
+        with pytest.raises(ValueError, match=f"^v: expected finite values, got 1 NaN or Inf of {x.size}$"):
+            call()
+    y = np.array(arrays[0])                                       # q, an Inf in the last entry
+    y[(4, 3, 299, 63) if layout == "HND" else (4, 299, 3, 63)] = np.inf
+    bad_q = _gpu_operands([y], layout, dtype)[0]
+    with pytest.raises(ValueError, match=f"^q: expected finite values, got 1 NaN or Inf of {y.size}$"):
+        _gpu.predict_block_map(bad_q, ko, layout=layout, **common, **select)
+
 # ---------------------------------------------------------------------------------------------
 # Vector loads (rows aligned to 16 bytes) and the scalar fallback give the same bits.
 
