@@ -781,6 +781,23 @@ def test_batch_over_the_launch_grid_runs_in_slices(dtype, layout, monkeypatch):
     with pytest.raises(ValueError, match=f"^q: expected finite values, got 1 NaN or Inf of {y.size}$"):
         _gpu.predict_block_map(bad_q, ko, layout=layout, **common, **select)
 
+
+def test_batch_past_the_real_grid_limit():
+    """B x Hq = 2048 x 32 = 65536 pairs, one more than a grid's z takes: the public calls run
+    (in two slices) and the last entry's output equals a call on that entry alone."""
+    rng = cupy.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2048, 32, 70, 64), dtype=cupy.float32).astype(cupy.float16)
+               for _ in range(3))
+    assert len(_gpu.batch_slices(2048, 32)) == 2
+    pv = "fp8" if FP8 else "fp16"
+    out, stats = sc.sparge_attn(q, k, v, is_causal=True, simthreshd1=-1.0, topk=0.5, pv=pv,
+                                return_stats=True)
+    last = sc.sparge_attn(q[-1:], k[-1:], v[-1:], is_causal=True, simthreshd1=-1.0, topk=0.5, pv=pv)
+    assert_equal(cupy.asnumpy(out[-1:]), cupy.asnumpy(last), what="last entry")
+    assert stats["kept_blocks"].shape == (2048, 32)
+    bmap = sc.predict_block_map(q, k, is_causal=True, simthreshd1=-1.0, topk=0.5)
+    assert bmap.shape == (2048, 32, 1, 2) and bool(bmap[..., 0].all())   # the sink block
+
 # ---------------------------------------------------------------------------------------------
 # Vector loads (rows aligned to 16 bytes) and the scalar fallback give the same bits.
 
