@@ -230,3 +230,58 @@ def test_batch_slices_fit_the_launch_grid():
     assert _gpu.batch_slices(2048, 32) == [(0, 2047), (2047, 2048)]
     with pytest.raises(ValueError, match="q: at most 65535 query heads on the GPU"):
         _gpu.batch_slices(1, cap + 1)
+
+
+def test_batch_slices_driver_on_the_host(monkeypatch):
+    """The slice driver of the GPU path, run with NumPy standing in for CuPy and a stand-in for
+    the per-slice call: each slice gets its own entries (operands, map, given statistics) and
+    writes its rows of one output; the LSE is concatenated and the statistics merged as the
+    reference computes them for the whole batch; a non-finite value anywhere raises first with
+    the whole tensor's count. (The kernels themselves run per slice in the GPU suite.)"""
+    import dataclasses
+
+    from sparge_cupy import _gpu
+    from sparge_cupy import reference as R
+    monkeypatch.setattr(_gpu, "_cupy", lambda: np)
+    B, Hq, Hkv, L, D = 5, 2, 1, 150, 64
+    rng = np.random.default_rng(0)
+    ops = [_gpu.Operand(rng.standard_normal((B, H, L, D)).astype(np.float16), "float16", "HND", D)
+           for H in (Hq, Hkv, Hkv)]
+    valid = R.valid_blocks(L, L, 128, 64, True)
+    bmap = (rng.random((B, Hq, 2, 3)) < 0.7) & valid
+    given = R.QuantStats(km=rng.standard_normal((B, Hkv, D)).astype(np.float32))
+    calls = []
+
+    def one_slice(q, k, v, block_map, *, out, return_lse, return_stats, quant_stats, **options):
+        b = q.array.shape[0]
+        assert k.array.shape[0] == v.array.shape[0] == block_map.shape[0] == quant_stats.km.shape[0] == b
+        calls.append((float(q.array[0, 0, 0, 0]), b, options))
+        out[...] = q.array[..., :D]                       # stands for the attention
+        lse = q.array[..., 0].astype(np.float32)
+        counts = np.full((b, Hq, 2), 4)
+        return out, lse, R.sparsity_stats(block_map, valid, counts, counts // 4, L, 16)
+
+    slices = [(0, 2), (2, 4), (4, 5)]
+    out, lse, stats = _gpu._in_batch_slices(one_slice, slices, ops, bmap, return_lse=True,
+                                            return_stats=True, quant_stats=given, scale=0.1)
+    assert [c[1] for c in calls] == [2, 2, 1] and all(c[2] == {"scale": 0.1} for c in calls)
+    assert [c[0] for c in calls] == [float(ops[0].array[b0, 0, 0, 0]) for b0, _ in slices]
+    assert_equal(out, ops[0].array, what="output rows")
+    assert_equal(lse, ops[0].array[..., 0].astype(np.float32), what="lse")
+    counts = np.full((B, Hq, 2), 4)
+    whole = R.sparsity_stats(bmap, valid, counts, counts // 4, L, 16)
+    assert stats.keys() == whole.keys()
+    for key, value in whole.items():
+        assert np.array_equal(stats[key], value), (key, stats[key], value)
+    assert dataclasses.replace(given) == given                 # the caller's statistics untouched
+
+    bad = ops[2].array.copy()
+    bad[4, 0, 149, 63] = np.inf
+    bad[3, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=f"^v: expected finite values, got 2 NaN or Inf of {bad.size}$"):
+        _gpu._in_batch_slices(one_slice, slices, ops[:2] + [_gpu.Operand(bad, "float16", "HND", D)],
+                              bmap, quant_stats=given)
+    assert len(calls) == 3                                       # nothing ran
+    bf16 = (rng.standard_normal((1, 1, 8, D)).astype(ml_dtypes.bfloat16)).view(np.uint16)
+    bf16[0, 0, 3, 5], bf16[0, 0, 4, 6] = 0x7F80, 0xFFC1                # +Inf and a NaN
+    assert _gpu._count_nonfinite(_gpu.Operand(bf16, "bfloat16", "HND", D)) == 2
