@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-POWER_CAP = 0x4          # nvidia-smi clocks_throttle_reasons: SW power cap
+from gpu_clocks import ClockSampler  # noqa: E402
 
 
 def call(method, q, k, v):
@@ -56,10 +55,7 @@ def main(argv=None):
     import torch
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    smi_path = out / "smi.csv"
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,"
-                            "clocks_throttle_reasons.active", "--format=csv,noheader,nounits", "-lms", "100"],
-                           stdout=open(smi_path, "w"))
+    clocks = ClockSampler(torch.cuda.current_device())
     calls, spans = [], []
     try:
         for D in args.D:
@@ -81,31 +77,25 @@ def main(argv=None):
                 del q, k, v, f
                 time.sleep(2)
     finally:
-        smi.terminate()
-        smi.wait()
+        clocks.close()
     with open(out / "calls.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("time", "method", "D", "ms")] + [(f"{t:.3f}", m, D, f"{ms:.3f}")
                                                                    for t, m, D, ms in calls])
-    samples = []
-    for row in csv.reader(open(smi_path)):
-        try:
-            t = dt.datetime.strptime(row[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            samples.append((t, float(row[1]), float(row[2]), float(row[3]), int(row[4].strip(), 16)))
-        except (ValueError, IndexError):
-            continue
+    with open(out / "smi.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("time", "sm_mhz", "power_w", "temp_c", "throttle")]
+                                 + [(f"{s[0]:.3f}", s[1], s[2], s[3], hex(s[4])) for s in clocks.samples])
     print(f"{torch.cuda.get_device_name()}, B4 H32 L{args.L} fp16, {args.seconds:g} s a case")
     print("| method | D | calls | ms min / median / max | SM MHz median (min) | W median | samples at the power cap |")
     print("|---|---|---|---|---|---|---|")
     for method, D, t0, t1 in spans:
         ms = [m for t, me, d, m in calls if me == method and d == D]
-        s = [x for x in samples if t0 <= x[0] <= t1]
+        s = clocks.window(t0, t1)
         if not s:
             print(f"| {method} | {D} | {len(ms)} | no nvidia-smi samples in this span |")
             continue
-        capped = sum(1 for x in s if x[4] & POWER_CAP) / len(s)
+        lo = min(x[1] for x in clocks.samples if t0 <= x[0] <= t1)
         print(f"| {method} | {D} | {len(ms)} | {min(ms):.2f} / {statistics.median(ms):.2f} / {max(ms):.2f} | "
-              f"{statistics.median(x[1] for x in s):.0f} ({min(x[1] for x in s):.0f}) | "
-              f"{statistics.median(x[2] for x in s):.0f} | {capped:.0%} |")
+              f"{s['sm_mhz']:.0f} ({lo:.0f}) | {s['power_w']:.0f} | {s['power_capped']:.0%} |")
     return 0
 
 

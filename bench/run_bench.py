@@ -269,12 +269,21 @@ MIN_RUNS = 5     # timed runs per row at least: do_bench times rep / (its estima
                  # L = 32K with --reps-ms 20, which made those rows single shots
 
 
-def median_ms(fn, reps_ms, warmup=25):
-    """The median of ``triton.testing.do_bench`` over at least MIN_RUNS timed runs."""
+# The background nvidia-smi sampler of main() (gpu_clocks.ClockSampler), or None.
+CLOCKS = None
+
+
+def median_ms(fn, reps_ms, warmup=25, row=None):
+    """The median of ``triton.testing.do_bench`` over at least MIN_RUNS timed runs; with ``row``,
+    also the SM clock, power and power-cap share sampled meanwhile (``sm_mhz``, ``power_w``,
+    ``power_capped``: blank without nvidia-smi)."""
     import triton.testing
+    t0 = time.time()
     ms = triton.testing.do_bench(fn, warmup=warmup, rep=reps_ms, return_mode="median")
     if MIN_RUNS * ms > reps_ms:
         ms = triton.testing.do_bench(fn, warmup=warmup, rep=int(MIN_RUNS * ms * 1.2) + 1, return_mode="median")
+    if row is not None and CLOCKS is not None:
+        row.update(CLOCKS.window(t0, time.time()))
     return ms
 
 
@@ -293,7 +302,7 @@ def gate_and_time(row, fn, ref, gate, *, heads, rows, flops, reps_ms):
     if not math.isfinite(err) or err > GATE[gate]:
         row["status"] = "FAIL"
         return False
-    ms = median_ms(fn, reps_ms, warmup=max(25, reps_ms // 4))
+    ms = median_ms(fn, reps_ms, warmup=max(25, reps_ms // 4), row=row)
     row.update(status="ok", ms=ms, tops=flops / (ms * 1e-3) / 1e12, extra_mb=peak_extra_bytes(fn) / 2 ** 20)
     return True
 
@@ -349,22 +358,25 @@ def bench_case(B, H, Hkv, L, D, causal, density, *, dtype, reps_ms, rows_sampled
         kept_p = float(pm.float().mean() / (valid_blocks(L, L, causal).mean()))
         err = rel_l1(e2e()[0][heads][:, rows], exact_rows(q, k, v, rows, heads, causal=causal, scale=scale,
                                                          block_map=pm))
-        ms = median_ms(e2e, reps_ms)
+        clocks = {}
+        ms = median_ms(e2e, reps_ms, row=clocks)
         ms_pred = median_ms(pred, reps_ms)
         results.append(dict(card=card_name(), method=name, B=B, H=H, Hkv=Hkv, L=L, D=D, causal=causal,
                             density=round(kept_p, 4), dtype=str(dtype).replace("torch.", ""),
                             rel_l1=err, status="ok" if err <= GATE["ours"] else "FAIL", ms=ms,
-                            tops=flops / (ms * 1e-3) / 1e12, predict_ms=ms_pred))
+                            tops=flops / (ms * 1e-3) / 1e12, predict_ms=ms_pred, **clocks))
     return results
 
 
 FIELDS = ["card", "method", "B", "H", "Hkv", "L", "D", "causal", "density", "dtype", "status", "rel_l1",
-          "ms", "tops", "predict_ms", "extra_mb", "quant_ms"]   # new columns go at the end
+          "ms", "tops", "predict_ms", "extra_mb", "quant_ms",
+          "sm_mhz", "power_w", "power_capped"]   # new columns go at the end
 
 
 def table(rows):
-    lines = ["| method | L | D | causal | density | rel L1 | ms | TOPS | x flash | x cuDNN | quant ms | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | L | D | causal | density | rel L1 | ms | TOPS | x flash | x cuDNN | quant ms | "
+             "SM MHz (power-capped) | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in rows:
         if r["method"] in ("sdpa_flash", "sdpa_cudnn") and "ms" in r:
@@ -373,12 +385,13 @@ def table(rows):
         key = (r["L"], r["D"], r["causal"])
         f, c = base.get(("sdpa_flash",) + key), base.get(("sdpa_cudnn",) + key)
         ms = r.get("ms")
-        lines.append("| {} | {} | {} | {} | {:.2f} | {} | {} | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {} | {} | {:.2f} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["method"], r["L"], r["D"], "yes" if r["causal"] else "no", r["density"],
             f"{r['rel_l1']:.4f}" if "rel_l1" in r else "-", f"{ms:.3f}" if ms else "-",
             f"{r['tops']:.0f}" if ms else "-", f"{f / ms:.2f}" if ms and f else "-",
             f"{c / ms:.2f}" if ms and c else "-",
-            f"{r['quant_ms']:.3f}" if "quant_ms" in r else "-", r["status"]))
+            f"{r['quant_ms']:.3f}" if "quant_ms" in r else "-",
+            f"{r['sm_mhz']:.0f} ({r['power_capped']:.0%})" if "sm_mhz" in r else "-", r["status"]))
     return "\n".join(lines)
 
 
@@ -402,6 +415,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import torch
+
+    from gpu_clocks import ClockSampler
+    global CLOCKS
+    CLOCKS = ClockSampler(torch.cuda.current_device())
     rows = []
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     out = Path(args.out)
@@ -437,6 +454,7 @@ def main(argv=None):
                     write()
                     gc.collect()               # the case's tensors (a failed flex setup keeps a
                     torch.cuda.empty_cache()   # reference cycle through its traceback), then the cache
+    CLOCKS.close()
     print(table(rows))
     print(f"wrote {csv_path}")
 

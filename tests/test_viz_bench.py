@@ -159,3 +159,42 @@ def test_runs_standalone_as_a_file(bench_csv, tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == str(out)
     assert_png(out)
+
+
+def test_clock_sampler_windows_of_nvidia_smi_samples(tmp_path):
+    """bench/gpu_clocks.py: samples parsed from nvidia-smi's CSV as it is being written (a partial
+    last line waits), summarised per time window; junk lines and an empty window give nothing."""
+    import datetime as dt
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_clocks
+    t0 = dt.datetime(2026, 12, 5, 21, 42, 54, 250000)
+    stamp = lambda s: (t0 + dt.timedelta(seconds=s)).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]  # noqa: E731
+    path = tmp_path / "smi.csv"
+    path.write_text(f"{stamp(0.0)}, 1980, 120.5, 40, 0x0000000000000000\n"
+                    f"{stamp(0.1)}, 1785, 701.6, 63, 0x0000000000000004\n"
+                    "[N/A], [N/A], [N/A], [N/A], [N/A]\n"
+                    f"{stamp(0.2)}, 1770, 699.0, 64, 0x0000000000000004\n"
+                    f"{stamp(0.3)}, 1755, 6")                       # being written
+    clocks = gpu_clocks.ClockSampler(path=str(path))
+    base = t0.timestamp()
+    got = clocks.window(base + 0.05, base + 0.25)
+    assert got == {"sm_mhz": 1777.5, "power_w": 700.3, "power_capped": 1.0}, got
+    assert clocks.window(base + 0.25, base + 0.35) == {}          # the partial line is not a sample
+    with open(path, "a") as f:
+        f.write(f"96.4, 64, 0x0000000000000004\n{stamp(0.4)}, 1980, 300.0, 60, 0x0000000000000001\n")
+    got = clocks.window(base - 1, base + 1)
+    assert got == {"sm_mhz": 1785.0, "power_w": 696.4, "power_capped": 0.6}, got
+    assert clocks.window(base + 0.3, base + 0.3)["power_w"] == 696.4
+    clocks.close()
+    assert path.exists()                                            # a given file is not removed
+    assert gpu_clocks.parse_sample("timestamp, clocks.sm [MHz], power.draw [W], x, y") is None
+
+
+def test_clock_sampler_without_nvidia_smi(monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_clocks
+    monkeypatch.setenv("PATH", "")                                # no nvidia-smi to start
+    clocks = gpu_clocks.ClockSampler()
+    assert clocks.proc is None and clocks.window(0, 1e12) == {}
+    clocks.close()
+    assert not Path(clocks.path).exists()                           # its own file is removed
