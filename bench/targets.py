@@ -4,8 +4,9 @@
     python bench/targets.py RUN.csv --readme-table     # the README's results table instead
 
 Prints (and with ``--out`` writes) one markdown table: each target, the rows it compares, the
-measured ratio and whether it holds; with ``--readme-table`` the README's table of TOPS per method
-and density (D=128, L 16K and 32K). Only rows whose status is ``ok`` count; a comparison with a
+measured ratio and whether it holds, then how well the run agrees with itself (``consistency``:
+the same work timed twice, which a card at its power limit makes differ); with
+``--readme-table`` the README's table of TOPS per method and density (D=128, L 16K and 32K). Only rows whose status is ``ok`` count; a comparison with a
 missing row says so. Rows of several CSVs are pooled (a later file's row replaces an earlier one
 of the same method, L, D, causal and density): pass CSVs of the same card and commit only.
 Methods (``run_bench.py``): ``sparge_e2e_tau0.9`` is ``sparge_attn`` with the prediction
@@ -163,6 +164,41 @@ def readme_table(rows, D=128, Ls=(16384, 32768), densities=(1.0, 0.5, 0.25, 0.1)
     return "\n".join(lines)
 
 
+def consistency(rows, L_min=8192, kernel_min_ms=5.0):
+    """Per head dim, how well the run agrees with itself: the largest gap, over the cases at
+    L >= ``L_min`` whose kernel takes at least ``kernel_min_ms`` (where the call's fixed host
+    costs are negligible), between ``block_sparse_attn`` minus its statistics and quantization
+    passes (``quant_ms``) and the kernel alone, as a share of the kernel's time (the same work
+    timed twice: a few per cent means the card's clock moved, e.g. at its power limit), and the
+    median SM clock and power-capped share of our rows where the run recorded them.
+    [(D, text)]."""
+    out = []
+    for D in sorted({k[2] for k in rows}):
+        gaps, mhz, capped = [], [], []
+        for (m, L, d_, causal, d), r in rows.items():
+            if d_ != D or L < L_min:
+                continue
+            if m in (OURS, KERNEL, OURS_E2E) and r.get("sm_mhz"):
+                mhz.append(float(r["sm_mhz"]))
+                capped.append(float(r["power_capped"]))
+            k = rows.get((KERNEL, L, D, causal, d))
+            if (m == OURS and k is not None and k.get("quant_ms")
+                    and float(k["ms"]) >= kernel_min_ms):
+                kernel = float(k["ms"])
+                gap = (float(r["ms"]) - float(k["quant_ms"]) - kernel) / kernel
+                gaps.append((abs(gap), gap, f"L{L // 1024}K {'c' if causal else 'nc'} d={d}"))
+        if not gaps:
+            continue
+        _, gap, where = max(gaps)
+        text = f"largest gap {gap:+.1%} of the kernel ({where}) over {len(gaps)} cases"
+        if mhz:
+            mhz.sort()
+            text += (f"; our rows' SM clock median {mhz[len(mhz) // 2]:.0f} MHz, "
+                     f"{sum(capped) / len(capped):.0%} of their samples at the power cap")
+        out.append((D, text))
+    return out
+
+
 def table(results):
     lines = ["| target | what | measured | met |", "|---|---|---|---|"]
     lines += [f"| {t} | {w} | {m} | {'yes' if ok else '**no**'} |" for t, w, m, ok in results]
@@ -177,7 +213,15 @@ def main(argv=None):
                     help="the README's table of TOPS (D=128, L 16K and 32K) instead of the targets")
     args = ap.parse_args(argv)
     rows = load(args.csv)
-    text = readme_table(rows) if args.readme_table else table(check(rows))
+    if args.readme_table:
+        text = readme_table(rows)
+    else:
+        text = table(check(rows))
+        notes = consistency(rows)
+        if notes:
+            text += ("\n\nTiming consistency (block_sparse_attn - quant_ms against the kernel "
+                     "alone, L >= 8K, kernels of 5 ms or more):\n\n"
+                     + "\n".join(f"- D{D}: {x}" for D, x in notes))
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -198,3 +198,25 @@ def test_clock_sampler_without_nvidia_smi(monkeypatch):
     assert clocks.proc is None and clocks.window(0, 1e12) == {}
     clocks.close()
     assert not Path(clocks.path).exists()                           # its own file is removed
+
+
+def test_timing_consistency_of_a_run(tmp_path):
+    """bench/targets.py: block_sparse_attn minus its quantization time against the kernel alone,
+    the largest gap per head dim over kernels of 5 ms or more, with the clock columns if present."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import targets
+    fields = FIELDS + ["quant_ms", "sm_mhz", "power_capped"]
+
+    def pair(L, d, kernel_ms, e2e_ms, quant_ms=1.0, **clock):
+        k = dict(row("sparge_int8_fp8_kernel", L, 128, False, d, 1000.0 / kernel_ms), quant_ms=quant_ms,
+                 **clock)
+        return [k, dict(row("sparge_int8_fp8", L, 128, False, d, 1000.0 / e2e_ms), **clock)]
+
+    rows = (pair(16384, 1.0, 10.0, 11.2, sm_mhz=1700, power_capped=1.0)    # gap +2%
+            + pair(16384, 0.5, 5.0, 4.6, sm_mhz=1800, power_capped=0.5)      # gap -28%
+            + pair(16384, 0.1, 1.0, 3.0)                                     # under 5 ms: left out
+            + pair(4096, 1.0, 20.0, 30.0))                                   # under 8K: left out
+    (D, text), = targets.consistency(targets.load([write_csv(tmp_path / "c.csv", rows, fields)]))
+    assert D == 128
+    assert text == ("largest gap -28.0% of the kernel (L16K nc d=0.5) over 2 cases; our rows' SM "
+                    "clock median 1800 MHz, 75% of their samples at the power cap"), text
