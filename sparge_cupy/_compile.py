@@ -82,8 +82,21 @@ def arch_flag(cc):
     return f"-arch=sm_{cc}a" if cc == 90 else f"-arch=sm_{cc}"
 
 
+@functools.lru_cache(maxsize=None)
+def nvrtc_version():
+    """(major, minor) of the NVRTC CuPy compiles with."""
+    from cupy.cuda import nvrtc
+    return tuple(int(x) for x in nvrtc.getVersion())
+
+
 def base_options():
-    return ("-std=c++17",) + tuple(f"-I{d}" for d in cuda_include_dirs())
+    # NVRTC before 13.2 takes the kernels' generic lambdas (auto parameters, block_stats.cu and
+    # quant_v.cu) for host functions, which JIT mode refuses ("host functions are not allowed");
+    # -default-device makes unannotated functions device functions. Seen with 13.0.88, the NVRTC
+    # wheel that torch's CUDA 13.0 builds pin; 13.2 (the GPU suite's) and 13.5 need no flag, and
+    # their builds stay as measured.
+    extra = ("-default-device",) if nvrtc_version() < (13, 2) else ()
+    return ("-std=c++17",) + extra + tuple(f"-I{d}" for d in cuda_include_dirs())
 
 
 # Head dims at which sparse_attn_wg overlaps the next block's Q K^T with the current block's
