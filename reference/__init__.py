@@ -26,6 +26,6 @@ __all__ = [
     "quantize_int8_per_block", "quantize_v_fp8", "quant_stats",
     "quantized_operands", "relative_l1", "rmse", "round_e4m3", "round_fp16", "select_blocks",
     "select_mass_threshold", "select_topcdf", "select_topk", "smooth_k", "sparsity_stats",
-    "concat_sparsity_stats",
+    "concat_sparsity_stats", "exact_attention", "oracle_block_map",
     "to_hnd", "token_mask", "valid_blocks", "local_blocks",
 ]
