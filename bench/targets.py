@@ -6,9 +6,10 @@
 Prints (and with ``--out`` writes) one markdown table: each target, the rows it compares, the
 measured ratio and whether it holds, then how well the run agrees with itself (``consistency``:
 the same work timed twice, which a card at its power limit makes differ); with
-``--readme-table`` the README's table of TOPS per method and density (D=128, L 16K and 32K). Only rows whose status is ``ok`` count; a comparison with a
-missing row says so. Rows of several CSVs are pooled (a later file's row replaces an earlier one
-of the same method, L, D, causal and density): pass CSVs of the same card and commit only.
+``--readme-table`` the README's table of TOPS per method and density (D=128, L 16K and 32K).
+Only rows whose status is ``ok`` count; a comparison with a missing row says so. Rows of several
+CSVs are pooled (a later file's row replaces an earlier one of the same method, L, D, causal and
+density): pass CSVs of the same card and commit only.
 Methods (``run_bench.py``): ``sparge_e2e_tau0.9`` is ``sparge_attn`` with the prediction
 (random inputs keep every block: the dense path), ``sparge_int8_fp8`` is ``block_sparse_attn``
 (statistics, quantization, attention), ``sparge_int8_fp8_kernel`` the attention kernel alone.

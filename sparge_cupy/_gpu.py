@@ -339,13 +339,18 @@ def _batch_slice(x, b0, b1):
     return x[b0:b1]
 
 
-def _count_nonfinite(x):
-    """NaN and Inf in the storage of Operand ``x`` (bf16: exponent bits all ones)."""
+def _count_nonfinite(a):
+    """NaN and Inf in operand storage ``a`` (uint16 holds bf16: exponent bits all ones)."""
     cp = _cupy()
-    a = x.array
-    if x.dtype == "bfloat16":
+    if a.dtype == cp.uint16:
         return int(cp.count_nonzero((a & 0x7F80) == 0x7F80))
     return int(cp.count_nonzero(~cp.isfinite(a)))
+
+
+def _check_finite_operands(**operands):
+    """The API's non-finite check (:func:`_checks.check_finite`) over whole Operands, their true
+    channels: one reduction each, a host read (the sliced path, which has no single counter)."""
+    ck.check_finite(_count_nonfinite, **{n: x.array[..., :x.D] for n, x in operands.items()})
 
 
 def _in_batch_slices(fn, slices, operands, block_map=None, *, out=None, return_lse=False,
@@ -356,10 +361,7 @@ def _in_batch_slices(fn, slices, operands, block_map=None, *, out=None, return_l
     merged in batch order."""
     cp = _cupy()
     from .reference import concat_sparsity_stats
-    for name, x in zip("qkv", operands):
-        bad = _count_nonfinite(x)
-        if bad:
-            raise ck.nonfinite_error(name, bad, x.size)
+    _check_finite_operands(**dict(zip("qkv", operands)))
     out = _output(operands[0], out)
     lse, stats = [], []
     for b0, b1 in slices:
@@ -871,10 +873,7 @@ def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd
     q, k = _as_operands(layout, q, k)
     slices = batch_slices(q.shape[0], q.shape[1])
     if len(slices) > 1:
-        for name, x in (("q", q), ("k", k)):
-            bad = _count_nonfinite(x)
-            if bad:
-                raise ck.nonfinite_error(name, bad, x.size)
+        _check_finite_operands(q=q, k=k)
         kw = dict(is_causal=is_causal, scale=scale, layout=layout, simthreshd1=simthreshd1,
                   cdfthreshd=cdfthreshd, topk=topk, attention_sink=attention_sink,
                   mass_threshold=mass_threshold, predictor=predictor, local_window=local_window)

@@ -3,9 +3,9 @@
 
 CUDA tensors run the GPU kernels, zero-copy both ways through DLPack, on torch's current stream.
 Tensors on the CPU (or any other device) run the NumPy reference (:mod:`sparge_cupy.api` on NumPy
-copies; bf16 through ``ml_dtypes``, bit for bit). Either way the output is a torch tensor of the input dtype, layout
-and device. bf16 works on the GPU although CuPy has no bfloat16: the storage travels as 16-bit
-integers and the kernels are instantiated for ``__nv_bfloat16``. Arguments and defaults are those
+copies; bf16 through ``ml_dtypes``, bit for bit). Either way the output is a torch tensor of the
+input dtype, layout and device. bf16 works on the GPU although CuPy has no bfloat16: the storage
+travels as 16-bit integers and the kernels are instantiated for ``__nv_bfloat16``. Arguments and defaults are those
 of :mod:`sparge_cupy.api`; the checks are the same functions. torch is imported on first call only.
 """
 from __future__ import annotations

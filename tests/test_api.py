@@ -284,4 +284,4 @@ def test_batch_slices_driver_on_the_host(monkeypatch):
     assert len(calls) == 3                                       # nothing ran
     bf16 = (rng.standard_normal((1, 1, 8, D)).astype(ml_dtypes.bfloat16)).view(np.uint16)
     bf16[0, 0, 3, 5], bf16[0, 0, 4, 6] = 0x7F80, 0xFFC1                # +Inf and a NaN
-    assert _gpu._count_nonfinite(_gpu.Operand(bf16, "bfloat16", "HND", D)) == 2
+    assert _gpu._count_nonfinite(bf16) == 2
