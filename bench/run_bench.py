@@ -30,7 +30,6 @@ import gc
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from provenance import git_commit  # noqa: E402,F401  (also real_maps' rb.git_commit)
 BQ, BK = 128, 64
 GATE = {"ours": 0.08, "sage": 0.05, "fp16": 0.01}   # relative L1 on sampled rows, random inputs
 METHODS = ("sdpa_flash", "sdpa_cudnn", "sageattn_1.0.6", "flex_attention", "sparge_int8_fp8",
@@ -99,16 +100,6 @@ def rel_l1(out, ref):
 def card_name():
     import torch
     return torch.cuda.get_device_name()
-
-
-def git_commit():
-    if os.environ.get("SPARGE_COMMIT"):      # the device machine gets a copy of the tree, no .git
-        return os.environ["SPARGE_COMMIT"]
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT,
-                              capture_output=True, text=True).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def methods(q, k, v, bm_t, *, causal, scale, density):

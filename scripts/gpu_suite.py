@@ -33,6 +33,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from provenance import git_commit  # noqa: E402
 
 # Representative shapes for the sanitizers: (B, Hq, Hkv, Lq, Lk, D, dtype, layout, causal).
 SANITIZE_CASES = [
@@ -93,13 +95,7 @@ def device_info():
     import cupy
     props = cupy.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    commit = os.environ.get("SPARGE_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
+    commit = git_commit(ROOT)
     return {
         "card": name, "cc": f"{props['major']}.{props['minor']}",
         "driver": cupy.cuda.runtime.driverGetVersion(), "runtime": cupy.cuda.runtime.runtimeGetVersion(),

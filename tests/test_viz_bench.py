@@ -220,3 +220,44 @@ def test_timing_consistency_of_a_run(tmp_path):
     assert D == 128
     assert text == ("largest gap -28.0% of the kernel (L16K nc d=0.5) over 2 cases; our rows' SM "
                     "clock median 1800 MHz, 75% of their samples at the power cap"), text
+
+
+def test_results_name_the_commit(monkeypatch, tmp_path):
+    """bench/provenance.py: SPARGE_COMMIT wins (the device's copy has no .git); a folder outside
+    any repository gives "unknown", not an empty string or a crash."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import provenance
+    monkeypatch.setenv("SPARGE_COMMIT", "abc1234")
+    assert provenance.git_commit(tmp_path) == "abc1234"
+    monkeypatch.delenv("SPARGE_COMMIT")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert provenance.git_commit(tmp_path) == "unknown"
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_3:
+        /*0010*/                   I2FP.F32.S32 R2, R3 ;
+        /*0020*/               @P0 BRA `(.L_x_9) ;
+        /*0030*/                   FFMA.FTZ R4, R2, R5, R6 ;
+.L_x_9:
+        /*0040*/                   MUFU.EX2 R4, R4 ;
+        /*0050*/              @!P1 BRA `(.L_x_3) ;
+        /*0060*/                   EXIT ;
+.L_x_5:
+        /*0070*/                   CALL.REL.NOINC `(.L_x_8) ;
+        /*0080*/                   BRA `(.L_x_9) ;
+"""
+
+
+def test_sass_listing_loops_and_mix():
+    """bench/sass.py: labels become addresses, a backward branch makes a loop, a slow path after
+    EXIT that branches back is not one, and opcodes are counted without their modifiers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import sass
+    insns = sass.parse_listing(SASS)
+    assert [a for a, _, _ in insns] == list(range(0, 0x90, 0x10))
+    assert insns[2] == (0x20, "BRA", "@P0 0x40")
+    assert [(insns[lo][0], insns[hi][0]) for lo, hi in sass.loops(insns)] == [(0x10, 0x50)]
+    lo, hi = sass.loops(insns)[0]
+    assert sass.mix(insns[lo:hi + 1]) == {"I2FP": 1, "BRA": 2, "FFMA": 1, "MUFU": 1}
