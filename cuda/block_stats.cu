@@ -67,14 +67,15 @@ __device__ __forceinline__ void for_block_rows(const TensorView& x, int b, int h
     const int lane = threadIdx.x & 31;
     const int sub = lane / M::LANES, c0 = (lane % M::LANES) * M::CPL;
     const bool vec = x.align >= chunk_vec_bytes<T, M::CPL>();
-    const T* base = row_ptr<T>(x, b, h, row0 + sub) + c0;
+    const T* src = row_ptr<T>(x, b, h, row0 + sub) + c0;   // advanced a row step at a time
+    const long long step = M::ROWS * x.stride_t;
 #pragma unroll 1
     for (int s0 = 0; s0 < STEPS && (ALL || s0 * M::ROWS < n); s0 += STAGE) {
         unsigned w[STAGE][WORDS];
 #pragma unroll
-        for (int s = 0; s < STAGE; ++s) {
+        for (int s = 0; s < STAGE; ++s, src += step) {
             const int r = (s0 + s) * M::ROWS + sub;          // r >= n: not read
-            load_words<T, M::CPL>(base + (long long)(s0 + s) * M::ROWS * x.stride_t, vec, r < n, w[s]);
+            load_words<T, M::CPL>(src, vec, r < n, w[s]);
         }
 #pragma unroll
         for (int s = 0; s < STAGE; ++s) {
@@ -97,18 +98,20 @@ struct Pooling {
     // Every lane of the warp calls this together (the row norm is a shuffle reduction); rows
     // past the block's end come as zeros and add nothing.
     __device__ __forceinline__ void add(const float (&x)[CPL], double eps, double inv_eps) {
-        double ss0 = 0.0, ss1 = 0.0;                      // two chains: half the latency
+        double xd[CPL], ss0 = 0.0, ss1 = 0.0;             // two chains: half the latency
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) xd[c] = to_f64(x[c]);
 #pragma unroll
         for (int c = 0; c < CPL; c += 2) {
-            sum[c] += (double)x[c];
-            sum[c + 1] += (double)x[c + 1];
-            ss0 = fma((double)x[c], (double)x[c], ss0);     // x^2 is exact in float64
-            ss1 = fma((double)x[c + 1], (double)x[c + 1], ss1);
+            sum[c] += xd[c];
+            sum[c + 1] += xd[c + 1];
+            ss0 = fma(xd[c], xd[c], ss0);                   // x^2 is exact in float64
+            ss1 = fma(xd[c + 1], xd[c + 1], ss1);
         }
         const double ss = row_sum<LANES>(ss0 + ss1);
         const double inv = ss >= eps * eps ? rsqrt(ss) : inv_eps;
 #pragma unroll
-        for (int c = 0; c < CPL; ++c) unit[c] = fma((double)x[c], inv, unit[c]);
+        for (int c = 0; c < CPL; ++c) unit[c] = fma(xd[c], inv, unit[c]);
     }
 
     // Block totals of the warp: pooled[d] = sum / n and sim = sum_d (unit_d / n)^2.
@@ -203,7 +206,7 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) q_grou
     double sum[CPL] = {};
     for_block_rows<T, D, G>(x, b, h, row0, n, [&](int, bool, const float (&v)[CPL]) {
 #pragma unroll
-        for (int c = 0; c < CPL; ++c) sum[c] += (double)v[c];
+        for (int c = 0; c < CPL; ++c) sum[c] += to_f64(v[c]);
     });
     const int ng = (L + G - 1) / G;
     float* out = pooled + (((size_t)b * H + h) * ng + g) * D + (lane % M::LANES) * CPL;
@@ -240,7 +243,7 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) k_sums
         bad += count_nonfinite(x);
 #pragma unroll
         for (int c = 0; c < CPL; ++c) {
-            s[c] += (double)x[c];                            // zeros past n add nothing
+            s[c] += to_f64(x[c]);                            // zeros past n add nothing
             mx[c] = fmaxf(mx[c], valid ? x[c] : -CUDART_INF_F);
             mn[c] = fminf(mn[c], valid ? x[c] : CUDART_INF_F);
         }
@@ -504,7 +507,7 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) quanti
             if (qkm) {                                    // q_t . km, float64, one row reduction
                 double acc = 0.0;
 #pragma unroll
-                for (int c = 0; c < CPL; ++c) acc = fma((double)x[c], (double)km[c], acc);
+                for (int c = 0; c < CPL; ++c) acc = fma(to_f64(x[c]), to_f64(km[c]), acc);
                 acc = row_sum<M::LANES>(acc);
                 if (valid && lane % M::LANES == 0) qkm[r] = (float)acc;
             }
