@@ -640,7 +640,6 @@ struct WgRows {
     float lambda, dq_i;
     const float* dk_row;
     int visited, skipped;
-    int mask_from;                    // key blocks j >= mask_from hold masked keys (causal, tail)
     int lane, warp, wg;               // warp 0..7, its warpgroup (warp-uniform for the compiler)
 
     __device__ __forceinline__ WgRows(const AttnParams& p, int i_, int h, int b, int kvh, size_t qblk,
@@ -660,16 +659,6 @@ struct WgRows {
             key_lim[r] = (int)max(lim, -1ll);
         }
         group_real = row0 < p.Lq;
-        // Block j holds a key past some row's last visible key iff it is the ragged tail block or,
-        // causal, j BK + BK - 1 > i BQ + Lk - Lq for the block's first row, i.e. j >= floor((i BQ
-        // + Lk - Lq + 1) / BK): one compare per block instead of that arithmetic.
-        long long from = p.nk;
-        if (p.causal) {
-            const long long x = (long long)i_ * BQ + p.Lk - p.Lq + 1;
-            from = min(from, max(0ll, x >= 0 ? x / BK : -((-x + BK - 1) / BK)));
-        }
-        if (p.Lk % BK != 0) from = min(from, (long long)p.nk - 1);
-        mask_from = (int)from;
         lambda = p.pvthreshd[h];
         filter_on = lambda < CUDART_INF_F;
         dq_i = p.dq[qblk];
@@ -687,7 +676,8 @@ struct WgRows {
                                          unsigned (&pa)[PV_STEPS][4], float (&alpha)[2], int* wg_skip) {
         const int t4 = lane & 3;
         const float c = __fmul_rn(__fmul_rn(__fmul_rn(dq_i, dk_row[j]), p.scale), LOG2E);
-        const bool need_mask = j >= mask_from;
+        const bool need_mask = (j == p.nk - 1 && p.Lk % BK != 0) ||
+                               (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
         // Scores: s = acc (exact in float32: |acc| < 2^24) or -inf where masked; the logit is
         // fl(s * c) as in the reference, and since c > 0 rounds monotonically, the row maximum of
         // the logits is fl(max(s) * c) (one multiply per row, not per score). The exponent is
