@@ -96,7 +96,11 @@ struct Pooling {
     double sum[CPL] = {}, unit[CPL] = {};
 
     // Every lane of the warp calls this together (the row norm is a shuffle reduction); rows
-    // past the block's end come as zeros and add nothing.
+    // past the block's end come as zeros and add nothing. KEEP: the row's float64 values stay in
+    // registers across the row norm, else they are converted again for the unit row. Which one
+    // spills nothing is the register allocator's call: ptxas (13.5, sm_90a, 128 registers) has
+    // q_stats spill 12-24 bytes without KEEP and k_pass 24-92 with it, neither the other way.
+    template <bool KEEP>
     __device__ __forceinline__ void add(const float (&x)[CPL], double eps, double inv_eps) {
         double xd[CPL], ss0 = 0.0, ss1 = 0.0;             // two chains: half the latency
 #pragma unroll
@@ -111,7 +115,7 @@ struct Pooling {
         const double ss = row_sum<LANES>(ss0 + ss1);
         const double inv = ss >= eps * eps ? rsqrt(ss) : inv_eps;
 #pragma unroll
-        for (int c = 0; c < CPL; ++c) unit[c] = fma(xd[c], inv, unit[c]);
+        for (int c = 0; c < CPL; ++c) unit[c] = fma(KEEP ? xd[c] : to_f64(x[c]), inv, unit[c]);
     }
 
     // Block totals of the warp: pooled[d] = sum / n and sim = sum_d (unit_d / n)^2.
@@ -169,7 +173,7 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) q_stat
             bad += count_nonfinite(x);
 #pragma unroll
             for (int c = 0; c < CPL; ++c) amax[c] = fmaxf(amax[c], fabsf(x[c]));
-            if constexpr (decltype(pooled_flag)::value) pool.add(x, p.sim_eps, inv_eps);
+            if constexpr (decltype(pooled_flag)::value) pool.template add<true>(x, p.sim_eps, inv_eps);
         });
     };
     if (pooled) rows(Flag<true>{});
@@ -437,7 +441,7 @@ __global__ void __launch_bounds__(STATS_THREADS, SPARGE_STATS_MIN_BLOCKS) k_pass
             float x[CPL];
 #pragma unroll
             for (int c = 0; c < CPL; ++c) x[c] = valid ? __fsub_rn(xk[c], km[c]) : 0.f;
-            if constexpr (POOLED) pool.add(x, p.sim_eps, inv_eps);
+            if constexpr (POOLED) pool.template add<false>(x, p.sim_eps, inv_eps);
             if constexpr (QUANT) {                       // rows past L: zeros
                 float v[CPL];
 #pragma unroll
