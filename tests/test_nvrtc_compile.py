@@ -284,3 +284,18 @@ def test_default_device_only_for_nvrtc_before_13_2(monkeypatch):
     for version, flagged in (((13, 0), True), ((13, 1), True), ((13, 2), False), ((13, 5), False)):
         monkeypatch.setattr(_compile, "nvrtc_version", lambda v=version: v)
         assert ("-default-device" in _compile.base_options()) == flagged, version
+
+
+def test_statistics_kernels_do_not_spill():
+    """block_stats.cu's passes keep every register at their cap of 128 (4 programs per SM) on
+    sm_90a: a spill puts local-memory traffic into passes that should stream Q and K at DRAM
+    speed (k_pass spilled 16-92 bytes before Pooling::add<KEEP>). The NVRTC in use decides; the
+    message names the kernels and bytes."""
+    import re
+    names = [n for s, n in _compile.kernel_names(90) if s == "block_stats.cu"]
+    _, log = _compile.compile_for_arch("block_stats.cu", names, 90, verbose_ptxas=True)
+    spills = {m.group(1): int(m.group(2)) for m in re.finditer(
+        r"Compiling entry function '(\S+)'.*?(\d+) bytes spill stores", log, re.S)}
+    assert len(spills) == len(names), log[-2000:]
+    bad = {m: b for m, b in spills.items() if b}
+    assert not bad, f"{len(bad)} of {len(spills)} spill (bytes): {sorted(bad.items())[:4]}"
