@@ -38,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from provenance import git_commit  # noqa: E402,F401  (also real_maps' rb.git_commit)
+from provenance import git_commit  # noqa: E402  (real_maps.py uses it as rb.git_commit too)
 BQ, BK = 128, 64
 GATE = {"ours": 0.08, "sage": 0.05, "fp16": 0.01}   # relative L1 on sampled rows, random inputs
 METHODS = ("sdpa_flash", "sdpa_cudnn", "sageattn_1.0.6", "flex_attention", "sparge_int8_fp8",
@@ -431,21 +431,23 @@ def main(argv=None):
         (out / f"{args.tag}_{stamp}_{card}.md").write_text(md)
 
     t_start = time.perf_counter()
-    for D in args.D:
-        for L in args.L:
-            for causal in causals:
-                for d in args.density:
-                    print(f"L={L} D={D} causal={causal} density={d} "
-                          f"({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
-                    only = args.methods
-                    if L < args.flex_min_L:
-                        only = [m for m in (only or METHODS) if m != "flex_attention"]
-                    rows += bench_case(args.B, args.H, args.Hkv or args.H, L, D, causal, d,
-                                       dtype=torch.float16, reps_ms=args.reps_ms, only=only)
-                    write()
-                    gc.collect()               # the case's tensors (a failed flex setup keeps a
-                    torch.cuda.empty_cache()   # reference cycle through its traceback), then the cache
-    CLOCKS.close()
+    try:
+        for D in args.D:
+            for L in args.L:
+                for causal in causals:
+                    for d in args.density:
+                        print(f"L={L} D={D} causal={causal} density={d} "
+                              f"({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
+                        only = args.methods
+                        if L < args.flex_min_L:
+                            only = [m for m in (only or METHODS) if m != "flex_attention"]
+                        rows += bench_case(args.B, args.H, args.Hkv or args.H, L, D, causal, d,
+                                           dtype=torch.float16, reps_ms=args.reps_ms, only=only)
+                        write()
+                        gc.collect()               # the case's tensors (a failed flex setup keeps a
+                        torch.cuda.empty_cache()   # reference cycle through its traceback), then the cache
+    finally:                           # nvidia-smi stops also when a case raises
+        CLOCKS.close()
     print(table(rows))
     print(f"wrote {csv_path}")
 

@@ -42,10 +42,11 @@ def _libnvrtc():
 
 
 def cubin(source, name, cc, extra=()):
-    """(cubin bytes, lowered name) of ``name`` in ``cuda/<source>`` for ``sm_<cc>``."""
+    """The whole cubin of ``name`` in ``cuda/<source>`` for ``sm_<cc>``, built with the package's
+    options (``_compile.nvrtc_options``) and ``extra``."""
     lib = _libnvrtc()
     prog = ctypes.c_void_p()
-    text = _compile.source_text(source).encode()
+
     def ok(code, what):
         if code != 0:
             log = b""
@@ -55,21 +56,20 @@ def cubin(source, name, cc, extra=()):
                 lib.nvrtcGetProgramLog(prog, buf)
                 log = buf.value
             raise RuntimeError(f"{what} failed ({code}):\n{log.decode(errors='replace')}")
+    text = _compile.source_text(source).encode()
     ok(lib.nvrtcCreateProgram(ctypes.byref(prog), text, source.encode(), 0, None, None), "create")
-    ok(lib.nvrtcAddNameExpression(prog, name.encode()), "name")
-    opts = [*_compile.base_options(), _compile.arch_flag(cc), "-ftz=true",
-            *_compile.source_options(source), *extra]
-    arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
-    ok(lib.nvrtcCompileProgram(prog, len(opts), arr), "compile")
-    lowered = ctypes.c_char_p()
-    ok(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)), "lowered name")
-    size = ctypes.c_size_t()
-    ok(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
-    buf = ctypes.create_string_buffer(size.value)
-    ok(lib.nvrtcGetCUBIN(prog, buf), "cubin")
-    low = lowered.value.decode()
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return buf.raw, low
+    try:
+        ok(lib.nvrtcAddNameExpression(prog, name.encode()), "name")
+        opts = [*_compile.nvrtc_options(source, cc), *extra]
+        ok(lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])),
+           "compile")
+        size = ctypes.c_size_t()
+        ok(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        buf = ctypes.create_string_buffer(size.value)
+        ok(lib.nvrtcGetCUBIN(prog, buf), "cubin")
+        return buf.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 def find_nvdisasm(path=None):
@@ -151,7 +151,7 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=24, help="opcodes listed per range")
     ap.add_argument("--min-loop", type=int, default=40, help="smallest loop (instructions) listed")
     args = ap.parse_args(argv)
-    blob, _ = cubin(args.source, args.name, args.cc, tuple(f"-D{d}" for d in args.D))
+    blob = cubin(args.source, args.name, args.cc, tuple(f"-D{d}" for d in args.D))
     text = disassemble(blob, find_nvdisasm(args.nvdisasm))
     insns = parse_listing(text)
     if args.dump:

@@ -288,17 +288,23 @@ def _nvrtc():
     return nvrtc
 
 
-def compile_for_arch(source, names, cc, *, verbose_ptxas=False):
-    """Compile ``names`` of ``cuda/<source>`` for ``sm_<cc>`` with NVRTC alone (no GPU needed).
+def nvrtc_options(source, cc, *, verbose_ptxas=False):
+    """The NVRTC options of ``cuda/<source>`` for ``sm_<cc>`` as CuPy builds it on a device
+    (``-ftz=true`` included), plus ``-Xptxas=-v`` for the register / spill report."""
+    return ([*base_options(), arch_flag(cc), "-ftz=true", *source_options(source)]
+            + (["-Xptxas=-v"] if verbose_ptxas else []))
 
-    Returns ``(cubin bytes, log)``; raises ``RuntimeError`` with NVRTC's log on failure. The
-    options are those CuPy uses on a device (``-ftz=true`` included), plus ``-Xptxas=-v`` for the
-    register / spill report when ``verbose_ptxas``.
+
+def compile_for_arch(source, names, cc, *, verbose_ptxas=False):
+    """Compile ``names`` of ``cuda/<source>`` for ``sm_<cc>`` with NVRTC alone (no GPU needed),
+    with :func:`nvrtc_options`.
+
+    Returns ``(cubin bytes, log)``; raises ``RuntimeError`` with NVRTC's log on failure. The cubin
+    is CuPy's ``nvrtc.getCUBIN``, which drops its last byte (nvdisasm calls it an invalid ELF;
+    ``bench/sass.py`` fetches the whole one through ctypes): for "it compiled", not for tools.
     """
     nvrtc = _nvrtc()
-    options = list(base_options()) + [arch_flag(cc), "-ftz=true"] + list(source_options(source))
-    if verbose_ptxas:
-        options.append("-Xptxas=-v")
+    options = nvrtc_options(source, cc, verbose_ptxas=verbose_ptxas)
     prog = nvrtc.createProgram(source_text(source), source, [], [])
     try:
         for name in names:

@@ -656,9 +656,8 @@ def select(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, top
                     mass_threshold=mass_threshold, predictor=predictor, row_kernel=row_kernel,
                     local_window=local_window)
         return cp.concatenate([
-            select(Stats(**{f: _batch_slice(getattr(st, f), b0, b1)
-                            for f in ("km", "qbar", "q_groups", "q_sim", "kbar", "k_sim")}),
-                   _batch_slice(k, b0, b1), s_hat=_batch_slice(s_hat, b0, b1), **part)
+            select(_batch_slice(st, b0, b1), _batch_slice(k, b0, b1),
+                   s_hat=_batch_slice(s_hat, b0, b1), **part)
             for b0, b1 in slices])
     if s_hat is None:
         s_hat = estimate_logits(st, k, Lq=Lq, Lk=Lk, is_causal=is_causal, scale=scale,
