@@ -4,7 +4,7 @@ A card at its power limit lowers its clock, and a kernel's time with it (the H10
 ``bench/results/power_probe_2026-12-05_h100_4513a72.md``), so a timing means more with the clock
 and power it ran at. :class:`ClockSampler` starts ``nvidia-smi --query-gpu=... -lms 100`` into a
 file and :meth:`ClockSampler.window` summarises the samples taken between two ``time.time()``
-stamps: median SM clock (MHz), median power (W), and the share of samples with the software
+stamps: median and minimum SM clock (MHz), median power (W), and the share of samples with the software
 power cap among the active clock-throttle reasons. Without nvidia-smi every summary is empty
 (the benchmark's columns stay blank), never an error.
 """
@@ -36,10 +36,12 @@ def parse_sample(line):
 
 
 def summarize(samples):
-    """``{"sm_mhz", "power_w", "power_capped"}`` of samples (parse_sample tuples); {} if none."""
+    """``{"sm_mhz", "sm_mhz_min", "power_w", "power_capped"}`` of samples (parse_sample
+    tuples); {} if none."""
     if not samples:
         return {}
     return {"sm_mhz": statistics.median(s[1] for s in samples),
+            "sm_mhz_min": min(s[1] for s in samples),
             "power_w": statistics.median(s[2] for s in samples),
             "power_capped": sum(1 for s in samples if s[4] & POWER_CAP) / len(samples)}
 

@@ -93,9 +93,8 @@ def main(argv=None):
         if not s:
             print(f"| {method} | {D} | {len(ms)} | no nvidia-smi samples in this span |")
             continue
-        lo = min(x[1] for x in clocks.samples if t0 <= x[0] <= t1)
         print(f"| {method} | {D} | {len(ms)} | {min(ms):.2f} / {statistics.median(ms):.2f} / {max(ms):.2f} | "
-              f"{s['sm_mhz']:.0f} ({lo:.0f}) | {s['power_w']:.0f} | {s['power_capped']:.0%} |")
+              f"{s['sm_mhz']:.0f} ({s['sm_mhz_min']:.0f}) | {s['power_w']:.0f} | {s['power_capped']:.0%} |")
     return 0
 
 

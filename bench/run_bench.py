@@ -266,8 +266,8 @@ CLOCKS = None
 
 def median_ms(fn, reps_ms, warmup=25, row=None):
     """The median of ``triton.testing.do_bench`` over at least MIN_RUNS timed runs; with ``row``,
-    also the SM clock, power and power-cap share sampled meanwhile (``sm_mhz``, ``power_w``,
-    ``power_capped``: blank without nvidia-smi)."""
+    also the SM clock, power and power-cap share sampled meanwhile (``sm_mhz``, ``sm_mhz_min``,
+    ``power_w``, ``power_capped``: blank without nvidia-smi)."""
     import triton.testing
     t0 = time.time()
     ms = triton.testing.do_bench(fn, warmup=warmup, rep=reps_ms, return_mode="median")
@@ -361,7 +361,7 @@ def bench_case(B, H, Hkv, L, D, causal, density, *, dtype, reps_ms, rows_sampled
 
 FIELDS = ["card", "method", "B", "H", "Hkv", "L", "D", "causal", "density", "dtype", "status", "rel_l1",
           "ms", "tops", "predict_ms", "extra_mb", "quant_ms",
-          "sm_mhz", "power_w", "power_capped"]   # new columns go at the end
+          "sm_mhz", "power_w", "power_capped", "sm_mhz_min"]   # new columns go at the end
 
 
 def table(rows):

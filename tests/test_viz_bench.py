@@ -178,12 +178,12 @@ def test_clock_sampler_windows_of_nvidia_smi_samples(tmp_path):
     clocks = gpu_clocks.ClockSampler(path=str(path))
     base = t0.timestamp()
     got = clocks.window(base + 0.05, base + 0.25)
-    assert got == {"sm_mhz": 1777.5, "power_w": 700.3, "power_capped": 1.0}, got
+    assert got == {"sm_mhz": 1777.5, "sm_mhz_min": 1770.0, "power_w": 700.3, "power_capped": 1.0}, got
     assert clocks.window(base + 0.25, base + 0.35) == {}          # the partial line is not a sample
     with open(path, "a") as f:
         f.write(f"96.4, 64, 0x0000000000000004\n{stamp(0.4)}, 1980, 300.0, 60, 0x0000000000000001\n")
     got = clocks.window(base - 1, base + 1)
-    assert got == {"sm_mhz": 1785.0, "power_w": 696.4, "power_capped": 0.6}, got
+    assert got == {"sm_mhz": 1785.0, "sm_mhz_min": 1755.0, "power_w": 696.4, "power_capped": 0.6}, got
     assert clocks.window(base + 0.3, base + 0.3)["power_w"] == 696.4
     clocks.close()
     assert path.exists()                                            # a given file is not removed
