@@ -96,6 +96,16 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
     return *reinterpret_cast<const unsigned*>(&v);
 }
 
+// An output value in the output type: rounded to nearest, and for fp16 saturated to its largest
+// finite value (the rounded P can put an output a fraction of a per cent past max |V|, which
+// for V near 65504 would store inf; reference.to_output does the same).
+template <typename OutT> __device__ __forceinline__ OutT to_out(float x) { return from_float<OutT>(x); }
+template <> __device__ __forceinline__ __half to_out<__half>(float x) {
+    unsigned short h;
+    asm("cvt.rn.satfinite.f16.f32 %0, %1;\n" : "=h"(h) : "f"(x));
+    return __ushort_as_half(h);
+}
+
 // Two adjacent output channels; one 2-element store where the row allows it.
 template <typename OutT>
 __device__ __forceinline__ void store_pair(OutT* dst, float v0, float v1, bool second, bool paired) {
@@ -103,13 +113,13 @@ __device__ __forceinline__ void store_pair(OutT* dst, float v0, float v1, bool s
         if constexpr (sizeof(OutT) == 4) {
             *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
         } else {
-            OutT two[2] = {from_float<OutT>(v0), from_float<OutT>(v1)};
+            OutT two[2] = {to_out<OutT>(v0), to_out<OutT>(v1)};
             *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(two);
         }
         return;
     }
-    dst[0] = from_float<OutT>(v0);
-    if (second) dst[1] = from_float<OutT>(v1);
+    dst[0] = to_out<OutT>(v0);
+    if (second) dst[1] = to_out<OutT>(v1);
 }
 
 // The epilogue's rows (both kernels): l summed over the 4 threads of each row, the rows' output

@@ -14,8 +14,8 @@ import numpy as np
 
 from ..config import CONFIG
 from .layout import num_blocks, valid_blocks
-from .quant import (F32, QuantStats, channel_scales, expand_kv_heads, quantize_int8_per_block,
-                    quantize_v_fp8, round_e4m3, round_fp16, smooth_k)
+from .quant import (F32, QuantStats, channel_scales, check_fp16_operands, expand_kv_heads,
+                    quantize_int8_per_block, quantize_v_fp8, round_e4m3, round_fp16, smooth_k)
 from .stats import sparsity_stats
 
 QK_MODES = ("int8", "fp16", "fp32")  # "fp32" (no rounding) exists only in the reference
@@ -54,6 +54,8 @@ def quantized_operands(q, k, *, scale, qk, rebalance, cfg=CONFIG, quant_stats=No
         q_op, k_op = q_op.astype(F32), k_op.astype(F32)
     else:
         rnd = round_fp16 if qk == "fp16" else (lambda x: x)
+        if qk == "fp16":
+            check_fp16_operands(*(float(np.abs(x).max()) if x.size else 0.0 for x in (q, ks)))
         q_op, k_op = rnd(q), rnd(ks)
         dq = np.ones(q.shape[:2] + (num_blocks(q.shape[2], cfg.block_q),), dtype=F32)
         dk = np.ones(ks.shape[:2] + (num_blocks(ks.shape[2], cfg.block_k),), dtype=F32)

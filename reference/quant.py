@@ -142,3 +142,31 @@ def quantize_v_fp8(v, cfg=CONFIG, *, amax=None):
 
 def round_fp16(x):
     return np.asarray(x, dtype=F32).astype(np.float16).astype(F32)
+
+
+def to_output(x, dtype):
+    """The float32 attention output ``x`` in the output ``dtype`` as the kernels store it:
+    rounded to nearest, and for fp16 saturated to its largest finite value, 65504 (the rounded P
+    can put an output a fraction of a per cent past max |V|: inf for V near 65504 otherwise)."""
+    x = np.asarray(x, dtype=F32)
+    if np.dtype(dtype) == np.float16:
+        x = np.clip(x, F32(-65504), F32(65504))
+    return x.astype(dtype)
+
+
+# A float32 of magnitude at least this rounds to inf in fp16 (65504 is the largest finite value;
+# 65520, half an ulp above it, rounds to even, which is 2^16).
+FP16_OVERFLOW = 65520.0
+
+
+def check_fp16_operands(q_max, k_max):
+    """``qk="fp16"`` rounds the rebalanced Q and smoothed K to fp16; raise a ValueError naming
+    ``qk`` where either one's largest magnitude (``q_max``, ``k_max``: floats, NaN for none)
+    would round to inf there: a finite input would otherwise give a NaN output."""
+    for what, m in (("Q", q_max), ("smoothed K", k_max)):
+        if m >= FP16_OVERFLOW:
+            raise ValueError(
+                f"qk: 'fp16' rounds Q and smoothed K (after rebalancing, where on) to fp16, and "
+                f"{what} reaches {m:.6g} there, beyond fp16's 65504 (it would round to inf and "
+                "make the output NaN); "
+                "use qk='int8' (a scale per block) or scale the inputs down")

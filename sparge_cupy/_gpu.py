@@ -899,7 +899,19 @@ def _attend(q, k, v, block_map, st, counter, *, qk, rebalance, pv, return_lse, *
                            with_q_dot_km=return_lse, nonfinite=counter)
     launch = prepare_attention(q, k, qz, block_map, qk=qk, pv=pv, return_lse=return_lse, **options)
     check_counter(counter, q=q, k=k, v=v)
+    if qk == "fp16":
+        _check_fp16_operands(st, rebalance)
     return launch()
+
+
+def _check_fp16_operands(st, rebalance):
+    """reference.check_fp16_operands from the head statistics: the largest rebalanced |Q| is
+    max fl(q_amax s_c) and the largest smoothed |K| max fl(k_amax / s_c), since the kernels'
+    x -> fl(x s_c) and fl(x / s_c) are monotone (one small reduction and a host read)."""
+    cp = _cupy()
+    from .reference import check_fp16_operands
+    q_max, k_max = (st.q_amax * st.s_c, st.k_amax / st.s_c) if rebalance else (st.q_amax, st.k_amax)
+    check_fp16_operands(*(float(x) for x in cp.stack([q_max.max(), k_max.max()]).get()))
 
 
 def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd, qk, rebalance,

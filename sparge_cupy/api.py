@@ -77,7 +77,7 @@ def _ref_attention(q, k, v, block_map, *, layout, is_causal, scale, dtype, **opt
     res = ref.block_sparse_attention(ref.to_hnd(q, layout), ref.to_hnd(k, layout), ref.to_hnd(v, layout),
                                      block_map, is_causal=is_causal, scale=scale, **opts)
     res = res if isinstance(res, tuple) else (res,)
-    out = np.ascontiguousarray(ref.from_hnd(res[0], layout)).astype(dtype)
+    out = ref.to_output(np.ascontiguousarray(ref.from_hnd(res[0], layout)), dtype)
     return out if len(res) == 1 else (out,) + res[1:]
 
 

@@ -111,3 +111,25 @@ def heads(x, Hq):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def fp16_range_cases():
+    """``(name, (q, k, v), options, overflows)``: inputs for ``qk="fp16"`` whose rebalanced Q and
+    smoothed K fit fp16 or not. Rebalancing gives both operands the channel maximum
+    sqrt(max|Q_c| max|K_c - km_c|) (SPEC section 3): 3e4 and 2e5 make it 7.7e4, past 65504.
+    Without rebalancing, K at 60000 with one row at -60000 is 1.2e5 from its mean; rebalanced,
+    the same K fits. Q at fp16's largest finite value, not rebalanced, still fits."""
+    rng = np.random.default_rng(11)
+    base = [rng.standard_normal((1, 2, 130, 64)).astype(np.float32) for _ in range(3)]
+    q, k, v = (x.copy() for x in base)
+    q[0, 1, 7, 5], k[0, 1, 9, 5] = 3e4, 2e5
+    cases = [("rebalanced Q and K", (q, k, v), {}, "Q")]
+    q, k, v = (x.astype(np.float16) for x in base)
+    k[0, 0, :, 3] = 60000
+    k[0, 0, 100, 3] = -60000
+    cases += [("smoothed K", (q, k, v), {"rebalance": False}, "smoothed K"),
+              ("smoothed K rebalanced", (q, k, v), {}, None)]
+    q, k, v = (x.astype(np.float16) for x in base)
+    q[0, 0, 0, 0] = 65504
+    cases.append(("Q at the fp16 maximum", (q, k, v), {"rebalance": False}, None))
+    return cases

@@ -19,12 +19,14 @@ def rel_l1(a, b):
 
 
 def round_to(x, dtype_name):
-    """``x`` as an output of ``dtype_name`` would hold it (bf16: round to nearest even)."""
+    """``x`` as an output of ``dtype_name`` would hold it (bf16: round to nearest even; fp16:
+    saturated, reference.to_output)."""
+    from sparge_cupy import reference as R
     x = np.asarray(x, np.float32)
     if dtype_name == "bfloat16":
         import ml_dtypes
         return x.astype(ml_dtypes.bfloat16).astype(np.float64)
-    return x.astype(dtype_name).astype(np.float64)
+    return R.to_output(x, dtype_name).astype(np.float64)
 
 
 def check_attention(out, mirror, dense, dtype_name):

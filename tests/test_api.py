@@ -285,3 +285,42 @@ def test_batch_slices_driver_on_the_host(monkeypatch):
     bf16 = (rng.standard_normal((1, 1, 8, D)).astype(ml_dtypes.bfloat16)).view(np.uint16)
     bf16[0, 0, 3, 5], bf16[0, 0, 4, 6] = 0x7F80, 0xFFC1                # +Inf and a NaN
     assert _gpu._count_nonfinite(bf16) == 2
+
+
+@pytest.mark.parametrize("fn", ["sparge_attn", "block_sparse_attn"])
+def test_fp16_qk_operands_past_the_fp16_range_raise(fn):
+    """qk="fp16" on finite inputs whose rebalanced Q or smoothed K would round to inf in fp16
+    raises a ValueError naming qk (the output would be NaN); operands that fit give a finite
+    output, and qk="int8" (a scale per block) takes every one of these inputs."""
+    from conftest import fp16_range_cases
+    for name, (q, k, v), opts, overflows in fp16_range_cases():
+        if fn == "block_sparse_attn":
+            opts = dict(opts, block_map=np.ones((1, 2, 2, 3), bool))
+        if overflows:
+            with pytest.raises(ValueError, match=f"^qk: 'fp16' .*{overflows} reaches"):
+                _call(getattr(sc, fn), q, k, v, qk="fp16", **opts)
+        else:
+            out = _call(getattr(sc, fn), q, k, v, qk="fp16", **dict(opts))
+            assert np.isfinite(out).all(), name
+        assert np.isfinite(_call(getattr(sc, fn), q, k, v, **dict(opts))).all(), name
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_fp16_output_saturates_at_the_fp16_maximum(pv):
+    """The true output is a convex combination of V, so V at fp16's largest value 65504 gives
+    65504; the rounded P can put the float32 result a fraction of a per cent past it, and the
+    fp16 store saturates there instead of storing inf (reference.to_output, the kernels'
+    cvt.rn.satfinite)."""
+    rng = np.random.default_rng(5)
+    q, k = (rng.standard_normal((1, 1, 200, 64)).astype(np.float16) for _ in range(2))
+    v = np.full((1, 1, 200, 64), 65504, np.float16)
+    v[..., 1::2] *= -1
+    out = sc.sparge_attn(q, k, v, pv=pv)
+    assert out.dtype == np.float16 and np.isfinite(out).all(), int((~np.isfinite(out)).sum())
+    # Every output is 65504 sum_j p^_j / l with each p^_j within a relative 2^-4 (e4m3's half
+    # ulp; fp16's is 2^-11) of p_j: at most that far below 65504, and never above it.
+    a = np.abs(out.astype(np.float64))
+    bad = (a > 65504) | (a < 65504 * (1 - 2.0 ** (-4 if pv == "fp8" else -11)))
+    assert not bad.any(), f"{int(bad.sum())} of {a.size}, first {a[bad][:4]}"
+    assert (a == 65504).any()                     # rows whose float32 value went past 65504
+    assert R.to_output(np.float32([7e4, -7e4, np.nan, 1.0]), np.float16).tolist()[:2] == [65504, -65504]

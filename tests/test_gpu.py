@@ -722,6 +722,48 @@ def test_nonfinite_through_the_public_api_and_fp16_pv():
             sc.sparge_attn(arrays["q"], arrays["k"], arrays["v"], pv="fp16")
 
 
+def test_fp16_qk_operands_past_the_fp16_range_raise_the_cpu_error():
+    """qk="fp16" where the rebalanced Q or smoothed K would round to inf: the GPU path (which
+    finds it from the head statistics) raises the CPU's error, through both attention entry
+    points; where the operands fit, the output passes the attention check against the CPU's."""
+    from conftest import fp16_range_cases
+    for name, arrays, opts, overflows in fp16_range_cases():
+        B, H, L, _ = arrays[0].shape
+        bmap = np.ones((B, H, -(-L // BQ), -(-L // BK)), bool)
+        args = [cupy.asarray(x) for x in arrays]
+        if overflows:
+            for cpu_call, gpu_call in (
+                    (lambda: sc.sparge_attn(*arrays, qk="fp16", **opts),
+                     lambda: sc.sparge_attn(*args, qk="fp16", **opts)),
+                    (lambda: sc.block_sparse_attn(*arrays, bmap, qk="fp16", **opts),
+                     lambda: sc.block_sparse_attn(*args, cupy.asarray(bmap), qk="fp16", **opts))):
+                with pytest.raises(ValueError) as cpu:
+                    cpu_call()
+                with pytest.raises(ValueError) as gpu:
+                    gpu_call()
+                assert str(gpu.value) == str(cpu.value), name
+            continue
+        out = sc.block_sparse_attn(*args, cupy.asarray(bmap), qk="fp16", **opts).get()
+        mirror = sc.block_sparse_attn(*arrays, bmap, qk="fp16", **opts)
+        check_attention(out, mirror, R.dense_attention(*arrays), str(arrays[0].dtype))
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"] if FP8 else ["fp16"])
+def test_fp16_output_saturates_like_the_cpu(pv):
+    """V at fp16's largest value: the kernels' fp16 stores saturate (cvt.rn.satfinite) where the
+    rounded P puts the float32 output past 65504, as reference.to_output does, instead of
+    storing inf; the output passes the attention check against the CPU's."""
+    rng = np.random.default_rng(5)
+    q, k = (rng.standard_normal((1, 1, 200, 64)).astype(np.float16) for _ in range(2))
+    v = np.full((1, 1, 200, 64), 65504, np.float16)
+    v[..., 1::2] *= -1
+    bmap = np.ones((1, 1, 2, 4), bool)
+    out = sc.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, bmap)), pv=pv).get()
+    assert np.isfinite(out).all(), int((~np.isfinite(out)).sum())
+    assert np.abs(out.astype(np.float32)).max() <= 65504
+    check_attention(out, sc.block_sparse_attn(q, k, v, bmap, pv=pv), R.dense_attention(q, k, v), "float16")
+
+
 def test_nonfinite_through_the_torch_adapter():
     torch = pytest.importorskip("torch")
     import sparge_cupy.torch as st
