@@ -1105,11 +1105,36 @@ def load_npz_input(path):
         missing = [n for n in ("q", "k", "v") if n not in z.files]
         if missing:
             raise ValueError(f"{path}: expected arrays q, k, v; missing {missing} (has {z.files})")
-        q, k, v = (z[n] for n in ("q", "k", "v"))
-        causal = bool(z["is_causal"]) if "is_causal" in z.files else None
-        scale = float(z["scale"]) if "scale" in z.files else None
-        layout = str(z["layout"]) if "layout" in z.files else "HND"
+        q, k, v = (_npz_bf16(z[n]) for n in ("q", "k", "v"))
+        causal = _npz_scalar(z, "is_causal", path, "b") if "is_causal" in z.files else None
+        scale = _npz_scalar(z, "scale", path, "f") if "scale" in z.files else None
+        layout = _npz_scalar(z, "layout", path, "U") if "layout" in z.files else "HND"
     return q, k, v, causal, scale, layout
+
+
+def _npz_bf16(x):
+    """numpy.savez stores ml_dtypes' bfloat16 as 2-byte void ("|V2"): read it back as bfloat16."""
+    if x.dtype.kind == "V" and x.dtype.itemsize == 2 and x.dtype.fields is None:
+        import ml_dtypes
+        return x.view(ml_dtypes.bfloat16)
+    return x
+
+
+def _npz_scalar(z, name, path, kind):
+    """The file's one-element entry ``name`` as a bool (``kind`` "b": a bool, or an integer 0 or
+    1), a float ("f": a real number) or a str ("U"); a ValueError naming it otherwise."""
+    x = z[name]
+    want = {"b": "True / False (or 0 / 1)", "f": "a real number", "U": "a string"}[kind]
+    if x.size != 1:
+        raise ValueError(f"{path}: {name}: expected one value, {want}; got an array of shape {x.shape}")
+    x = x.reshape(())
+    if kind == "b" and (x.dtype.kind == "b" or (x.dtype.kind in "iu" and int(x) in (0, 1))):
+        return bool(x)
+    if kind == "f" and x.dtype.kind in "iuf":
+        return float(x)
+    if kind == "U" and x.dtype.kind in "US":
+        return x.item().decode() if x.dtype.kind == "S" else str(x)
+    raise ValueError(f"{path}: {name}: expected {want}, got {x.item()!r} ({x.dtype})")
 
 
 def load_npz_layer(path):

@@ -23,7 +23,7 @@ from sparge_cupy.viz.block_maps import (DROPPED, INVALID, SELECTED, block_map_su
                                         plot_block_maps)
 from sparge_cupy.viz.error_sparsity import error_sparsity_sweep, plot_error_sparsity
 
-from conftest import make_qkv
+from conftest import assert_equal, make_qkv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|nan|inf)"
@@ -180,6 +180,25 @@ def test_demo_inputs_casts_float64_and_overrides(tmp_path):
     assert "causal, scale 0.05" in res_file["input"] and "non-causal" not in res_file["input"]
 
 
+QKV = {n: np.zeros((1, 2, 8, 16), np.float32) for n in "qkv"}
+
+
+def test_input_file_entries_one_element_and_bf16(tmp_path):
+    """--inputs files: one-element is_causal / scale / layout entries of any shape, 0 / 1 for
+    is_causal, bytes for layout, and bfloat16 arrays (numpy.savez stores ml_dtypes' bfloat16 as
+    2-byte void) read back as bfloat16."""
+    import ml_dtypes
+    from sparge_cupy.tune import load_npz_input
+    q, k, v = make_qkv(1, 2, 2, 130, 130, 64, seed=3)
+    path = tmp_path / "bf16.npz"
+    np.savez(path, q=q.astype(ml_dtypes.bfloat16), k=k, v=v, is_causal=np.array([1]),
+             scale=np.array([[0.1]]), layout=np.array(b"HND"))
+    q2, k2, v2, causal, scale, layout = load_npz_input(path)
+    assert q2.dtype == ml_dtypes.bfloat16 and k2.dtype == np.float32
+    assert_equal(q2.astype(np.float32), q.astype(ml_dtypes.bfloat16).astype(np.float32), what="q")
+    assert (causal, scale, layout) == (True, 0.1, "HND")
+
+
 @pytest.mark.parametrize("arrays, message", [
     (dict(q=np.zeros((1, 2, 8, 16), np.float32), k=np.zeros((1, 2, 8, 16), np.float32)),
      r"expected arrays q, k, v; missing \['v'\]"),
@@ -189,6 +208,11 @@ def test_demo_inputs_casts_float64_and_overrides(tmp_path):
           v=np.zeros((1, 2, 8, 16), np.int32)), r"q: expected dtype one of .* got int32"),
     ("not an npz", r"not readable as an \.npz of arrays q, k, v"),
     (None, r"No such file"),
+    (dict(QKV, is_causal=np.array("False")), r"is_causal: expected True / False \(or 0 / 1\), got 'False'"),
+    (dict(QKV, is_causal=np.array(2)), r"is_causal: expected True / False \(or 0 / 1\), got 2"),
+    (dict(QKV, scale=np.array([0.1, 0.2])), r"scale: expected one value, a real number; got an array of shape \(2,\)"),
+    (dict(QKV, scale=np.array("0.1")), r"scale: expected a real number, got '0.1'"),
+    (dict(QKV, layout=np.array(1)), r"layout: expected a string, got 1"),
 ])
 def test_demo_and_tune_refuse_bad_input_files(tmp_path, capsys, arrays, message):
     path = tmp_path / "bad.npz"
