@@ -94,18 +94,35 @@ def check_scale(scale, D):
     return float(scale)
 
 
-def per_head(name, value, Hq, lo, hi, *, lo_open=False, allow_inf=False):
+def per_head(name, value, Hq, lo, hi, *, lo_open=False, allow_inf=False, none_is=None):
     """A per-head threshold as float32 ``[Hq]``: a scalar or one value per query head, within
-    [lo, hi] (``(lo, hi]`` with ``lo_open``)."""
+    [lo, hi] (``(lo, hi]`` with ``lo_open``). ``none_is``: the value a None entry of a sequence
+    stands for (None: a None entry is an error)."""
+    expected = f"{name}: expected a number or a sequence of {Hq} numbers"
+    if value is None:
+        raise TypeError(f"{expected}, got None")
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a number or a sequence of {Hq} numbers, got a bool")
+        raise TypeError(f"{expected}, got a bool")
     if isinstance(value, (str, bytes)):             # np.asarray would parse "0.5"
-        raise TypeError(f"{name}: expected a number or a sequence of {Hq} numbers, got a string {value!r}")
+        raise TypeError(f"{expected}, got a string {value!r}")
+    raw = value.get() if hasattr(value, "get") else value
+    if isinstance(raw, (list, tuple)):              # the entries, which np.asarray would coerce
+        for h, x in enumerate(raw):
+            if x is None and none_is is None:
+                raise TypeError(f"{expected}, got None for head {h}")
+            if isinstance(x, (bool, np.bool_, str, bytes)):
+                raise TypeError(f"{expected}, got {x!r} ({type(x).__name__}) for head {h}")
+        raw = [none_is if x is None else x for x in raw]
     try:
-        arr = np.asarray(value.get() if hasattr(value, "get") else value, dtype=np.float64)
+        arr = np.asarray(raw)
+        if arr.dtype.kind == "O" and not all(isinstance(x, numbers.Real) for x in arr.ravel()):
+            raise TypeError
+        if arr.dtype.kind not in "iufO":            # strings, bools, complex
+            raise TypeError
+        arr = arr.astype(np.float64)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a number or a sequence of {Hq} numbers, "
-                        f"got {type(value).__name__}") from None
+        what = f"dtype {arr.dtype}" if isinstance(raw, np.ndarray) else type(value).__name__
+        raise TypeError(f"{expected}, got {what}") from None
     if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != Hq):
         raise ValueError(f"{name}: expected a scalar or {Hq} values (one per query head), "
                          f"got shape {_shape_str(arr.shape)}")
@@ -142,10 +159,12 @@ def check_predictor(predictor, xp_name=None):
 
 
 def check_pvthreshd(pvthreshd, Hq):
-    """lambda in log2 units, > 0 (``inf`` allowed); ``None`` turns the filter off (all ``inf``)."""
+    """lambda in log2 units, > 0 (``inf`` allowed); ``None`` turns the filter off (all ``inf``),
+    a None entry of a per-head sequence for that head (as tuning files write an "off" head)."""
     if pvthreshd is None:
         return np.full((Hq,), np.inf, dtype=np.float32)
-    return per_head("pvthreshd", pvthreshd, Hq, 0.0, np.inf, lo_open=True, allow_inf=True)
+    return per_head("pvthreshd", pvthreshd, Hq, 0.0, np.inf, lo_open=True, allow_inf=True,
+                    none_is=np.inf)
 
 
 def check_block_map(block_map, shapes, xp_name):
@@ -163,6 +182,10 @@ def check_block_map(block_map, shapes, xp_name):
 
 
 def array_module_name(x):
+    """"numpy", "cupy", "torch" or the top-level module of ``x``'s type (a subclass of
+    numpy.ndarray counts as NumPy)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
     mod = type(x).__module__.split(".")[0]
     return {"numpy": "numpy", "cupy": "cupy", "torch": "torch"}.get(mod, mod)
 

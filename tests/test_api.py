@@ -153,6 +153,11 @@ BAD_PRED = [
     ("predictor", {"predictor": "quest"}, ValueError,
      "predictor: expected one of ('paper', 'qbar_keys', 'qgroup_keys')"),
     ("theta bool", {"simthreshd1": True}, TypeError, "simthreshd1"),
+    ("theta None", {"simthreshd1": None}, TypeError, "simthreshd1: expected a number or a sequence of 4 numbers, got None"),
+    ("tau strings", {"cdfthreshd": ["0.5"] * 4}, TypeError, "cdfthreshd: expected a number or a sequence of 4 numbers, got '0.5' (str) for head 0"),
+    ("tau string array", {"cdfthreshd": np.array(["0.5"] * 4)}, TypeError, "cdfthreshd: expected a number or a sequence of 4 numbers, got dtype <U3"),
+    ("topk None entry", {"topk": [0.5, None, 0.5, 0.5]}, TypeError, "topk: expected a number or a sequence of 4 numbers, got None for head 1"),
+    ("topk bool entry", {"topk": [0.5, True, 0.5, 0.5]}, TypeError, "got True (bool) for head 1"),
     ("sink not bool", {"attention_sink": 1}, TypeError, "attention_sink: expected a bool"),
     ("local window not bool", {"local_window": "yes"}, TypeError, "local_window: expected a bool"),
 ]
@@ -161,6 +166,7 @@ BAD_ATTN = [
     ("qk mode", {"qk": "int4"}, ValueError, "qk: expected one of"),
     ("lambda negative", {"pvthreshd": -1.0}, ValueError, "pvthreshd"),
     ("lambda per head length", {"pvthreshd": [1.0, 2.0, 3.0]}, ValueError, "pvthreshd"),
+    ("lambda complex", {"pvthreshd": 1j}, TypeError, "pvthreshd: expected a number or a sequence of 4 numbers, got complex"),
     ("rebalance not bool", {"rebalance": "yes"}, TypeError, "rebalance"),
     ("return_lse not bool", {"return_lse": None}, TypeError, "return_lse"),
 ]
@@ -324,3 +330,20 @@ def test_fp16_output_saturates_at_the_fp16_maximum(pv):
     assert not bad.any(), f"{int(bad.sum())} of {a.size}, first {a[bad][:4]}"
     assert (a == 65504).any()                     # rows whose float32 value went past 65504
     assert R.to_output(np.float32([7e4, -7e4, np.nan, 1.0]), np.float16).tolist()[:2] == [65504, -65504]
+
+
+def test_per_head_none_entries_turn_the_filter_off_for_that_head(qkv):
+    """pvthreshd=[None, x, ...] (a tuning file's "off" head) is inf for that head: the same
+    output as inf there; Fraction thresholds are numbers too."""
+    from fractions import Fraction
+    q, k, v = qkv
+    a = sc.sparge_attn(q, k, v, pvthreshd=[None, 2.0, None, Fraction(3, 2)])
+    b = sc.sparge_attn(q, k, v, pvthreshd=np.array([np.inf, 2.0, np.inf, 1.5]))
+    assert_equal(a, b, what="output")
+
+
+def test_ndarray_subclass_is_numpy(qkv):
+    class Sub(np.ndarray):
+        pass
+    q, k, v = qkv
+    assert_equal(sc.sparge_attn(*(x.view(Sub) for x in qkv)), sc.sparge_attn(q, k, v), what="output")
