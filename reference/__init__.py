@@ -14,8 +14,8 @@ from .predict import (block_self_similarity, mean_group_logits, pool_blocks, pre
 from .quant import (QuantStats, channel_scales, check_fp16_operands, dequantize_int8_per_block,
                     expand_kv_heads, quantize_int8_per_block, quantize_v_fp8, quant_stats,
                     round_e4m3, round_fp16, smooth_k, to_output)
-from .stats import (concat_sparsity_stats, cosine_similarity, error_metrics, relative_l1, rmse,
-                    sparsity_stats)
+from .stats import (concat_sparsity_stats, cosine_similarity, error_metrics, mask_skips,
+                    relative_l1, rmse, sparsity_stats)
 
 __all__ = [
     "PV_MODES", "QK_MODES", "QuantStats", "block_attention_mass", "block_self_similarity",
@@ -25,7 +25,7 @@ __all__ = [
     "qbar_keys_logits", "qgroup_keys_logits", "query_keys_lse", "round_tf32",
     "quantize_int8_per_block", "quantize_v_fp8", "quant_stats",
     "quantized_operands", "relative_l1", "rmse", "round_e4m3", "round_fp16", "select_blocks",
-    "select_mass_threshold", "select_topcdf", "select_topk", "smooth_k", "sparsity_stats",
+    "select_mass_threshold", "select_topcdf", "select_topk", "smooth_k", "sparsity_stats", "mask_skips",
     "to_output",
     "concat_sparsity_stats", "exact_attention", "oracle_block_map",
     "to_hnd", "token_mask", "valid_blocks", "local_blocks",

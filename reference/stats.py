@@ -11,13 +11,49 @@ import numpy as np
 from ..config import CONFIG
 
 
+def mask_skips(visit, Lq, Lk, is_causal, pv_group_rows, cfg=CONFIG):
+    """Per (b, h, query block) ``[B, Hq, nq]``: the visited (group, block) P V products that the
+    Stage 2 filter, whenever it is on (lambda finite), skips because the causal mask hides every
+    key of the block from the group. Such a group's scores there are all -inf, so its delta is
+    -inf once each of its real rows has seen a key (its running max finite) and it skips for any
+    lambda: the mask's saving, not the filter's. The kernels and the reference skip these and
+    count them; the published Stage 2 numbers leave them out (minus this count where the
+    filter is on), so that a lambda too large to fire reports no Stage 2 sparsity.
+
+    From the geometry and the map alone: row t's last visible key is ``t + Lk - Lq`` (causal);
+    a group (rows of one query block) sees nothing of key block j iff ``j BK`` is past its
+    last real row's last key; each of its real rows has seen a key before such a j iff the first
+    visited block of the row's query block starts at or before its first real row's last key
+    (such a j is then later than that first block). Non-causal: 0 (every key block holds a key
+    of every row; the tail block starts below Lk)."""
+    visit = np.asarray(visit, dtype=bool)
+    B, Hq, nq, nk = visit.shape
+    out = np.zeros((B, Hq, nq), dtype=np.int64)
+    if not is_causal or nq == 0 or nk == 0:
+        return out
+    bq, bk, G = cfg.block_q, cfg.block_k, pv_group_rows
+    first_row = np.arange(nq)[:, None] * bq + np.arange(bq // G)[None, :] * G       # [nq, ng]
+    last_row = np.minimum(first_row + G, Lq) - 1
+    real = first_row < Lq
+    first_lim = first_row + (Lk - Lq)                   # the group's smallest last visible key
+    last_lim = last_row + (Lk - Lq)                     # its largest
+    starts = np.arange(nk) * bk
+    any_visit = visit.any(axis=-1)
+    j0 = np.where(any_visit, visit.argmax(axis=-1), nk)                               # [B, Hq, nq]
+    seen = (j0[..., None] * bk <= first_lim[None, None]) & any_visit[..., None] & real[None, None]
+    hidden = starts[None, None, :] > last_lim[:, :, None]                             # [nq, ng, nk]
+    n_hidden = np.einsum("bhij,igj->bhig", visit.astype(np.int64), hidden.astype(np.int64))
+    return (n_hidden * seen).sum(axis=-1)
+
+
 def sparsity_stats(visit, valid, visited_groups, skipped_groups, Lq, pv_group_rows, cfg=CONFIG):
     """Stage 1, Stage 2 and total sparsity.
 
     Args:
       visit: bool ``[B, Hq, nq, nk]``, the blocks computed (block map AND causal validity).
       valid: bool ``[nq, nk]``, blocks holding at least one unmasked (query, key) pair.
-      visited_groups, skipped_groups: int ``[B, Hq, nq]``, Stage 2 (group, block) counts.
+      visited_groups, skipped_groups: int ``[B, Hq, nq]``, Stage 2 (group, block) counts (skips
+        that the causal mask makes, :func:`mask_skips`, already taken out).
     Returns a dict: per (b, h) counts ``valid_blocks``, ``kept_blocks``, ``pv_groups``,
     ``pv_skipped``, ``pv_blocks_computed`` (P V block products done, fractional when groups were
     skipped), and the overall floats ``stage1_sparsity`` (1 - kept / valid), ``stage2_sparsity``

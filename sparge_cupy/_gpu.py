@@ -846,18 +846,22 @@ def prepare_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, p
         if return_lse:
             results.append(lse)
         if return_stats:
-            results.append(_stats(block_map, counts, Lq=Lq, Lk=Lk, is_causal=is_causal))
+            results.append(_stats(block_map, counts, pvthreshd, Lq=Lq, Lk=Lk, is_causal=is_causal))
         return results[0] if len(results) == 1 else tuple(results)
     return launch
 
 
-def _stats(block_map, counts, *, Lq, Lk, is_causal):
-    """The reference's stats dict (reference.stats.sparsity_stats) from the kernel's counts."""
-    from .reference import sparsity_stats, valid_blocks
+def _stats(block_map, counts, pvthreshd, *, Lq, Lk, is_causal):
+    """The reference's stats dict (reference.stats.sparsity_stats) from the kernel's counts, the
+    causal mask's skips (reference.mask_skips) taken out where the filter is on."""
+    from .reference import mask_skips, sparsity_stats, valid_blocks
+    G = CONFIG.pv_group_rows
     valid = valid_blocks(Lq, Lk, BQ, BK, is_causal)
     visit = block_map.get() & valid
     c = counts.get()
-    return sparsity_stats(visit, valid, c[..., 0], c[..., 1], Lq, CONFIG.pv_group_rows)
+    lam = np.asarray(pvthreshd.get() if hasattr(pvthreshd, "get") else pvthreshd, np.float32)
+    skipped = c[..., 1] - mask_skips(visit, Lq, Lk, is_causal, G) * np.isfinite(lam)[None, :, None]
+    return sparsity_stats(visit, valid, c[..., 0], skipped, Lq, G)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -772,6 +772,8 @@ class _CurveInput:
                 E[..., c + 1] = self._err(acc, den, ref)
             E[..., n_skippable + 1:] = E[..., n_skippable:n_skippable + 1]
         self.visited = (bm.sum(axis=-1) * self.real_groups[None, None, :])   # [B, H, nq]
+        from . import reference as R
+        self.mask_skips = R.mask_skips(bm, self.Lq, self.Lk, self.x.is_causal, G, cfg)
 
     def stage2_rows(self, lam):
         """``(num [B, H, nq], kept, visited groups, skipped groups, P V products done)`` ([H] each)."""
@@ -780,7 +782,8 @@ class _CurveInput:
         real = (np.arange(ng)[None, :] < self.real_groups[:, None])[None, None, :, :]   # [1,1,nq,ng]
         n = ((self.ds <= -lam) & np.isfinite(lam)).sum(axis=-1) * real
         num = np.take_along_axis(self.E2, n[..., None], axis=-1)[..., 0].sum(axis=3)   # [B, H, nq]
-        skipped = n.sum(axis=-1)                                                   # [B, H, nq]
+        # the skips the causal mask makes (delta -inf) are not Stage 2's: reference.mask_skips
+        skipped = n.sum(axis=-1) - self.mask_skips * np.isfinite(lam[..., 0, 0])          # [B, H, nq]
         pv_done = ((self.visited - skipped) / np.maximum(self.real_groups, 1)[None, None, :]).sum(axis=(0, 2))
         return (num, self.map.sum(axis=(0, 2, 3)).astype(np.float64),
                 self.visited.sum(axis=(0, 2)).astype(np.float64), skipped.sum(axis=(0, 2)).astype(np.float64),

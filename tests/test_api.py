@@ -347,3 +347,50 @@ def test_ndarray_subclass_is_numpy(qkv):
         pass
     q, k, v = qkv
     assert_equal(sc.sparge_attn(*(x.view(Sub) for x in qkv)), sc.sparge_attn(q, k, v), what="output")
+
+
+def test_stage2_counts_only_skips_of_groups_that_see_a_key():
+    """A 16-row group whose keys in a causal diagonal block (or the key tail) are all masked
+    skips that block's P V whatever lambda is, but by the mask's doing: a huge finite lambda
+    (the filter on, never firing) reports no Stage 2 sparsity, as the filter off does, and the
+    same output; a small lambda still counts the skips it makes."""
+    rng = np.random.default_rng(0)
+    for Lq, Lk in ((256, 256), (300, 200), (200, 300)):
+        q, k, v = (rng.standard_normal((1, 1, L, 64)).astype(np.float32) for L in (Lq, Lk, Lk))
+        bm = np.ones((1, 1, -(-Lq // 128), -(-Lk // 64)), bool)
+        off = sc.block_sparse_attn(q, k, v, bm, is_causal=True, return_stats=True)
+        on = sc.block_sparse_attn(q, k, v, bm, is_causal=True, pvthreshd=1e30, return_stats=True)
+        assert_equal(on[0], off[0], what="output")
+        assert on[1]["stage2_sparsity"] == off[1]["stage2_sparsity"] == 0.0, (Lq, Lk, on[1])
+        assert on[1]["total_sparsity"] == off[1]["total_sparsity"], (Lq, Lk)
+    q, k, v = (rng.standard_normal((1, 1, 1024, 64)).astype(np.float32) * 3 for _ in range(3))
+    bm = np.ones((1, 1, 8, 16), bool)
+    assert sc.block_sparse_attn(q, k, v, bm, is_causal=True, pvthreshd=2.0,
+                                return_stats=True)[1]["stage2_sparsity"] > 0
+
+
+def test_mask_skips_against_a_row_by_row_count():
+    """reference.mask_skips (from the geometry and the map) equals the count, row by row, of
+    visited (group, block) pairs where the causal mask hides every key of the block from the
+    group while each of its real rows has seen a key in an earlier visited block."""
+    rng = np.random.default_rng(2)
+    bq, bk, G = sc.CONFIG.block_q, sc.CONFIG.block_k, sc.CONFIG.pv_group_rows
+    total = 0
+    for Lq, Lk in ((256, 256), (300, 200), (200, 300), (129, 1000), (1000, 65), (1, 1)):
+        nq, nk = -(-Lq // bq), -(-Lk // bk)
+        visit = (rng.random((2, 3, nq, nk)) < 0.6) & R.valid_blocks(Lq, Lk, bq, bk, True)
+        want = np.zeros((2, 3, nq), np.int64)
+        for b, h, i in np.ndindex(2, 3, nq):
+            js = np.flatnonzero(visit[b, h, i])
+            for g in range(bq // G):
+                rows = [t for t in range(i * bq + g * G, i * bq + g * G + G) if t < Lq]
+                lim = [min(Lk - 1, t + Lk - Lq) for t in rows]          # last visible key, or < 0
+                for j in js:
+                    hidden = bool(rows) and all(j * bk > x for x in lim)
+                    seen = bool(rows) and all(any(jj < j and jj * bk <= x for jj in js) for x in lim)
+                    want[b, h, i] += hidden and seen
+        got = R.mask_skips(visit, Lq, Lk, True, G)
+        assert_equal(got, want, what=f"mask_skips Lq {Lq} Lk {Lk}")
+        assert not R.mask_skips(visit, Lq, Lk, False, G).any()
+        total += int(want.sum())
+    assert total > 0
