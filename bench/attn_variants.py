@@ -41,8 +41,6 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
     "wgmma-3cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=3",)),
     "wgmma-no-ovl": ("wgmma", ("-DSPARGE_WG_OVERLAP=0",)),
     "wgmma-ovl-all": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((64, 128, 256))}",)),
-    "wgmma-mask-arith": ("wgmma", ("-DSPARGE_WG_MASK_SMEM=0",)),
-    "wgmma-mask-smem": ("wgmma", ("-DSPARGE_WG_MASK_SMEM=22",)),
     "wgmma-no-prologue": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask(_compile.WG_OVERLAP_DIMS)}",
                                     "-DSPARGE_WG_EARLY_Q=0", "-DSPARGE_WG_MAP_PREFETCH=0")),
 }

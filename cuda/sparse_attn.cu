@@ -633,31 +633,6 @@ __device__ __forceinline__ void tma_load(void* dst, const TensorMap* map, int c0
 }
 #endif
 
-// Head dims at which sparse_attn_wg decides which key blocks need the causal / tail mask with
-// one compare per block against wg_mask_from, the query block's first such key block, which the
-// prologue computes (mask_from) and keeps in shared memory, instead of the 64-bit test per block:
-// bit D / 64 of SPARGE_WG_MASK_SMEM. ~19 fewer instructions per block at D = 128; at D = 64
-// (the overlapped loop, at the 128-register cap) ptxas then spills 16 bytes in the loop, as it
-// did with the threshold in a register (bench/NOTES.md, 2026-12-05 night), so not there.
-#ifndef SPARGE_WG_MASK_SMEM
-#define SPARGE_WG_MASK_SMEM 20
-#endif
-__shared__ int wg_mask_from;
-
-// The first key block of query block i holding a key past some row's last visible key: the
-// ragged tail block, or, causal, the first j with j BK + BK - 1 > i BQ + Lk - Lq for the block's
-// first row, i.e. j >= floor((i BQ + Lk - Lq + 1) / BK); nk if none. Blocks past it need the mask
-// too (both conditions hold from some j on, and the tail is the last block).
-__device__ __forceinline__ int mask_from(const AttnParams& p, int i) {
-    long long from = p.nk;
-    if (p.causal) {
-        const long long x = (long long)i * BQ + p.Lk - p.Lq + 1;
-        from = min(from, max(0ll, x >= 0 ? x / BK : -((-x + BK - 1) / BK)));
-    }
-    if (p.Lk % BK != 0) from = min(from, (long long)p.nk - 1);
-    return (int)from;
-}
-
 // One warp's 16 query rows in the wgmma kernel (rows 16 w .. 16 w + 15 of the query block for
 // warp w = 0..7; the same rows as warp w of the mma.sync kernel, hence its Stage 2 group): the
 // online-softmax state, the masks, Stage 2, the step that turns a block's scores into P, and the
@@ -706,14 +681,13 @@ struct WgRows {
     // as the A fragments of P V. alpha[r] is o's rescale for row r (1 where the group skips), for
     // the caller to apply with (FP8: to) the block's P V. Returns whether the whole warpgroup
     // skips the block's P V.
-    template <bool MASK_SMEM, typename T>
+    template <typename T>
     __device__ __forceinline__ bool step(const AttnParams& p, int i, const T (&acc)[32], int j,
                                          unsigned (&pa)[PV_STEPS][4], float (&alpha)[2], int* wg_skip) {
         const int t4 = lane & 3;
         const float c = __fmul_rn(__fmul_rn(__fmul_rn(dq_i, dk_row[j]), p.scale), LOG2E);
-        const bool need_mask = MASK_SMEM ? j >= wg_mask_from
-                                         : (j == p.nk - 1 && p.Lk % BK != 0) ||
-                                           (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
+        const bool need_mask = (j == p.nk - 1 && p.Lk % BK != 0) ||
+                               (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
         // Scores: s = acc (exact in float32: |acc| < 2^24) or -inf where masked; the logit is
         // fl(s * c) as in the reference, and since c > 0 rounds monotonically, the row maximum of
         // the logits is fl(max(s) * c) (one multiply per row, not per score). The exponent is
@@ -971,7 +945,6 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
 
     constexpr bool OVERLAP = Smem::overlap;
     constexpr bool EARLY_Q = SPARGE_WG_EARLY_Q && !OVERLAP;
-    constexpr bool MASK_SMEM = (SPARGE_WG_MASK_SMEM >> (D / 64)) & 1;
     // The FP8 V scales of the epilogue staged in shared memory at D = 256, where the epilogue
     // loads them a pair at a time (registers); at D <= 128 it loads them all at once itself.
     constexpr bool DV_SMEM = PV_FP8 && D > 128;
@@ -1002,7 +975,6 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
 #pragma unroll
         for (int s = 0; s < NS; ++s) mbar_init(&full[s], 1);
         if (EARLY_Q) mbar_init(&q_full, 1);
-        if (MASK_SMEM) wg_mask_from = mask_from(p, i);
         mbar_init_fence();
     }
     __syncthreads();
@@ -1088,7 +1060,7 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
             fence_operands(acc);
             unsigned pa[PV_STEPS][4];
             float alpha[2];
-            const bool wg_all_skip = rows.template step<MASK_SMEM>(p, i, acc, j, pa, alpha, wg_skip);
+            const bool wg_all_skip = rows.step(p, i, acc, j, pa, alpha, wg_skip);
             if constexpr (!PV_FP8) rows.rescale(o, alpha);
             pv_block(pa, alpha, stage, wg_all_skip);
             stage ^= 1;
@@ -1124,7 +1096,7 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
             }
             unsigned pa[PV_STEPS][4];
             float alpha[2];
-            const bool wg_all_skip = rows.template step<MASK_SMEM>(p, i, s, j, pa, alpha, wg_skip);
+            const bool wg_all_skip = rows.step(p, i, s, j, pa, alpha, wg_skip);
             if constexpr (!PV_FP8) rows.rescale(o, alpha);
             pv_block(pa, alpha, s0, wg_all_skip);    // waits for the Q K^T too
             fence_operands(acc);

@@ -297,15 +297,13 @@ def _tests_section(tests, title):
 # whether a device of compute capability cc runs it). Hopper runs wgmma by default; mma is the
 # portable kernel; wg-switches the wgmma kernel with its switches turned the other way from the
 # defaults (the overlapped loop at every head dim, SPARGE_WG_OVERLAP; the early Q load and the
-# map prefetch off, and the mask threshold in shared memory at D = 64 only, SPARGE_ATTN_DEFINES),
-# so that every path the switches select stays tested.
+# map prefetch off, SPARGE_ATTN_DEFINES), so that every path the switches select stays tested.
 FORCED = {
     "mma": ("the portable mma.sync kernel", {"SPARGE_ATTN_KERNEL": "mma"}, lambda cc: cc == 90),
     "wg-switches": ("the wgmma kernel's switches the other way (the overlapped loop at every head "
-                    "dim, the early Q load and the map prefetch off, the shared mask threshold at D = 64 only)",
+                    "dim, the early Q load and the map prefetch off)",
                     {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256",
-                     "SPARGE_ATTN_DEFINES": "SPARGE_WG_EARLY_Q=0 SPARGE_WG_MAP_PREFETCH=0 "
-                                             "SPARGE_WG_MASK_SMEM=2"}, lambda cc: cc == 90),
+                     "SPARGE_ATTN_DEFINES": "SPARGE_WG_EARLY_Q=0 SPARGE_WG_MAP_PREFETCH=0"}, lambda cc: cc == 90),
 }
 
 
