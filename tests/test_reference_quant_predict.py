@@ -404,7 +404,9 @@ def test_prediction_uses_the_scale():
 
 def _naive_stage2(q, k, v, bm, *, is_causal, scale, lam, G):
     """An independent, scalar-loop version of the kernel's loop (fp32 modes): per (b, h, i),
-    blocks in increasing j, groups of G rows. Returns (out, visited, skipped)."""
+    blocks in increasing j, groups of G rows. Returns (out, visited, skipped); ``skipped`` counts
+    only groups that see a key of the block (a group whose keys there are all masked skips it
+    for any lambda: the mask's saving, reference.mask_skips)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     km, ks = R.smooth_k(k)
@@ -433,7 +435,7 @@ def _naive_stage2(q, k, v, bm, *, is_causal, scale, lam, G):
                             d = np.where(np.isneginf(m[r]), np.inf, rm - m[r])
                         visited += 1
                         if np.isfinite(lam) and d.max() <= -lam:
-                            skipped += 1
+                            skipped += bool((rm > -np.inf).any())   # the mask's skips are not counted
                             continue
                         mn = np.maximum(m[r], rm)
                         mu = np.where(np.isneginf(mn), 0, mn)
