@@ -94,6 +94,22 @@ def check_scale(scale, D):
     return float(scale)
 
 
+def _host_values(value):
+    """A threshold's values on the host: a CuPy array through ``.get()``, a torch tensor (any
+    device or float dtype, also one that requires grad) as a float64 NumPy array, a list of
+    0-d tensors entry by entry; anything else as given."""
+    if hasattr(value, "get") and not isinstance(value, dict):
+        return value.get()
+    if type(value).__module__.split(".")[0] == "torch":
+        t = value.detach()
+        if t.device.type == "meta":
+            raise TypeError("a tensor on the meta device (no values)")
+        return (t.cpu().double() if t.is_floating_point() else t.cpu()).numpy()
+    if isinstance(value, (list, tuple)):
+        return [_host_values(x) if type(x).__module__.split(".")[0] == "torch" else x for x in value]
+    return value
+
+
 def per_head(name, value, Hq, lo, hi, *, lo_open=False, allow_inf=False, none_is=None):
     """A per-head threshold as float32 ``[Hq]``: a scalar or one value per query head, within
     [lo, hi] (``(lo, hi]`` with ``lo_open``). ``none_is``: the value a None entry of a sequence
@@ -105,7 +121,10 @@ def per_head(name, value, Hq, lo, hi, *, lo_open=False, allow_inf=False, none_is
         raise TypeError(f"{expected}, got a bool")
     if isinstance(value, (str, bytes)):             # np.asarray would parse "0.5"
         raise TypeError(f"{expected}, got a string {value!r}")
-    raw = value.get() if hasattr(value, "get") else value
+    try:
+        raw = _host_values(value)
+    except TypeError as e:
+        raise TypeError(f"{expected}, got {e}") from None
     if isinstance(raw, (list, tuple)):              # the entries, which np.asarray would coerce
         for h, x in enumerate(raw):
             if x is None and none_is is None:

@@ -111,6 +111,22 @@ class LayerSettings:
     pvthreshd: float | tuple | None = None
     dense: bool = False
 
+    def __post_init__(self):
+        """The API's ranges (sparge_cupy._checks), per value: theta in [-1, 1], tau and topk in
+        (0, 1], the mass threshold >= 0, lambda > 0 (inf, or None for off)."""
+        from . import _checks as ck
+        ranges = {"simthreshd1": (-1.0, 1.0, {}), "cdfthreshd": (0.0, 1.0, {"lo_open": True}),
+                  "topk": (0.0, 1.0, {"lo_open": True}),
+                  "mass_threshold": (0.0, math.inf, {"allow_inf": True}),
+                  "pvthreshd": (0.0, math.inf, {"lo_open": True, "allow_inf": True, "none_is": math.inf})}
+        for name, (lo, hi, kw) in ranges.items():
+            value = getattr(self, name)
+            if value is not None:
+                n = len(value) if isinstance(value, (list, tuple)) else 1
+                ck.per_head(name, value, n, lo, hi, **kw)
+        if not isinstance(self.dense, bool):
+            raise TypeError(f"dense: expected true or false, got {self.dense!r}")
+
     @classmethod
     def from_dict(cls, d, where="layer"):
         if not isinstance(d, dict):
@@ -134,7 +150,10 @@ class LayerSettings:
             kw[rules[0]] = _per_head(rules[0], d[rules[0]], where, allow_null=False)
         if d.get("pvthreshd") is not None:
             kw["pvthreshd"] = _per_head("pvthreshd", d["pvthreshd"], where, allow_null=True)
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}.{e}") from None
 
     def to_dict(self):
         d = {"simthreshd1": self.simthreshd1}
@@ -204,6 +223,21 @@ class SpargeSettings:
     stats: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        from . import _checks as ck
+        ck.check_choice("qk", self.qk, ck.QK_MODES)
+        ck.check_choice("pv", self.pv, ck.PV_MODES)
+        for name in ("rebalance", "attention_sink", "local_window", "collect_stats"):
+            ck.check_flag(name, getattr(self, name))
+        ck.check_predictor(self.predictor)
+        if not isinstance(self.default, LayerSettings):
+            raise TypeError(f"default: expected a LayerSettings, got {type(self.default).__name__}")
+        if not isinstance(self.layers, dict) or not all(
+                isinstance(v, LayerSettings) for v in self.layers.values()):
+            raise TypeError("layers: expected a dict of layer index -> LayerSettings")
+        if not isinstance(self.meta, dict):
+            raise TypeError(f"meta: expected an object, got {type(self.meta).__name__}")
+
     def for_layer(self, idx):
         return self.layers.get(idx, self.default) if idx is not None else self.default
 
@@ -218,6 +252,10 @@ class SpargeSettings:
         fmt = d.get("format", SETTINGS_FORMAT)
         if fmt != SETTINGS_FORMAT:
             raise ValueError(f"settings.format: expected {SETTINGS_FORMAT!r}, got {fmt!r}")
+        for part in ("options", "default", "layers", "meta"):
+            if d.get(part) is not None and not isinstance(d[part], dict):
+                raise TypeError(f"settings.{part}: expected an object (null for none), got "
+                                f"{type(d[part]).__name__}")
         options = dict(d.get("options") or {})
         unknown = set(options) - set(_OPTION_DEFAULTS)
         if unknown:
@@ -230,7 +268,10 @@ class SpargeSettings:
                 raise ValueError(f"settings.layers: layer {idx} given twice (key {key!r})")
             layers[idx] = LayerSettings.from_dict(value, where=f"settings.layers[{key!r}]")
         default = LayerSettings.from_dict(d.get("default") or {}, where="settings.default")
-        return cls(default=default, layers=layers, meta=dict(d.get("meta") or {}), **options)
+        try:
+            return cls(default=default, layers=layers, meta=dict(d.get("meta") or {}), **options)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"settings.options.{e}") from None
 
     def to_dict(self):
         return {
@@ -341,7 +382,20 @@ def _dense_fallback(module, query, key, value, attention_mask, *, dropout, scali
                                   scaling=scaling, **kwargs)
 
 
-def _fallback_reason(module, query, value, attention_mask, dropout, kwargs, layer):
+def _autocast_operands(query, key, value):
+    """Under torch.autocast, q, k and v may come in different dtypes (RoPE in float32, V in the
+    autocast dtype); the "sdpa" implementation then runs in the autocast dtype, and so do these
+    (cast to it). Outside autocast they are returned as they are."""
+    import torch
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    device = query.device.type
+    if len(dtypes) > 1 and torch.is_autocast_enabled(device):
+        dt = torch.get_autocast_dtype(device)
+        return query.to(dt), key.to(dt), value.to(dt)
+    return query, key, value
+
+
+def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs, layer):
     import torch
     if layer.dense:
         return "dense in settings"
@@ -358,6 +412,8 @@ def _fallback_reason(module, query, value, attention_mask, dropout, kwargs, laye
             return f"{name} changes the scores"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {query.dtype} not supported"
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"mixed dtypes ({query.dtype}, {key.dtype}, {value.dtype})"
     if query.shape[-1] > CONFIG.max_head_dim or value.shape[-1] != query.shape[-1]:
         return f"head dim {query.shape[-1]} (value {value.shape[-1]}) not supported"
     return None
@@ -381,7 +437,8 @@ def make_attention_function(settings):
         import torch
         idx = getattr(module, "layer_idx", None)
         layer = settings.for_layer(idx)
-        reason = _fallback_reason(module, query, value, attention_mask, dropout, kwargs, layer)
+        query, key, value = _autocast_operands(query, key, value)
+        reason = _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs, layer)
         if reason is not None:
             _record(settings, module, "sdpa", reason, Lq=int(query.shape[2]), Lk=int(key.shape[2]))
             return _dense_fallback(module, query, key, value, attention_mask, dropout=dropout,

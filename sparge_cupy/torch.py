@@ -120,6 +120,12 @@ def _check(q, k, v, layout, is_causal, scale):
     devices = {str(t.device) for t in arrays.values()}
     if len(devices) != 1:
         raise ValueError(f"q, k, v: expected one device, got {', '.join(sorted(devices))}")
+    if torch.is_grad_enabled():
+        needs = [name for name, t in arrays.items() if t.requires_grad]
+        if needs:       # the output would silently carry no gradient back to them
+            raise RuntimeError(f"{', '.join(needs)}: sparge attention is inference only (no "
+                               "gradient flows through it), got a tensor that requires grad: run "
+                               "under torch.no_grad() or torch.inference_mode(), or pass .detach()")
     ck.check_flag("is_causal", is_causal)
     scale = ck.check_scale(scale, shapes.D)
     # NaN / Inf: counted inside the kernels, the ValueError raised at the end of the call (_gpu);
@@ -172,9 +178,10 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal=False, scale=None, layout
     from . import _gpu
     shapes, scale, on_reference = _check(q, k, v, layout, is_causal, scale)
     torch = _torch()
-    if not isinstance(block_map, torch.Tensor) or block_map.dtype != torch.bool:
-        raise TypeError(f"block_map: expected a torch bool tensor, got "
-                        f"{getattr(block_map, 'dtype', type(block_map).__name__)}")
+    if not isinstance(block_map, torch.Tensor):
+        raise TypeError(f"block_map: expected a torch bool tensor, got {type(block_map).__name__}")
+    if block_map.dtype != torch.bool:
+        raise TypeError(f"block_map: expected a torch bool tensor, got dtype {block_map.dtype}")
     expected = (shapes.B, shapes.Hq, shapes.nq, shapes.nk)
     if tuple(block_map.shape) != expected:
         raise ValueError(f"block_map: expected shape [B, Hq, nq, nk] = {expected}, "

@@ -244,10 +244,43 @@ def test_settings_file_round_trip(tmp_path):
     ({"options": {"qk": "int8", "block": 64}}, "unknown keys"),
     ({"default": {"simthreshd1": "high"}}, "simthreshd1"),
     ({"format": "other/2"}, "format"),
+    ({"options": {"qk": "int4"}}, r"settings\.options\.qk: expected one of \('int8', 'fp16'\)"),
+    ({"options": {"rebalance": "yes"}}, r"settings\.options\.rebalance: expected a bool"),
+    ({"options": {"predictor": "oracle"}}, r"settings\.options\.predictor"),
+    ({"default": {"cdfthreshd": 1.5}}, r"settings\.default\.cdfthreshd: expected values in \(0.0, 1.0\], got 1.5"),
+    ({"default": {"simthreshd1": math.nan}}, r"settings\.default\.simthreshd1: expected values"),
+    ({"layers": {"3": {"pvthreshd": [2.0, 0.0]}}}, r"settings\.layers\['3'\]\.pvthreshd: expected values in \(0.0, inf\]"),
+    ({"layers": {"3": {"mass_threshold": -1}}}, r"mass_threshold: expected values in \[0.0, inf\]"),
+    ({"layers": [{"topk": 0.5}]}, r"settings\.layers: expected an object \(null for none\), got list"),
+    ({"options": "fp16"}, r"settings\.options: expected an object"),
+    ({"meta": [1, 2]}, r"settings\.meta: expected an object"),
 ])
 def test_settings_errors_name_the_key(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         hf.SpargeSettings.from_dict(bad)
+
+
+def test_settings_objects_checked_when_made():
+    with pytest.raises(ValueError, match=r"^qk: expected one of"):
+        hf.SpargeSettings(qk="int4")
+    with pytest.raises(ValueError, match=r"^topk: expected values in \(0.0, 1.0\]"):
+        hf.LayerSettings(cdfthreshd=None, topk=0.0)
+    assert hf.LayerSettings(pvthreshd=(None, 3.0)).kwargs(2)["pvthreshd"].tolist() == [math.inf, 3.0]
+
+
+def test_autocast_mixed_dtypes_run_in_the_autocast_dtype():
+    """Under torch.autocast the rotary embedding hands q and k over in float32 and v in bf16;
+    "sdpa" runs that in bf16, and so does "sparge" (it raised before): both within bf16's
+    rounding of float32 eager."""
+    model, ids = tiny_model("llama"), input_ids()
+    hf.register({"default": {"cdfthreshd": 1.0}})
+    exact = logits(model, ids, "eager")
+    for impl in ("sdpa", "sparge"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(ids, use_cache=False).logits.double()
+        rel_l1 = ((got - exact).abs().sum() / exact.abs().sum()).item()
+        assert rel_l1 < 0.05, (impl, rel_l1)
 
 
 def test_wrong_head_count_raises_at_call():

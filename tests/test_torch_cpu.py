@@ -73,9 +73,40 @@ def test_bad_cpu_tensors_are_refused_like_arrays():
     with pytest.raises(ValueError, match=r"q, k, v: expected one device, got cpu, meta"):
         st.sparge_attn(q, k, v.to("meta"))
     full = torch.ones((1, 2, 1, 2), dtype=torch.bool)
-    with pytest.raises(TypeError, match=r"block_map: expected a torch bool tensor, got torch.int8"):
+    with pytest.raises(TypeError, match=r"block_map: expected a torch bool tensor, got dtype torch.int8"):
         st.block_sparse_attn(q, k, v, full.to(torch.int8))
+    with pytest.raises(TypeError, match=r"block_map: expected a torch bool tensor, got ndarray"):
+        st.block_sparse_attn(q, k, v, full.numpy())
     with pytest.raises(ValueError, match=r"block_map: expected a tensor on cpu \(that of q\), got one on meta"):
         st.block_sparse_attn(q, k, v, full.to("meta"))
     with pytest.raises(ValueError, match=r"cdfthreshd: expected values in \(0.0, 1.0\], got 1.5"):
         st.sparge_attn(q, k, v, cdfthreshd=1.5)
+
+
+def test_tensors_that_require_grad_are_refused():
+    """The attention is inference only: an input that requires grad (a Parameter, a tensor of a
+    graph) raises instead of returning an output that silently carries no gradient; under
+    torch.no_grad() or with .detach() the same inputs run."""
+    q, k, v = tensors(make_qkv(1, 2, 2, 100, 100, 64), torch.float32)
+    p = torch.nn.Parameter(q.clone())
+    with pytest.raises(RuntimeError, match=r"^q: sparge attention is inference only"):
+        st.sparge_attn(p, k, v)
+    with pytest.raises(RuntimeError, match=r"^k, v: sparge attention is inference only"):
+        st.block_sparse_attn(q, k.requires_grad_(), v.requires_grad_(), torch.ones((1, 2, 1, 2), dtype=torch.bool))
+    with torch.no_grad():
+        a = st.sparge_attn(p, k, v)
+    assert_equal(a.numpy(), st.sparge_attn(p.detach(), k.detach(), v.detach()).numpy(), what="output")
+
+
+def test_thresholds_as_tensors():
+    """Thresholds may be torch tensors of any float dtype (0-d, one per head, or a list of 0-d
+    tensors), also ones that require grad; the values are those of the equal floats."""
+    q, k, v = tensors(make_qkv(1, 2, 2, 300, 300, 64), torch.float32)
+    want = st.sparge_attn(q, k, v, simthreshd1=0.25, cdfthreshd=[0.5, 0.75], pvthreshd=[2.0, None])
+    got = st.sparge_attn(q, k, v, simthreshd1=torch.tensor(0.25, dtype=torch.bfloat16),
+                         cdfthreshd=torch.tensor([0.5, 0.75], requires_grad=True),
+                         pvthreshd=[torch.tensor(2.0, dtype=torch.float16), None])
+    assert_equal(got.numpy(), want.numpy(), what="output")
+    with pytest.raises(TypeError, match=r"cdfthreshd: expected a number or a sequence of 2 numbers, "
+                                        r"got a tensor on the meta device"):
+        st.sparge_attn(q, k, v, cdfthreshd=torch.tensor(0.5, device="meta"))
