@@ -777,6 +777,21 @@ def test_nonfinite_through_the_torch_adapter():
         st.predict_block_map(tq, tk, is_causal=True, layout="NHD")
 
 
+def test_torch_cuda_tensors_that_require_grad_are_refused():
+    """As on the CPU: inference only, a clear error before DLPack (which refuses such tensors
+    with a BufferError); under torch.no_grad() the same tensors run."""
+    torch = pytest.importorskip("torch")
+    import sparge_cupy.torch as st
+    (q, k, v), _ = _inputs((1, 2, 2, 200, 200, 64, "float16", "HND", False))
+    tq, tk, tv = (torch.from_numpy(x).to("cuda") for x in (q, k, v))
+    tq.requires_grad_()
+    with pytest.raises(RuntimeError, match=r"^q: sparge attention is inference only"):
+        st.sparge_attn(tq, tk, tv)
+    with torch.no_grad():
+        out = st.sparge_attn(tq, tk, tv)
+    assert out.is_cuda and not out.requires_grad
+
+
 
 @pytest.mark.parametrize("dtype, layout", [("float16", "HND"), ("bfloat16", "NHD")])
 def test_batch_over_the_launch_grid_runs_in_slices(dtype, layout, monkeypatch):
