@@ -35,6 +35,7 @@ def _to_cupy(t, name):
     torch = _torch()
     if not t.is_cuda:
         raise TypeError(f"{name}: expected a CUDA tensor, got one on {t.device}")
+    t = t.detach()      # the same storage; DLPack refuses a tensor that requires grad (no_grad too)
     if t.dtype == torch.bfloat16:
         return cupy.from_dlpack(t.view(torch.int16)).view(cupy.uint16), "bfloat16"
     if t.dtype == torch.bool:
