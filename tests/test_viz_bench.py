@@ -261,3 +261,36 @@ def test_sass_listing_loops_and_mix():
     assert [(insns[lo][0], insns[hi][0]) for lo, hi in sass.loops(insns)] == [(0x10, 0x50)]
     lo, hi = sass.loops(insns)[0]
     assert sass.mix(insns[lo:hi + 1]) == {"I2FP": 1, "BRA": 2, "FFMA": 1, "MUFU": 1}
+
+
+def test_bad_cells_named_and_rows_without_tops_left_out(tmp_path, capsys):
+    """A cell that cannot be read names the file, line and column; an ok row with an empty or
+    NaN TOPS is left out and listed as such (not as "ok"); causal may be any case of True/False."""
+    good = [row("sparge_int8_fp8", 8192, 128, "true", 1.0, 500.0),
+            row("sparge_int8_fp8", 8192, 128, "FALSE", 1.0, 510.0),
+            dict(row("sdpa_cudnn", 8192, 128, False, 1.0, None), tops="nan"),
+            row("sdpa_flash", 8192, 128, False, 1.0, None)]
+    drawn = plot_bench([write_csv(tmp_path / "b.csv", good)], path=tmp_path / "b.png")
+    assert {(s["method"], s["causal"]) for s in drawn["series"]} == {("sparge_int8_fp8", True),
+                                                                     ("sparge_int8_fp8", False)}
+    out = capsys.readouterr().out
+    assert out.count("density 1: no TOPS value") == 2, out
+    for col, value, kind in (("density", "nan", "a finite number"), ("L", "", "an integer"),
+                             ("causal", "yes", "True or False")):
+        bad = [row("sparge_int8_fp8", 8192, 128, False, 1.0, 500.0), row("x", 8192, 128, False, 1.0, 1.0)]
+        bad[1][col] = value
+        path = write_csv(tmp_path / f"bad_{col}.csv", bad)
+        with pytest.raises(ValueError, match=rf"bad_{col}\.csv, line 3: {col}: expected {kind}, got {value!r}"):
+            read_bench_csvs([path])
+
+
+def test_figure_paths(bench_csv, tmp_path):
+    """The figure lands exactly at the returned path: ".png" added to a name without an
+    extension; a folder or an extension matplotlib cannot write raises, naming path."""
+    got = plot_bench([bench_csv], path=tmp_path / "fig")["path"]
+    assert got == tmp_path / "fig.png" and got.exists() and not (tmp_path / "fig").exists()
+    assert plot_bench([bench_csv], path=tmp_path / "f.pdf")["path"].read_bytes()[:4] == b"%PDF"
+    with pytest.raises(ValueError, match=r"^path: expected a file name for the figure, got the folder"):
+        plot_bench([bench_csv], path=tmp_path)
+    with pytest.raises(ValueError, match=r"^path: expected a file name ending in one of .*\.png.*, got '.*bench_2026\.12\.05' \(add \.png\)"):
+        plot_bench([bench_csv], path=tmp_path / "bench_2026.12.05")

@@ -11,13 +11,34 @@ the default input (``sparge_cupy.data.load_default_qkv``) and prints its path. T
 drawn on a ``matplotlib.figure.Figure`` directly, so importing them never changes the pyplot
 backend of the caller.
 
-The helpers below are shared by both modules.
+The helpers below are shared by the modules.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 __all__ = ["bench", "block_maps", "error_sparsity", "real_model"]
+
+
+def save_figure(fig, path, *, dpi=None):
+    """Write ``fig`` to exactly the returned path: ``path`` as given, with ".png" added where it
+    has no extension (matplotlib would add it without saying); its folder is made. A folder, or
+    an extension matplotlib cannot write, is a ValueError naming ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path: expected a file name for the figure, got the folder {path}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    kinds = fig.canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in kinds:
+        raise ValueError(f"path: expected a file name ending in one of "
+                         f"{', '.join('.' + k for k in sorted(kinds))}, got {str(path)!r} "
+                         "(add .png)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
 
 
 def host(x):

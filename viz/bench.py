@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import re
 import textwrap
 from pathlib import Path
@@ -46,11 +47,38 @@ def read_bench_csvs(paths):
             if missing:
                 raise ValueError(f"{path}: expected run_bench.py columns, missing {', '.join(missing)}")
             for r in reader:
-                rows.append(dict(r, source=path.name, B=int(r["B"]), H=int(r["H"]), L=int(r["L"]),
-                                 D=int(r["D"]), causal=r["causal"] == "True",
-                                 density=float(r["density"]),
-                                 tops=float(r["tops"]) if r["tops"] else None))
+                line = reader.line_num
+                typed = {c: _typed(path, line, c, r[c], conv) for c, conv in _TYPES.items()}
+                rows.append(dict(r, source=path.name, **typed))
     return rows
+
+
+def _flag(x):
+    return {"true": True, "false": False}[x.strip().lower()]
+
+
+def _finite(x):
+    v = float(x)
+    if not math.isfinite(v):
+        raise ValueError
+    return v
+
+
+def _tops(x):
+    """TOPS, or None where there is none (an empty or NaN cell: the row is left out)."""
+    v = float(x) if x.strip() else math.nan
+    return v if math.isfinite(v) else None
+
+
+_TYPES = {"B": int, "H": int, "L": int, "D": int, "causal": _flag, "density": _finite, "tops": _tops}
+_KINDS = {int: "an integer", _flag: "True or False", _finite: "a finite number", _tops: "a number"}
+
+
+def _typed(path, line, column, value, conv):
+    try:
+        return conv(value if value is not None else "")
+    except (KeyError, ValueError):
+        raise ValueError(f"{path}, line {line}: {column}: expected {_KINDS[conv]}, got {value!r}") from None
 
 
 def bench_series(rows):
@@ -92,6 +120,7 @@ def _left_out_lines(left_out):
         groups.setdefault(key, []).append(r)
     lines = []
     for (method, D, causal, status), rs in groups.items():
+        status = status if status != "ok" else "no TOPS value"
         Ls = ", ".join(str(L) for L in sorted({r["L"] for r in rs}))
         dens = ", ".join(f"{d:g}" for d in sorted({r["density"] for r in rs}, reverse=True))
         lines.append(f"{method}, D={D} {'causal' if causal else 'non-causal'}, L={Ls}, "
@@ -193,7 +222,7 @@ def plot_bench(csv_paths, *, path, title=None):
     foot_ax.legend(handles=[Line2D([], [], label=m, **style[m]) for m in shown], loc="upper center",
                    ncol=ncol, fontsize=9, frameon=False)
     if wrapped:
-        foot_ax.text(0.0, 0.0, "left out (status not ok):\n" + "\n".join(wrapped), fontsize=7.5,
+        foot_ax.text(0.0, 0.0, "left out (status not ok, or no TOPS):\n" + "\n".join(wrapped), fontsize=7.5,
                      color="0.3", va="bottom", ha="left", family="monospace",
                      transform=foot_ax.transAxes)
     if title is None:
@@ -203,10 +232,8 @@ def plot_bench(csv_paths, *, path, title=None):
                  f"H={_one((r['H'] for r in rows), 'H')}, {_one((r['dtype'] for r in rows), 'dtype')}, "
                  f"random inputs, fixed random block maps; dense-equivalent TOPS = "
                  f"4 B H (visible pairs) D / time (SPEC.md section 4)", fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return {**drawn, "path": path}
+    from sparge_cupy.viz import save_figure
+    return {**drawn, "path": save_figure(fig, path)}
 
 
 def main(argv=None):

@@ -30,7 +30,7 @@ from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
 from sparge_cupy import reference as R  # noqa: E402
 from sparge_cupy.config import CONFIG  # noqa: E402
-from sparge_cupy.viz import default_input_title, prepare  # noqa: E402
+from sparge_cupy.viz import default_input_title, prepare, save_figure  # noqa: E402
 
 # Categories of the predicted map, in the order of the colour map below.
 DROPPED, SELECTED, FIX, SINK, INVALID = range(5)
@@ -236,10 +236,7 @@ def plot_block_maps(q, k, *, is_causal=False, scale=None, layout="HND",
     handles.append(_line_handle("x", "0.2", "dropped block (mass panel: faded, crossed)"))
     lower.legend(handles=handles, loc="center", ncol=4, fontsize=8, frameon=False)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _with_bad(cmap_name, colour):

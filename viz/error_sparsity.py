@@ -28,7 +28,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from sparge_cupy import reference as R  # noqa: E402
 from sparge_cupy.config import CONFIG  # noqa: E402
-from sparge_cupy.viz import default_input_title, prepare  # noqa: E402
+from sparge_cupy.viz import default_input_title, prepare, save_figure  # noqa: E402
 
 DEFAULT_THETAS = (0.0, round(CONFIG.simthreshd1 / 2, 3), CONFIG.simthreshd1)
 DEFAULT_TAUS = tuple(1.0 - np.logspace(-0.3, -3.0, 10))   # 0.5 ... 0.999, even in -log10(1-tau)
@@ -175,10 +175,7 @@ def plot_error_sparsity(q, k, v, *, is_causal=False, scale=None, layout="HND",
     fig.suptitle(f"{title}\n{'causal' if is_causal else 'non-causal'}, blocks "
                  f"{CONFIG.block_q}x{CONFIG.block_k}, Stage 2 off, attention sink "
                  f"{'on' if attention_sink else 'off'}", fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None):

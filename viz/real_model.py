@@ -73,10 +73,8 @@ def _one(rows, col, **match):
 
 
 def _save(fig, path, dpi=DPI):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    from sparge_cupy.viz import save_figure
+    return save_figure(fig, path, dpi=dpi)
 
 
 # --------------------------------------------------------------------------------------------
