@@ -268,8 +268,26 @@ def _check_local(q, k, v, layout, is_causal, scale):
                         f"got {q.device}")
     ck.check_flag("is_causal", is_causal)
     scale = ck.check_scale(scale, shapes.D)
+    torch_adapter.refuse_grad(**arrays)
     ck.check_finite(lambda t: int((~torch.isfinite(t)).sum()), **arrays)
     return shapes, scale
+
+
+def _fingerprint(x):
+    """A 64-bit digest of normalised keywords (dicts, sequences, NumPy arrays, scalars), the same
+    in every process for equal values: ranks compare it instead of every value."""
+    import hashlib
+
+    def canon(y):
+        if isinstance(y, dict):
+            return "{" + ",".join(f"{k!r}:{canon(y[k])}" for k in sorted(y)) + "}"
+        if isinstance(y, (list, tuple)):
+            return "(" + ",".join(canon(z) for z in y) + ")"
+        if isinstance(y, np.ndarray):
+            return f"array({y.dtype},{y.shape},{y.tobytes().hex()})"
+        return repr(y)
+    return int.from_bytes(hashlib.blake2b(canon(x).encode(), digest_size=8).digest(), "little",
+                          signed=True)
 
 
 def _comm_device(q, group):
@@ -295,16 +313,16 @@ def _agree(q, k, v, *, group, layout, is_causal, scale, what, options):
     try:
         shapes, scale = _check_local(q, k, v, layout, is_causal, scale)
         opts = options(shapes)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         local_error, shapes = e, None
     device = _comm_device(q, group)
     if shapes is None:
-        summary = [0] * 11
+        summary = [0] * 12
     else:
         scale_bits = int(np.float64(scale).view(np.int64))
         summary = [1, shapes.B, shapes.Hq, shapes.Hkv, shapes.D, shapes.Lq, shapes.Lk,
                    _DTYPES.index(shapes.dtype), int(bool(is_causal)), ck.LAYOUTS.index(layout),
-                   scale_bits]
+                   scale_bits, _fingerprint(opts)]
     mine = torch.tensor(summary, dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
@@ -328,6 +346,13 @@ def _agree(q, k, v, *, group, layout, is_causal, scale, what, options):
         if len(set(values)) != 1:
             raise ValueError(f"{name}: every rank must pass the same value; got "
                              f"{[show(x) for x in values]} on ranks 0..{world - 1}")
+    prints = [s[11] for s in every]
+    if len(set(prints)) != 1:      # thresholds, qk, pv, rebalance, return_lse, ...: a mismatch
+        groups = {}                # would pair different collectives or give mixed results
+        for r, f in enumerate(prints):
+            groups.setdefault(f, []).append(r)
+        raise ValueError(f"{what}: every rank must pass the same keywords (thresholds, qk, pv, "
+                         f"rebalance, return_lse, ...); ranks {sorted(groups.values())} differ")
     engine = _Reference if q.device.type == "cpu" else _Cuda
     shards = _Shards(group=group, world=world, rank=rank, engine=engine, B=shapes.B, Hq=shapes.Hq,
                      Hkv=shapes.Hkv, D=shapes.D, dtype=q.dtype,

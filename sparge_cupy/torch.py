@@ -110,6 +110,17 @@ def _on_current_stream(t):
             yield
 
 
+def refuse_grad(**tensors):
+    """The attention is inference only: a RuntimeError naming the tensors that require grad
+    while grad mode is on (the output would silently carry no gradient back to them)."""
+    if _torch().is_grad_enabled():
+        needs = [name for name, t in tensors.items() if t.requires_grad]
+        if needs:
+            raise RuntimeError(f"{', '.join(needs)}: sparge attention is inference only (no "
+                               "gradient flows through it), got a tensor that requires grad: run "
+                               "under torch.no_grad() or torch.inference_mode(), or pass .detach()")
+
+
 def _check(q, k, v, layout, is_causal, scale):
     """(shapes, scale, whether the reference runs: tensors not on a CUDA device) of checked inputs."""
     torch = _torch()
@@ -121,12 +132,7 @@ def _check(q, k, v, layout, is_causal, scale):
     devices = {str(t.device) for t in arrays.values()}
     if len(devices) != 1:
         raise ValueError(f"q, k, v: expected one device, got {', '.join(sorted(devices))}")
-    if torch.is_grad_enabled():
-        needs = [name for name, t in arrays.items() if t.requires_grad]
-        if needs:       # the output would silently carry no gradient back to them
-            raise RuntimeError(f"{', '.join(needs)}: sparge attention is inference only (no "
-                               "gradient flows through it), got a tensor that requires grad: run "
-                               "under torch.no_grad() or torch.inference_mode(), or pass .detach()")
+    refuse_grad(**arrays)
     ck.check_flag("is_causal", is_causal)
     scale = ck.check_scale(scale, shapes.D)
     # NaN / Inf: counted inside the kernels, the ValueError raised at the end of the call (_gpu);

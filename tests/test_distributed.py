@@ -100,7 +100,11 @@ def run_case(case, rank, group):
     if case.get("head_dim_on_rank", (None,))[0] == rank:
         qs, ks, vs = (x[..., :case["head_dim_on_rank"][1]].copy() for x in (qs, ks, vs))
     qs, ks, vs = (to_torch(x) for x in (qs, ks, vs))
+    if case.get("grad_on_rank") == rank:
+        qs.requires_grad_()
     kw = dict(case.get("kw", {}), layout=layout, group=group)
+    if case.get("kw_on_rank", (None,))[0] == rank:
+        kw.update(case["kw_on_rank"][1])
     fn = case["fn"]
     if fn == "ulysses":
         res = sd.ulysses_attn(qs, ks, vs, return_lse=True, **kw)
@@ -140,7 +144,7 @@ def _worker(rank, store, cases, outdir):
         for name, case in cases[world].items():
             try:
                 results[world][name] = ("ok", run_case(case, group_rank, group))
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, RuntimeError) as e:
                 results[world][name] = ("error", type(e).__name__, str(e))
     dist.barrier()
     dist.destroy_process_group()
@@ -246,6 +250,14 @@ CASES = {
                                k_lens=[100, 200]),
         "err_nan_one_rank": dict(fn="ring", shape=(1, 2, 2, 300, 300, 64), q_lens=[256, 44],
                                  k_lens=[256, 44], nan_on_rank=1),
+        "err_grad_one_rank": dict(fn="ring", shape=(1, 2, 2, 300, 300, 64), q_lens=[256, 44],
+                                  k_lens=[256, 44], grad_on_rank=1, skip_predict=True),
+        "err_keywords_differ_ring": dict(fn="ring", shape=(1, 2, 2, 300, 300, 64), q_lens=[256, 44],
+                                         k_lens=[256, 44], kw_on_rank=(1, dict(pv="fp16")),
+                                         skip_predict=True),
+        "err_keywords_differ_ulysses": dict(fn="ulysses", shape=(1, 2, 1, 200, 200, 64),
+                                            q_lens=[100, 100], k_lens=[100, 100],
+                                            kw_on_rank=(1, dict(rebalance=False))),
         "err_head_dim_mismatch": dict(fn="ulysses", shape=(1, 2, 2, 200, 200, 64),
                                       q_lens=[100, 100], k_lens=[100, 100],
                                       head_dim_on_rank=(1, 32)),
@@ -617,6 +629,25 @@ def test_bad_input_on_one_rank_stops_every_rank(results):
     (s0, t0, m0), (s1, t1, m1) = results[2]["err_nan_one_rank"]
     assert (s0, t0, s1, t1) == ("error", "ValueError", "error", "ValueError")
     assert "finite" in m1 and "rank(s) [1] refused" in m0
+
+
+def test_tensor_that_requires_grad_on_one_rank_stops_every_rank(results):
+    """Inference only, as the torch adapter: the rank whose q requires grad raises the adapter's
+    error, the other the refusal, before any collective of the attention."""
+    (s0, t0, m0), (s1, t1, m1) = results[2]["err_grad_one_rank"]
+    assert (s0, t0, s1, t1) == ("error", "ValueError", "error", "RuntimeError")
+    assert m1.startswith("q: sparge attention is inference only") and "rank(s) [1] refused" in m0
+
+
+@pytest.mark.parametrize("name", ["err_keywords_differ_ring", "err_keywords_differ_ulysses"])
+def test_keywords_that_differ_between_ranks_stop_every_rank(results, name):
+    """pv (ring) or rebalance (Ulysses over a shared kv head, where it changes the collectives)
+    given differently on one rank: every rank raises the same error instead of pairing
+    different collectives or returning mixed results."""
+    items = results[2][name]
+    assert all(i[:2] == ("error", "ValueError") for i in items), items
+    assert items[0][2] == items[1][2] and "must pass the same keywords" in items[0][2], items
+    assert "ranks [[0], [1]] differ" in items[0][2], items
 
 
 def test_causal_shard_pairs_land_on_the_global_diagonal():
