@@ -41,6 +41,8 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
     "wgmma-3cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=3",)),
     "wgmma-no-ovl": ("wgmma", ("-DSPARGE_WG_OVERLAP=0",)),
     "wgmma-ovl-all": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((64, 128, 256))}",)),
+    "wgmma-map-list": ("wgmma", ("-DSPARGE_WG_MAP_LIST=1",)),
+    "wgmma-map-list-mask-from": ("wgmma", ("-DSPARGE_WG_MAP_LIST=1", "-DSPARGE_WG_MASK_FROM=1")),
     "wgmma-no-prologue": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask(_compile.WG_OVERLAP_DIMS)}",
                                     "-DSPARGE_WG_EARLY_Q=0", "-DSPARGE_WG_MAP_PREFETCH=0")),
 }
@@ -57,6 +59,12 @@ def overlap_dims(version):
             mask = int(opt.split("=")[1])
             return tuple(d for d in _compile.HEAD_DIMS if (mask >> (d // 64)) & 1)
     return tuple(_compile.WG_OVERLAP_DIMS)   # the source's default mirrors the package's
+
+
+def map_list(version):
+    """Whether a version is built with SPARGE_WG_MAP_LIST (None: the package's own build)."""
+    extra = parse_version(version)[1]
+    return None if extra is None else "-DSPARGE_WG_MAP_LIST=1" in extra
 
 
 def parse_version(version):
@@ -107,7 +115,8 @@ def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
     which = parse_version(version)[0]
     threads = _gpu.THREADS
     kern = kernel(version, D, qk, pv)
-    smem = _gpu.attn_smem_bytes(D, qk, pv, which, overlap_dims(version))
+    smem = _gpu.attn_smem_bytes(D, qk, pv, which, overlap_dims(version), nk=nk,
+                                map_list=map_list(version))
     if smem > 48 * 1024:
         kern.max_dynamic_shared_size_bytes = smem
     out = cp.empty((B, Hq, Lq, D), cp.float16)

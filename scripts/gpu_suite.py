@@ -304,6 +304,10 @@ FORCED = {
                     "dim, the early Q load and the map prefetch off)",
                     {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256",
                      "SPARGE_ATTN_DEFINES": "SPARGE_WG_EARLY_Q=0 SPARGE_WG_MAP_PREFETCH=0"}, lambda cc: cc == 90),
+    "wg-map-list": ("the wgmma kernel with the kept-block list and the mask threshold in a register "
+                    "(SPARGE_WG_MAP_LIST, SPARGE_WG_MASK_FROM; benchmark switches, off by default)",
+                    {"SPARGE_ATTN_KERNEL": "wgmma",
+                     "SPARGE_ATTN_DEFINES": "SPARGE_WG_MAP_LIST=1 SPARGE_WG_MASK_FROM=1"}, lambda cc: cc == 90),
 }
 
 

@@ -145,6 +145,21 @@ def attn_defines():
     return tuple(f"-D{w}" for w in words)
 
 
+def attn_define(name):
+    """The integer value SPARGE_ATTN_DEFINES gives macro ``name``, or None where it is not set."""
+    for opt in attn_defines():
+        key, _, value = opt[2:].partition("=")
+        if key == name:
+            return int(value)
+    return None
+
+
+def wg_map_list():
+    """Whether the wgmma kernel is built with SPARGE_WG_MAP_LIST (its launch then needs the
+    list's shared memory: _gpu.attn_smem_bytes). Off unless SPARGE_ATTN_DEFINES turns it on."""
+    return bool(attn_define("SPARGE_WG_MAP_LIST"))
+
+
 def source_options(source):
     """The NVRTC options a source takes beyond base_options() and the architecture."""
     if source == "sparse_attn.cu":

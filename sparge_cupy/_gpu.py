@@ -54,7 +54,7 @@ import numpy as np
 
 from . import _checks as ck
 from ._compile import (ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, SELECT_ROW_KEYS, attn_name, get_kernel,
-                       wg_overlap_dims)
+                       wg_map_list, wg_overlap_dims)
 from .config import CONFIG
 
 BQ, BK = CONFIG.block_q, CONFIG.block_k
@@ -691,17 +691,28 @@ def select(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, top
 WG_SMEM_MAX = 227 * 1024
 
 
-def attn_smem_bytes(D, qk, pv, kernel="mma", overlap_dims=None):
+# SPARGE_WG_MAP_LIST's limit: int16 entries and the end marker (cuda/sparse_attn.cu).
+WG_MAP_LIST_MAX = 32766
+
+
+def attn_smem_bytes(D, qk, pv, kernel="mma", overlap_dims=None, nk=0, map_list=None):
     """Dynamic shared memory of the attention kernel (sparse_attn.cu): Q and K/V tiles; the
     wgmma kernel keeps two stages of K and V (three where it overlaps: D in overlap_dims,
     default _compile.wg_overlap_dims(), and three stages fit in WG_SMEM_MAX) and 1 KB for
-    aligning its swizzled tiles."""
+    aligning its swizzled tiles; built with SPARGE_WG_MAP_LIST (``map_list``, default
+    _compile.wg_map_list()) also the list of up to ``nk`` kept key blocks and its end marker."""
     qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
     if kernel == "wgmma":
         stage = BK * D * qe + D * BK * ve
         three = 1024 + BQ * D * qe + 3 * stage
         overlap = D in (wg_overlap_dims() if overlap_dims is None else overlap_dims)
-        return three if overlap and three <= WG_SMEM_MAX else three - stage
+        tiles = three if overlap and three <= WG_SMEM_MAX else three - stage
+        if map_list if map_list is not None else wg_map_list():
+            if nk > WG_MAP_LIST_MAX:
+                raise ValueError(f"k: SPARGE_WG_MAP_LIST takes at most {WG_MAP_LIST_MAX} key blocks "
+                                 f"({WG_MAP_LIST_MAX * BK} tokens), got {nk}")
+            tiles += -(-2 * (nk + 1) // 16) * 16
+        return tiles
     return (BQ + BK) * (D * qe + 16) + D * (BK * ve + 16)
 
 
@@ -830,7 +841,7 @@ def prepare_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, p
 
     which = attn_kernel_choice()
     kern = get_kernel("sparse_attn.cu", attn_name(D, qk, pv, q.dtype, which))
-    smem = attn_smem_bytes(D, qk, pv, which)
+    smem = attn_smem_bytes(D, qk, pv, which, nk=nk)
     _set_smem(kern, smem, f"q: head dim {q.D} with qk={qk!r}, pv={pv!r}")
     params = (_params(
         ATTN_PARAMS, q=qz.q_op, k=qz.k_op, vt=qz.vt, dq=qz.dq, dk=qz.dk, dv=qz.dv,

@@ -226,6 +226,22 @@ def test_wgmma_shared_memory_matches_launcher(overlap, monkeypatch):
     _compile_with_checks("sparse_attn.cu", checks)
 
 
+def test_map_list_shared_memory(monkeypatch):
+    """SPARGE_WG_MAP_LIST: the launch adds the list (int16, nk + 1 entries, 16-byte rounded) to
+    the tiles' shared memory, and refuses more key blocks than int16 entries hold."""
+    monkeypatch.delenv("SPARGE_WG_OVERLAP", raising=False)
+    monkeypatch.delenv("SPARGE_ATTN_DEFINES", raising=False)
+    tiles = _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma")
+    assert not _compile.wg_map_list() and _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=512) == tiles
+    monkeypatch.setenv("SPARGE_ATTN_DEFINES", "SPARGE_WG_MAP_LIST=1")
+    assert _compile.wg_map_list() and _compile.attn_define("SPARGE_WG_MASK_FROM") is None
+    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=512) == tiles + 1040    # 1026 -> 1040
+    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "mma", nk=512) == _gpu.attn_smem_bytes(128, "int8", "fp8")
+    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=512, map_list=False) == tiles
+    with pytest.raises(ValueError, match=r"k: SPARGE_WG_MAP_LIST takes at most 32766 key blocks"):
+        _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=32767)
+
+
 def test_wg_overlap_setting(monkeypatch):
     monkeypatch.delenv("SPARGE_WG_OVERLAP", raising=False)
     assert _compile.wg_overlap_dims() == tuple(_compile.WG_OVERLAP_DIMS)
@@ -256,15 +272,23 @@ def test_attn_defines(monkeypatch):
             _compile.source_options("sparse_attn.cu")
 
 
-@pytest.mark.parametrize("overlap,switches", [("64,128,256", "1"), ("", "0")])
-def test_wgmma_switches_build(overlap, switches, monkeypatch):
+@pytest.mark.parametrize("overlap,defines", [
+    ("64,128,256", "SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1"),
+    ("", "SPARGE_WG_EARLY_Q=0 SPARGE_WG_MAP_PREFETCH=0"),
+    (None, "SPARGE_WG_MAP_LIST=1 SPARGE_WG_MASK_FROM=1"),
+])
+def test_wgmma_switches_build(overlap, defines, monkeypatch):
     """The wgmma kernel with its switches the other ways from the defaults (the overlapped loop
     SPARGE_WG_OVERLAP at every head dim; then no overlap with the early Q load and the map
-    prefetch off) builds for sm_90a, and at D = 64 (two CTAs per SM) and D = 256 (one) the
-    default modes keep every register: no spills (the overlap's second score tile)."""
+    prefetch off; then the default overlap with the kept-block list and the mask threshold in a
+    register) builds for sm_90a, and at D = 64 (two CTAs per SM) and D = 256 (one) the default
+    modes keep every register: no spills (the overlap's second score tile)."""
     import re
-    monkeypatch.setenv("SPARGE_WG_OVERLAP", overlap)
-    monkeypatch.setenv("SPARGE_ATTN_DEFINES", f"SPARGE_WG_EARLY_Q={switches} SPARGE_WG_MAP_PREFETCH={switches}")
+    if overlap is None:
+        monkeypatch.delenv("SPARGE_WG_OVERLAP", raising=False)
+    else:
+        monkeypatch.setenv("SPARGE_WG_OVERLAP", overlap)
+    monkeypatch.setenv("SPARGE_ATTN_DEFINES", defines)
     names = [n for s, n in _compile.kernel_names(90) if s == "sparse_attn.cu" and "sparse_attn_wg" in n]
     _, log = _compile.compile_for_arch("sparse_attn.cu", names, 90, verbose_ptxas=True)
     spills = {m.group(1): int(m.group(2)) for m in re.finditer(
