@@ -247,8 +247,10 @@ class SpargeSettings:
             raise TypeError(f"settings: expected a JSON object, got {type(d).__name__}")
         unknown = set(d) - {"format", "options", "default", "layers", "meta"}
         if unknown:
+            hint = (" (this is a tuning file of sparge-cupy tune: its --hf-settings writes the hf "
+                    "settings of the same tuning)" if "schema" in d else "")
             raise ValueError(f"settings: unknown keys {sorted(unknown)}; expected some of "
-                             "['format', 'options', 'default', 'layers', 'meta']")
+                             f"['format', 'options', 'default', 'layers', 'meta']{hint}")
         fmt = d.get("format", SETTINGS_FORMAT)
         if fmt != SETTINGS_FORMAT:
             raise ValueError(f"settings.format: expected {SETTINGS_FORMAT!r}, got {fmt!r}")

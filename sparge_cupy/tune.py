@@ -276,8 +276,12 @@ def save_tuning(path, results):
 
 def load_tuning(path):
     """Read a file of :func:`save_tuning`: {layer name: LayerTuning}."""
-    doc = json.loads(Path(path).read_text())
-    if doc.get("schema") != SCHEMA:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except ValueError as e:         # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not readable as a sparge-cupy tuning file (JSON: {e})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        doc = doc if isinstance(doc, dict) else {}
         raise ValueError(f"{path}: not a sparge-cupy tuning file (schema {doc.get('schema')!r})")
     if doc.get("version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: tuning schema version {doc.get('version')}, this code reads {SCHEMA_VERSION}")
@@ -974,6 +978,11 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
             raise ValueError(f"{name}: expected a number in (0, 1), got {val!r}")
     if stage2 and pv_l1 < l1:
         raise ValueError(f"pv_l1: expected a bound >= l1 = {l1} (Stage 2 adds error), got {pv_l1}")
+    if not stage2:          # no Stage 2: the bound of the whole result is l1's
+        pv_l1 = max(pv_l1, l1)
+    if isinstance(min_sparsity, bool) or not (isinstance(min_sparsity, (int, float))
+                                              and 0 <= min_sparsity <= 1):
+        raise ValueError(f"min_sparsity: expected a number in [0, 1], got {min_sparsity!r}")
     if block_factor is not None:
         if not (isinstance(block_factor, (int, float)) and 1 <= block_factor < math.inf):
             raise ValueError(f"block_factor: expected None or a finite number >= 1 (a query block's "
@@ -1217,9 +1226,46 @@ def add_arguments(p):
     return p
 
 
+def _check_outputs(args):
+    """What can be wrong with --out and --hf-settings, found before the tuning runs: the existing
+    tuning file (unreadable, or someone else's), a folder, the same file twice; the hf settings
+    need a layer name holding its index and the quantization modes the kernels run."""
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out: expected a file, got the folder {out}")
+    results = load_tuning(out) if out.is_file() else {}
+    if args.hf_settings:
+        from .hf import layer_index
+        hf = Path(args.hf_settings)
+        if hf.is_dir():
+            raise ValueError(f"--hf-settings: expected a file, got the folder {hf}")
+        if hf.resolve() == out.resolve():
+            raise ValueError(f"--hf-settings: expected a file other than --out ({out}): the tuning "
+                             "file and the hf settings are different formats")
+        try:
+            layer_index(args.layer)
+        except ValueError:
+            raise ValueError(f"--layer: --hf-settings keys layers by index, so the name must hold "
+                             f"one (5, \"layers.5\", \"model.layers.5.self_attn\"), got "
+                             f"{args.layer!r}") from None
+        for name in ("qk", "pv"):
+            if getattr(args, name) == "fp32":
+                raise ValueError(f"--{name}: 'fp32' exists in the reference only; --hf-settings "
+                                 f"needs one the kernels run ({', '.join(ck.QK_MODES if name == 'qk' else ck.PV_MODES)})")
+    return results
+
+
 def run(args):
     """Run ``tune`` from parsed arguments; prints the per-head table, returns 0."""
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.device == "gpu" and not _gpu_available():
+        raise ValueError("--device gpu, but CuPy finds no GPU (use --device cpu or auto)")
+    try:
+        thetas = tuple(float(t) for t in args.thetas.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--thetas: expected comma-separated numbers in [-1, 1], got "
+                         f"{args.thetas!r}") from None
+    results = _check_outputs(args)
     use_gpu = args.device == "gpu" or (args.device == "auto" and _gpu_available())
     if use_gpu:
         import cupy
@@ -1237,7 +1283,6 @@ def run(args):
             log(f"{path}: no is_causal in the file; tuning non-causal (pass --causal yes for a decoder)")
         causal.append({"yes": True, "no": False}.get(args.causal, bool(c)))
         scales.append(args.scale if args.scale is not None else s)
-    thetas = tuple(float(t) for t in args.thetas.split(",") if t.strip())
     result = tune_layer(qs, ks, vs, is_causal=causal, scale=scales, l1=args.l1, pv_l1=args.pv_l1,
                         layer=args.layer, mode=args.mode, qk=args.qk, pv=args.pv,
                         rebalance=not args.no_rebalance, attention_sink=not args.no_sink,
@@ -1245,13 +1290,19 @@ def run(args):
                         evaluator=args.evaluator, verify=not args.no_verify,
                         predictor=args.predictor, local_window=args.local_window,
                         block_factor=args.block_factor, block_quantile=args.block_quantile, log=log)
-    results = load_tuning(args.out) if Path(args.out).is_file() else {}
     results[args.layer] = result
+    hf_doc = None
+    if args.hf_settings:            # checked by the reader before anything is written
+        from .hf import SpargeSettings
+        hf_doc = to_hf_settings(results)
+        SpargeSettings.from_dict(hf_doc)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_tuning(args.out, results)
     print(result.table())
     print(f"saved layer {args.layer!r} to {args.out} ({len(results)} layer(s) in the file)")
-    if args.hf_settings:
-        Path(args.hf_settings).write_text(json.dumps(to_hf_settings(results), indent=1) + "\n")
+    if hf_doc is not None:
+        Path(args.hf_settings).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.hf_settings).write_text(json.dumps(hf_doc, indent=1) + "\n")
         print(f"wrote the hf settings of {len(results)} layer(s) to {args.hf_settings}")
     return 0
 

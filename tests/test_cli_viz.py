@@ -322,3 +322,40 @@ def test_demo_tuned_meets_the_tuning_bound(tmp_path):
     res = run_demo(tmp_path, cpu=True, figures=False, **tuned_thresholds())
     assert res["stage1_sparsity"] > 0.1 and res["total_sparsity"] > res["stage1_sparsity"]
     assert res["errors"]["both"]["rel_l1"] <= 0.06
+
+
+def test_tune_refuses_bad_outputs_and_options_before_tuning(tmp_path, capsys):
+    """Mistakes in --out / --hf-settings / --thetas / --min-sparsity / --device are reported as
+    usage errors naming the option, before the tuning runs (nothing written)."""
+    from sparge_cupy.tune import _gpu_available
+    q, k, v = make_qkv(1, 2, 2, 200, 200, 64, seed=3)
+    inp = tmp_path / "in.npz"
+    np.savez(inp, q=q, k=k, v=v)
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"schema": "other"}')
+    base = ["tune", "--inputs", str(inp), "--layer", "5", "--quiet"]
+    cases = [
+        (["--out", str(tmp_path / "t.json"), "--hf-settings", str(tmp_path / "t.json")],
+         "--hf-settings: expected a file other than --out"),
+        (["--out", str(tmp_path)], "--out: expected a file, got the folder"),
+        (["--out", str(corrupt)], r"corrupt\.json: not readable as a sparge-cupy tuning file \(JSON"),
+        (["--out", str(foreign)], r"foreign\.json: not a sparge-cupy tuning file"),
+        (["--out", str(tmp_path / "t.json"), "--thetas=abc"], "--thetas: expected comma-separated numbers"),
+        (["--out", str(tmp_path / "t.json"), "--min-sparsity", "nan"], "min_sparsity: expected a number in"),
+        (["--out", str(tmp_path / "t.json"), "--hf-settings", str(tmp_path / "h.json"), "--qk", "fp32"],
+         "--qk: 'fp32' exists in the reference only"),
+    ]
+    if not _gpu_available():
+        cases.append((["--out", str(tmp_path / "t.json"), "--device", "gpu"], "--device gpu, but CuPy finds no GPU"))
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        assert exc.value.code == 2, extra
+        assert re.search(message, capsys.readouterr().err), (extra, message)
+    with pytest.raises(SystemExit):
+        main(["tune", "--inputs", str(inp), "--layer", "attn_foo", "--out", str(tmp_path / "t.json"),
+              "--hf-settings", str(tmp_path / "h.json")])
+    assert "--layer: --hf-settings keys layers by index" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "h.json").exists()

@@ -431,3 +431,11 @@ def test_hf_settings_carry_the_mass_threshold(causal_mass_tuned):
     with pytest.raises(ValueError, match="expected at most one of cdfthreshd, topk, mass_threshold, "
                                          "got cdfthreshd and mass_threshold"):
         hf.LayerSettings.from_dict({"cdfthreshd": 0.9, "mass_threshold": 1.0}, where="layers.7")
+
+
+def test_without_stage2_the_bound_is_l1():
+    """With Stage 2 off a pv_l1 below l1 bounds nothing: the result is held to l1 (no false
+    'bound missed' where the error is within l1)."""
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 64, seed=3)
+    r = T.tune_layer([q], [k], [v], is_causal=[True], l1=0.05, pv_l1=0.02, stage2=False, layer="x")
+    assert r.pv_l1_bound == 0.05 and bool(np.all(r.meets_bound)), (r.pv_l1_bound, r.meets_bound)
