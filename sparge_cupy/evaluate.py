@@ -641,8 +641,50 @@ def add_arguments(p):
     return p
 
 
+def _check_options(args):
+    """The options' mistakes as one message naming the option (SystemExit, as the other eval
+    errors), before any work: bounds, grids, the perplexity's tuning step and token counts, the
+    output folder and the CSVs to merge. Returns the theta grid (None: tune's default)."""
+    def bad(message):
+        raise SystemExit(f"eval: {message}")
+    for name, x in (("--l1", args.l1), ("--pv-l1", args.pv_l1)):
+        if not 0 < x < 1:
+            bad(f"{name}: expected a number in (0, 1), got {x}")
+    if args.pv_l1 < args.l1:
+        bad(f"--pv-l1: expected a bound >= --l1 = {args.l1} (Stage 2 adds error), got {args.pv_l1}")
+    thetas = None
+    if args.thetas is not None:
+        try:
+            thetas = tuple(float(t) for t in args.thetas.split(",") if t.strip())
+        except ValueError:
+            thetas = ()
+        if not thetas or not all(-1 <= t <= 1 for t in thetas):
+            bad(f"--thetas: expected comma-separated numbers in [-1, 1], got {args.thetas!r}")
+    for x in args.oracle_frontier:
+        if not 0 < x < 1:
+            bad(f"--oracle-frontier: expected numbers in (0, 1), got {x}")
+    if args.block_factor is not None and not 1 <= args.block_factor < math.inf:
+        bad(f"--block-factor: expected a finite number >= 1, got {args.block_factor}")
+    if not 0 < args.block_quantile <= 1:
+        bad(f"--block-quantile: expected a number in (0, 1], got {args.block_quantile}")
+    if args.perplexity:
+        if args.ppl_tuning not in args.steps:
+            bad(f"--perplexity runs the thresholds of step {args.ppl_tuning!r} (--ppl-tuning), "
+                f"which --steps {' '.join(args.steps)} leaves out")
+        if not set(args.tokens) & set(args.ppl_tokens):
+            bad(f"--perplexity: none of --tokens {args.tokens} is in --ppl-tokens {args.ppl_tokens}, "
+                "so no perplexity would be computed")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        bad(f"--out-dir: expected a folder, got the file {args.out_dir}")
+    for other in args.merge_csv:
+        if not Path(other).is_file():
+            bad(f"--merge-csv: no file {other}")
+    return thetas
+
+
 def run(args):
     """Run ``eval`` from parsed arguments; prints the summary and the files written, returns 0."""
+    thetas = _check_options(args)
     out = Path(args.out_dir)
     csv_path, meta_path = out / f"{args.name}.csv", out / f"{args.name}_meta.json"
     if args.report_only:
@@ -662,7 +704,6 @@ def run(args):
     use_gpu = args.device == "gpu" or (args.device == "auto" and gpu_available())
     if args.device == "gpu" and not gpu_available():
         raise SystemExit("eval: --device gpu, but CuPy finds no GPU")
-    thetas = None if args.thetas is None else tuple(float(t) for t in args.thetas.split(",") if t.strip())
     missing = []                                # fail before hours of work, naming the command
     for n in args.tokens:
         for layer in [*args.layers, *([None] if args.perplexity and n in args.ppl_tokens else [])]:

@@ -161,6 +161,32 @@ def test_missing_capture_names_the_command(tmp_path, monkeypatch, capsys):
     assert "scripts/extract_gemma_qkv.py --tokens 4096" in str(e.value)
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--l1", "nan"], "--l1: expected a number in (0, 1), got nan"),
+    (["--l1", "0"], "--l1: expected a number in (0, 1), got 0.0"),
+    (["--pv-l1", "0.01"], "--pv-l1: expected a bound >= --l1 = 0.05"),
+    (["--thetas=abc"], "--thetas: expected comma-separated numbers in [-1, 1], got 'abc'"),
+    (["--thetas=5"], "--thetas: expected comma-separated numbers in [-1, 1], got '5'"),
+    (["--oracle-frontier", "-1"], "--oracle-frontier: expected numbers in (0, 1), got -1.0"),
+    (["--block-factor", "0.5"], "--block-factor: expected a finite number >= 1, got 0.5"),
+    (["--perplexity", "--steps", "presets"], "--perplexity runs the thresholds of step 'tuned'"),
+    (["--perplexity", "--steps", "tuned"], "--perplexity: none of --tokens [512] is in --ppl-tokens [4096]"),
+    (["--merge-csv", "nope.csv"], "--merge-csv: no file nope.csv"),
+])
+def test_bad_options_stop_before_any_work(tmp_path, monkeypatch, extra, message):
+    """Every option mistake is one message naming the option, before captures are even looked
+    up (no capture exists in this cache)."""
+    monkeypatch.setenv("SPARGE_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--tokens", "512", "--layers", "5", "--out-dir", str(tmp_path / "o"), "--quiet", *extra])
+    assert str(e.value).startswith("eval: ") and message in str(e.value), str(e.value)
+    assert not (tmp_path / "o").exists()
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(SystemExit, match="--out-dir: expected a folder"):
+        main(["eval", "--tokens", "512", "--out-dir", str(afile), "--quiet"])
+
+
 def test_perplexity_needs_the_tuned_step(synthetic):
     with pytest.raises(ValueError, match="tuned"):
         ev.evaluate((TOKENS,), (5,), steps=("oracle",), perplexity=True, quiet=True)
