@@ -16,7 +16,7 @@ from ..config import CONFIG
 from .layout import num_blocks, valid_blocks
 from .quant import (F32, QuantStats, channel_scales, check_fp16_operands, expand_kv_heads,
                     quantize_int8_per_block, quantize_v_fp8, round_e4m3, round_fp16, smooth_k)
-from .stats import mask_skips, sparsity_stats
+from .stats import filter_skips, sparsity_stats
 
 QK_MODES = ("int8", "fp16", "fp32")  # "fp32" (no rounding) exists only in the reference
 PV_MODES = ("fp8", "fp16", "fp32")
@@ -183,7 +183,6 @@ def block_sparse_attention(q, k, v, block_map, *, is_causal, scale, pvthreshd, q
         lse = np.where(empty, -np.inf, lse).reshape(B, Hq, -1)[:, :, :Lq] + F32(scale) * q_km
         results.append(lse.astype(F32))
     if return_stats:
-        skipped_groups = skipped_groups - (mask_skips(visit, Lq, Lk, is_causal, G, cfg)
-                                           * np.isfinite(lam)[None, :, None])
+        skipped_groups = filter_skips(skipped_groups, visit, Lq, Lk, is_causal, lam, G, cfg)
         results.append(sparsity_stats(visit, valid, visited_groups, skipped_groups, Lq, G, cfg))
     return results[0] if len(results) == 1 else tuple(results)

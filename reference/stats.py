@@ -46,6 +46,14 @@ def mask_skips(visit, Lq, Lk, is_causal, pv_group_rows, cfg=CONFIG):
     return (n_hidden * seen).sum(axis=-1)
 
 
+def filter_skips(skipped_groups, visit, Lq, Lk, is_causal, pvthreshd, pv_group_rows, cfg=CONFIG):
+    """The Stage 2 filter's own skips ``[B, Hq, nq]``: the kernel's (or the reference's) count
+    ``skipped_groups`` minus :func:`mask_skips` on the heads whose ``pvthreshd`` (``[Hq]``) is
+    finite (the filter on)."""
+    on = np.isfinite(np.asarray(pvthreshd, dtype=np.float32))[None, :, None]
+    return skipped_groups - mask_skips(visit, Lq, Lk, is_causal, pv_group_rows, cfg) * on
+
+
 def sparsity_stats(visit, valid, visited_groups, skipped_groups, Lq, pv_group_rows, cfg=CONFIG):
     """Stage 1, Stage 2 and total sparsity.
 
@@ -53,7 +61,7 @@ def sparsity_stats(visit, valid, visited_groups, skipped_groups, Lq, pv_group_ro
       visit: bool ``[B, Hq, nq, nk]``, the blocks computed (block map AND causal validity).
       valid: bool ``[nq, nk]``, blocks holding at least one unmasked (query, key) pair.
       visited_groups, skipped_groups: int ``[B, Hq, nq]``, Stage 2 (group, block) counts (skips
-        that the causal mask makes, :func:`mask_skips`, already taken out).
+        that the causal mask makes already taken out: :func:`filter_skips`).
     Returns a dict: per (b, h) counts ``valid_blocks``, ``kept_blocks``, ``pv_groups``,
     ``pv_skipped``, ``pv_blocks_computed`` (P V block products done, fractional when groups were
     skipped), and the overall floats ``stage1_sparsity`` (1 - kept / valid), ``stage2_sparsity``

@@ -865,13 +865,13 @@ def prepare_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, p
 def _stats(block_map, counts, pvthreshd, *, Lq, Lk, is_causal):
     """The reference's stats dict (reference.stats.sparsity_stats) from the kernel's counts, the
     causal mask's skips (reference.mask_skips) taken out where the filter is on."""
-    from .reference import mask_skips, sparsity_stats, valid_blocks
+    from .reference import filter_skips, sparsity_stats, valid_blocks
     G = CONFIG.pv_group_rows
     valid = valid_blocks(Lq, Lk, BQ, BK, is_causal)
     visit = block_map.get() & valid
     c = counts.get()
-    lam = np.asarray(pvthreshd.get() if hasattr(pvthreshd, "get") else pvthreshd, np.float32)
-    skipped = c[..., 1] - mask_skips(visit, Lq, Lk, is_causal, G) * np.isfinite(lam)[None, :, None]
+    lam = pvthreshd.get() if hasattr(pvthreshd, "get") else pvthreshd
+    skipped = filter_skips(c[..., 1], visit, Lq, Lk, is_causal, lam, G)
     return sparsity_stats(visit, valid, c[..., 0], skipped, Lq, G)
 
 
