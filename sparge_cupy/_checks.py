@@ -100,13 +100,13 @@ def _host_values(value):
     0-d tensors entry by entry; anything else as given."""
     if hasattr(value, "get") and not isinstance(value, dict):
         return value.get()
-    if type(value).__module__.split(".")[0] == "torch":
+    if array_module_name(value) == "torch":
         t = value.detach()
         if t.device.type == "meta":
             raise TypeError("a tensor on the meta device (no values)")
         return (t.cpu().double() if t.is_floating_point() else t.cpu()).numpy()
     if isinstance(value, (list, tuple)):
-        return [_host_values(x) if type(x).__module__.split(".")[0] == "torch" else x for x in value]
+        return [_host_values(x) if array_module_name(x) == "torch" else x for x in value]
     return value
 
 

@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import CONFIG
-from .tune import RULE_KEYWORDS, add_block_bound_arguments
+from .tune import RULE_KEYWORDS, add_block_bound_arguments, parse_thetas
 
 GEMMA_LAYERS = (5, 11, 17)
 DEFAULT_TOKENS = (4096, 8192)
@@ -655,11 +655,9 @@ def _check_options(args):
     thetas = None
     if args.thetas is not None:
         try:
-            thetas = tuple(float(t) for t in args.thetas.split(",") if t.strip())
-        except ValueError:
-            thetas = ()
-        if not thetas or not all(-1 <= t <= 1 for t in thetas):
-            bad(f"--thetas: expected comma-separated numbers in [-1, 1], got {args.thetas!r}")
+            thetas = parse_thetas(args.thetas)
+        except ValueError as e:
+            bad(str(e))
     for x in args.oracle_frontier:
         if not 0 < x < 1:
             bad(f"--oracle-frontier: expected numbers in (0, 1), got {x}")

@@ -436,7 +436,6 @@ def make_attention_function(settings):
     """
     def sparge_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                  scaling=None, is_causal=None, **kwargs):
-        import torch
         idx = getattr(module, "layer_idx", None)
         layer = settings.for_layer(idx)
         query, key, value = _autocast_operands(query, key, value)
@@ -445,9 +444,6 @@ def make_attention_function(settings):
             _record(settings, module, "sdpa", reason, Lq=int(query.shape[2]), Lk=int(key.shape[2]))
             return _dense_fallback(module, query, key, value, attention_mask, dropout=dropout,
                                    scaling=scaling, is_causal=is_causal, **kwargs)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-            raise RuntimeError("sparge attention is inference only (no gradient flows through it): "
-                               "run the model under torch.no_grad() or torch.inference_mode()")
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         Lq = query.shape[2]
         if causal and key.shape[2] > Lq:   # prefill of an empty static cache, as "sdpa" does

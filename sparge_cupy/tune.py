@@ -285,9 +285,9 @@ def load_tuning(path):
         doc = json.loads(Path(path).read_text())
     except ValueError as e:         # json.JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path}: not readable as a sparge-cupy tuning file (JSON: {e})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        doc = doc if isinstance(doc, dict) else {}
-        raise ValueError(f"{path}: not a sparge-cupy tuning file (schema {doc.get('schema')!r})")
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema != SCHEMA:
+        raise ValueError(f"{path}: not a sparge-cupy tuning file (schema {schema!r})")
     if doc.get("version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: tuning schema version {doc.get('version')}, this code reads {SCHEMA_VERSION}")
     geom = (doc["config"]["block_q"], doc["config"]["block_k"], doc["config"]["pv_group_rows"])
@@ -1231,6 +1231,17 @@ def add_arguments(p):
     return p
 
 
+def parse_thetas(text):
+    """A ``--thetas`` value: comma-separated numbers in [-1, 1]; a ValueError naming the option."""
+    try:
+        thetas = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        thetas = ()
+    if not thetas or not all(-1 <= t <= 1 for t in thetas):
+        raise ValueError(f"--thetas: expected comma-separated numbers in [-1, 1], got {text!r}")
+    return thetas
+
+
 def _check_outputs(args):
     """What can be wrong with --out and --hf-settings, found before the tuning runs: the existing
     tuning file (unreadable, or someone else's), a folder, the same file twice; the hf settings
@@ -1265,11 +1276,7 @@ def run(args):
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     if args.device == "gpu" and not _gpu_available():
         raise ValueError("--device gpu, but CuPy finds no GPU (use --device cpu or auto)")
-    try:
-        thetas = tuple(float(t) for t in args.thetas.split(",") if t.strip())
-    except ValueError:
-        raise ValueError(f"--thetas: expected comma-separated numbers in [-1, 1], got "
-                         f"{args.thetas!r}") from None
+    thetas = parse_thetas(args.thetas)
     results = _check_outputs(args)
     use_gpu = args.device == "gpu" or (args.device == "auto" and _gpu_available())
     if use_gpu:
