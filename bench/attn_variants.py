@@ -41,8 +41,8 @@ VERSIONS = {  # name: (kernel of cuda/sparse_attn.cu, extra NVRTC options or Non
     "wgmma-3cta": ("wgmma", ("-DSPARGE_WG_MIN_BLOCKS=3",)),
     "wgmma-no-ovl": ("wgmma", ("-DSPARGE_WG_OVERLAP=0",)),
     "wgmma-ovl-all": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask((64, 128, 256))}",)),
-    "wgmma-map-list": ("wgmma", ("-DSPARGE_WG_MAP_LIST=1",)),
-    "wgmma-map-list-mask-from": ("wgmma", ("-DSPARGE_WG_MAP_LIST=1", "-DSPARGE_WG_MASK_FROM=1")),
+    "wgmma-no-list": ("wgmma", ("-DSPARGE_WG_MAP_LIST=0",)),        # MapScan (read by map_list)
+    "wgmma-list-no-mask-from": ("wgmma", ("-DSPARGE_WG_MASK_FROM=0",)),
     "wgmma-no-prologue": ("wgmma", (f"-DSPARGE_WG_OVERLAP={_compile.wg_overlap_mask(_compile.WG_OVERLAP_DIMS)}",
                                     "-DSPARGE_WG_EARLY_Q=0", "-DSPARGE_WG_MAP_PREFETCH=0")),
 }
@@ -61,10 +61,16 @@ def overlap_dims(version):
     return tuple(_compile.WG_OVERLAP_DIMS)   # the source's default mirrors the package's
 
 
-def map_list(version):
-    """Whether a version is built with SPARGE_WG_MAP_LIST (None: the package's own build)."""
-    extra = parse_version(version)[1]
-    return None if extra is None else "-DSPARGE_WG_MAP_LIST=1" in extra
+def map_list(version, D, qk, pv, nk):
+    """Whether a wgmma version reads the kept key blocks from a list (sparse_attn_wg's LIST):
+    as the package chooses (_gpu.wg_map_list), but never with -DSPARGE_WG_MAP_LIST=0; None for a
+    folder's source from before the list (its kernel has no LIST argument)."""
+    which, extra, folder = parse_version(version)
+    if which != "wgmma" or "-DSPARGE_WG_MAP_LIST=0" in (extra or ()):
+        return False
+    if folder is not None and "bool LIST>" not in _compile.source_text("sparse_attn.cu", folder):
+        return None
+    return _gpu.wg_map_list(D, qk, pv, nk, overlap_dims(version))
 
 
 def parse_version(version):
@@ -76,9 +82,11 @@ def parse_version(version):
     return which, extra, None
 
 
-def kernel(version, D, qk, pv, dtype="float16"):
+def kernel(version, D, qk, pv, lst, dtype="float16"):
     which, extra, folder = parse_version(version)
-    name = _compile.attn_name(D, qk, pv, dtype, which)
+    name = _compile.attn_name(D, qk, pv, dtype, which, bool(lst))
+    if lst is None and which == "wgmma":
+        name = name.rsplit(", ", 1)[0] + ">"
     if extra is None:
         return _compile.get_kernel("sparse_attn.cu", name)
     opts = _compile.base_options() + (_compile.arch_flag(90),) + tuple(extra)
@@ -114,9 +122,9 @@ def launcher(version, qo, ko, qz, bmap, causal, qk, pv):
     nq, nk = -(-Lq // BQ), -(-Lk // BK)
     which = parse_version(version)[0]
     threads = _gpu.THREADS
-    kern = kernel(version, D, qk, pv)
-    smem = _gpu.attn_smem_bytes(D, qk, pv, which, overlap_dims(version), nk=nk,
-                                map_list=map_list(version))
+    lst = map_list(version, D, qk, pv, nk)
+    kern = kernel(version, D, qk, pv, lst)
+    smem = _gpu.attn_smem_bytes(D, qk, pv, which, overlap_dims(version), nk=nk, map_list=bool(lst))
     if smem > 48 * 1024:
         kern.max_dynamic_shared_size_bytes = smem
     out = cp.empty((B, Hq, Lq, D), cp.float16)

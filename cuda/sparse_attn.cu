@@ -638,7 +638,7 @@ __device__ __forceinline__ void tma_load(void* dst, const TensorMap* map, int c0
 // online-softmax state, the masks, Stage 2, the step that turns a block's scores into P, and the
 // epilogue. Accumulator register 4n + e of a thread is element e of n-tile n in
 // mma.sync's C-fragment order (rows g and g + 8, columns 8n + 2 t4 + {0, 1}).
-template <bool QK_INT8, bool PV_FP8>
+template <bool QK_INT8, bool PV_FP8, bool MASK_FROM>
 struct WgRows {
     using AccT = typename Select<QK_INT8, int, float>::type;
     static constexpr int PV_STEPS = BK * (PV_FP8 ? 1 : 2) / 32;  // 32-byte k steps of P V
@@ -650,9 +650,7 @@ struct WgRows {
     float lambda, dq_i;
     const float* dk_row;
     int visited, skipped;
-#if SPARGE_WG_MASK_FROM
-    int mask_from;                    // key blocks j >= mask_from hold masked keys (causal, tail)
-#endif
+    int mask_from;                    // MASK_FROM: key blocks j >= mask_from hold masked keys (causal, tail)
     int lane, warp, wg;               // warp 0..7, its warpgroup (warp-uniform for the compiler)
 
     __device__ __forceinline__ WgRows(const AttnParams& p, int i_, int h, int b, int kvh, size_t qblk,
@@ -672,18 +670,18 @@ struct WgRows {
             key_lim[r] = (int)max(lim, -1ll);
         }
         group_real = row0 < p.Lq;
-#if SPARGE_WG_MASK_FROM
-        // Block j holds a key past some row's last visible key iff it is the ragged tail block or,
-        // causal, j BK + BK - 1 > i BQ + Lk - Lq for the block's first row, i.e. j >= floor((i BQ
-        // + Lk - Lq + 1) / BK): one compare per block instead of that arithmetic.
-        long long from = p.nk;
-        if (p.causal) {
-            const long long x = (long long)i_ * BQ + p.Lk - p.Lq + 1;
-            from = min(from, max(0ll, x >= 0 ? x / BK : -((-x + BK - 1) / BK)));
+        if constexpr (MASK_FROM) {
+            // Block j holds a key past some row's last visible key iff it is the ragged tail block
+            // or, causal, j BK + BK - 1 > i BQ + Lk - Lq for the block's first row, i.e. j >=
+            // floor((i BQ + Lk - Lq + 1) / BK): one compare per block instead of that arithmetic.
+            long long from = p.nk;
+            if (p.causal) {
+                const long long x = (long long)i_ * BQ + p.Lk - p.Lq + 1;
+                from = min(from, max(0ll, x >= 0 ? x / BK : -((-x + BK - 1) / BK)));
+            }
+            if (p.Lk % BK != 0) from = min(from, (long long)p.nk - 1);
+            mask_from = (int)from;
         }
-        if (p.Lk % BK != 0) from = min(from, (long long)p.nk - 1);
-        mask_from = (int)from;
-#endif
         lambda = p.pvthreshd[h];
         filter_on = lambda < CUDART_INF_F;
         dq_i = p.dq[qblk];
@@ -701,12 +699,9 @@ struct WgRows {
                                          unsigned (&pa)[PV_STEPS][4], float (&alpha)[2], int* wg_skip) {
         const int t4 = lane & 3;
         const float c = __fmul_rn(__fmul_rn(__fmul_rn(dq_i, dk_row[j]), p.scale), LOG2E);
-#if SPARGE_WG_MASK_FROM
-        const bool need_mask = j >= mask_from;
-#else
-        const bool need_mask = (j == p.nk - 1 && p.Lk % BK != 0) ||
-                               (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
-#endif
+        const bool need_mask = MASK_FROM ? j >= mask_from
+            : (j == p.nk - 1 && p.Lk % BK != 0) ||
+              (p.causal && (long long)j * BK + BK - 1 > (long long)i * BQ + p.Lk - p.Lq);
         // Scores: s = acc (exact in float32: |acc| < 2^24) or -inf where masked; the logit is
         // fl(s * c) as in the reference, and since c > 0 rounds monotonically, the row maximum of
         // the logits is fl(max(s) * c) (one multiply per row, not per score). The exponent is
@@ -951,25 +946,23 @@ struct MapScan {
     }
 };
 
-// SPARGE_WG_MAP_LIST (benchmark switch, off by default until measured on a GPU): the prologue
-// writes the query block's kept key blocks, in order, to shared memory (after the K / V stages;
-// int16, p.nk + 1 entries with the end marker j_last + 1; the launcher adds the bytes and refuses
-// more than WG_MAP_LIST_MAX key blocks), and the loop reads the next one with one shared load
-// instead of MapScan's window state (a row pointer, the window, its base, the prefetch). With
-// SPARGE_WG_MASK_FROM the causal / tail mask test is one compare against the query block's first
-// masked key block, kept in a register (without the list that register made the D = 64 loop spill;
-// with it neither spills). ptxas 13.5, sm_90a, int8 / fp8, fp16 out: static loop instructions
-// D = 64 565 -> 522 (list) -> 507 (both), D = 128 619 -> 559 -> 546, no spills (D = 128 spilled
-// 4 bytes before): bench/NOTES.md, 2026-12-06.
-#ifndef SPARGE_WG_MAP_LIST
-#define SPARGE_WG_MAP_LIST 0
-#endif
+// The kept-block list (sparse_attn_wg's LIST; the launcher's choice, _gpu.wg_map_list): the
+// prologue writes the query block's kept key blocks, in order, to shared memory (after the K / V
+// stages; int16, p.nk + 1 entries with the end marker j_last + 1; the launcher adds the bytes, and
+// takes LIST = false past 32766 key blocks or where the list would cost a CTA per SM),
+// and the loop reads the next one with one shared load instead of MapScan's window state (a row
+// pointer, the window, its base, the prefetch). With the list, and SPARGE_WG_MASK_FROM (default
+// 1), the causal / tail mask test is one compare against the query block's first masked key
+// block, kept in a register (without the list that register made the D = 64 loop spill; with it
+// neither spills). ptxas 13.5, sm_90a, int8 / fp8, fp16 out: static loop instructions D = 64
+// 565 -> 522 (list) -> 507 (both), D = 128 619 -> 559 -> 546, no spills (D = 128 spilled 4 bytes
+// before). H100, kernel alone, B4 H32 L16K: D = 64 1.048x, D = 128 1.042x dense; 1.13x at half
+// the blocks (bench/NOTES.md, 2026-12-06).
 #ifndef SPARGE_WG_MASK_FROM
-#define SPARGE_WG_MASK_FROM 0
+#define SPARGE_WG_MASK_FROM 1
 #endif
-constexpr int WG_MAP_LIST_MAX = 32766;   // int16 entries and the end marker (mirrored in _gpu.py)
 
-// The kept key blocks as SPARGE_WG_MAP_LIST leaves them: next(j) is the entry after the last one
+// The kept key blocks as the list leaves them: next(j) is the entry after the last one
 // read (the caller asks in increasing order and stops at the end marker j_last + 1).
 struct ListScan {
     const short* list;
@@ -1005,12 +998,12 @@ __device__ __forceinline__ void build_map_list(const unsigned char* row, int j_l
     __syncthreads();
 }
 
-template <int D, bool QK_INT8, bool PV_FP8, typename OutT>
+template <int D, bool QK_INT8, bool PV_FP8, typename OutT, bool LIST>
 __global__ void __launch_bounds__(WG_THREADS, WgOccupancy<D>::value)
 sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgMaps maps) {
 #if SPARGE_HAS_WGMMA
     static_assert(D == 64 || D == 128 || D == 256, "native head dims; the launcher pads others");
-    using Rows = WgRows<QK_INT8, PV_FP8>;
+    using Rows = WgRows<QK_INT8, PV_FP8, LIST && SPARGE_WG_MASK_FROM>;
     using AccT = typename Rows::AccT;
     using Smem = WgSmem<D, QK_INT8, PV_FP8>;
     constexpr int QRB = Smem::QRB, VRB = Smem::VRB;
@@ -1037,13 +1030,12 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
     const int kvh = h / (p.Hq / p.Hkv);
     const size_t qblk = ((size_t)b * p.Hq + h) * p.nq + i;
     const int j_last = last_key_block(p, i);
-#if SPARGE_WG_MAP_LIST
-    short* s_list = reinterpret_cast<short*>(sV0 + NS * Smem::V);
-    __shared__ int s_warp_n[WG_THREADS / 32];
-    ListScan scan{s_list};
-#else
-    MapScan<SPARGE_WG_MAP_PREFETCH && !Smem::overlap> scan{p.block_map + qblk * p.nk, j_last, lane};
-#endif
+    short* s_list = reinterpret_cast<short*>(sV0 + NS * Smem::V);   // LIST: after the stages
+    __shared__ int s_warp_n[LIST ? WG_THREADS / 32 : 1];
+    auto scan = [&] {
+        if constexpr (LIST) return ListScan{s_list};
+        else return MapScan<SPARGE_WG_MAP_PREFETCH && !Smem::overlap>{p.block_map + qblk * p.nk, j_last, lane};
+    }();
     // Thread 0 has the TMA load stage s's tiles (the swizzled images the wgmmas read); full[s]
     // counts their bytes in.
     constexpr int QSW = QRB < 128 ? QRB : 128;
@@ -1114,9 +1106,7 @@ sparse_attn_wg(const __grid_constant__ AttnParams p, const __grid_constant__ WgM
         mbar_expect_tx(&q_full, Smem::Q);
         load_q(&q_full);
     }
-#if SPARGE_WG_MAP_LIST
-    build_map_list(p.block_map + qblk * p.nk, j_last, s_list, s_warp_n, tid);
-#endif
+    if constexpr (LIST) build_map_list(p.block_map + qblk * p.nk, j_last, s_list, s_warp_n, tid);
     int j = scan.next(-1);
     if (!EARLY_Q && j <= j_last && tid == 0) {
         mbar_add_tx(&full[0], Smem::Q);

@@ -294,20 +294,24 @@ def _tests_section(tests, title):
 
 
 # The attention tests again in other builds the device can run: name: (what, environment,
-# whether a device of compute capability cc runs it). Hopper runs wgmma by default; mma is the
-# portable kernel; wg-switches the wgmma kernel with its switches turned the other way from the
-# defaults (the overlapped loop at every head dim, SPARGE_WG_OVERLAP; the early Q load and the
-# map prefetch off, SPARGE_ATTN_DEFINES), so that every path the switches select stays tested.
+# whether a device of compute capability cc runs it). Hopper runs wgmma by default (with the
+# kept-block list where it fits); mma is the portable kernel; the wg- runs turn the wgmma
+# kernel's switches the other way from the defaults (SPARGE_WG_OVERLAP, SPARGE_ATTN_DEFINES), so
+# that every path the switches select stays tested: wg-no-list is the map scan the launcher falls
+# back to where the list does not fit (_gpu.wg_map_list).
+_WG = {"SPARGE_ATTN_KERNEL": "wgmma"}
 FORCED = {
     "mma": ("the portable mma.sync kernel", {"SPARGE_ATTN_KERNEL": "mma"}, lambda cc: cc == 90),
-    "wg-switches": ("the wgmma kernel's switches the other way (the overlapped loop at every head "
-                    "dim, the early Q load and the map prefetch off)",
-                    {"SPARGE_ATTN_KERNEL": "wgmma", "SPARGE_WG_OVERLAP": "64,128,256",
-                     "SPARGE_ATTN_DEFINES": "SPARGE_WG_EARLY_Q=0 SPARGE_WG_MAP_PREFETCH=0"}, lambda cc: cc == 90),
-    "wg-map-list": ("the wgmma kernel with the kept-block list and the mask threshold in a register "
-                    "(SPARGE_WG_MAP_LIST, SPARGE_WG_MASK_FROM; benchmark switches, off by default)",
-                    {"SPARGE_ATTN_KERNEL": "wgmma",
-                     "SPARGE_ATTN_DEFINES": "SPARGE_WG_MAP_LIST=1 SPARGE_WG_MASK_FROM=1"}, lambda cc: cc == 90),
+    "wg-switches": ("the wgmma kernel with the overlapped loop at every head dim, the early Q load "
+                    "and the mask threshold register off",
+                    {**_WG, "SPARGE_WG_OVERLAP": "64,128,256",
+                     "SPARGE_ATTN_DEFINES": "SPARGE_WG_EARLY_Q=0 SPARGE_WG_MASK_FROM=0"}, lambda cc: cc == 90),
+    "wg-no-list": ("the wgmma kernel scanning the block map instead of the kept-block list",
+                   {**_WG, "SPARGE_ATTN_DEFINES": "SPARGE_WG_MAP_LIST=0"}, lambda cc: cc == 90),
+    "wg-no-list-switches": ("the map scan without its prefetch, no overlapped loop",
+                            {**_WG, "SPARGE_WG_OVERLAP": "",
+                             "SPARGE_ATTN_DEFINES": "SPARGE_WG_MAP_LIST=0 SPARGE_WG_MAP_PREFETCH=0"},
+                            lambda cc: cc == 90),
 }
 
 

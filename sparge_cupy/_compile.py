@@ -154,10 +154,12 @@ def attn_define(name):
     return None
 
 
-def wg_map_list():
-    """Whether the wgmma kernel is built with SPARGE_WG_MAP_LIST (its launch then needs the
-    list's shared memory: _gpu.attn_smem_bytes). Off unless SPARGE_ATTN_DEFINES turns it on."""
-    return bool(attn_define("SPARGE_WG_MAP_LIST"))
+def wg_map_list_on():
+    """Whether the wgmma kernel may read the kept key blocks from a list in shared memory
+    (sparse_attn_wg's LIST; where it does, _gpu.wg_map_list): on unless SPARGE_ATTN_DEFINES says
+    ``SPARGE_WG_MAP_LIST=0`` (the A/B switch of the benchmarks and the GPU suite)."""
+    value = attn_define("SPARGE_WG_MAP_LIST")
+    return value is None or bool(value)
 
 
 def source_options(source):
@@ -174,10 +176,13 @@ ATTN_KERNELS = ("mma", "wgmma")     # mma.sync (sm_80 and newer), warpgroup MMA 
 SELECT_ROW_KEYS = (1, 2, 4, 8, 16)  # select_rows<E>: a warp per map row of at most 32 E key blocks
 
 
-def attn_name(D, qk, pv, out_dtype, kernel="mma"):
+def attn_name(D, qk, pv, out_dtype, kernel="mma", map_list=True):
+    """The attention kernel's name expression; the wgmma kernel's last argument says whether it
+    reads the kept key blocks from a list in shared memory (``map_list``)."""
     func = {"mma": "sparse_attn", "wgmma": "sparse_attn_wg"}[kernel]
-    return (f"sparge::{func}<{D}, {'true' if qk == 'int8' else 'false'}, "
-            f"{'true' if pv == 'fp8' else 'false'}, {ELEMENT_TYPES[out_dtype]}>")
+    B = lambda x: "true" if x else "false"
+    last = f", {B(map_list)}" if kernel == "wgmma" else ""
+    return f"sparge::{func}<{D}, {B(qk == 'int8')}, {B(pv == 'fp8')}, {ELEMENT_TYPES[out_dtype]}{last}>"
 
 
 def kernel_names(cc):
@@ -202,7 +207,8 @@ def kernel_names(cc):
                 for pv in (("fp8", "fp16") if fp8 else ("fp16",)):
                     names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt)))
                     if int(cc) == 90:
-                        names.append(("sparse_attn.cu", attn_name(D, qk, pv, dt, "wgmma")))
+                        names += [("sparse_attn.cu", attn_name(D, qk, pv, dt, "wgmma", lst))
+                                  for lst in (True, False)]
     names += [("block_stats.cu", "sparge::head_scales"), ("select.cu", "sparge::compressed_map"),
               ("select.cu", "sparge::group_mass_map"),
               ("select.cu", "sparge::select_blocks")]

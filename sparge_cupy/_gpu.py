@@ -54,7 +54,7 @@ import numpy as np
 
 from . import _checks as ck
 from ._compile import (ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, SELECT_ROW_KEYS, attn_name, get_kernel,
-                       wg_map_list, wg_overlap_dims)
+                       wg_map_list_on, wg_overlap_dims)
 from .config import CONFIG
 
 BQ, BK = CONFIG.block_q, CONFIG.block_k
@@ -691,27 +691,57 @@ def select(st, k=None, *, Lq, Lk, is_causal, scale, simthreshd1, cdfthreshd, top
 WG_SMEM_MAX = 227 * 1024
 
 
-# SPARGE_WG_MAP_LIST's limit: int16 entries and the end marker (cuda/sparse_attn.cu).
+# The kept-block list's limit: int16 entries and the end marker (cuda/sparse_attn.cu).
 WG_MAP_LIST_MAX = 32766
+# Shared memory of an sm_90 SM, what it reserves per CTA, and room for sparse_attn_wg's static
+# shared memory (barriers, the warps' flags and counts, D = 256's V scales: under 1.2 KB).
+SM90_SMEM, CTA_RESERVED, WG_STATIC_SMEM = 228 * 1024, 1024, 2048
 
 
-def attn_smem_bytes(D, qk, pv, kernel="mma", overlap_dims=None, nk=0, map_list=None):
+def _wg_tiles(D, qk, pv, overlap_dims=None):
+    """sparse_attn_wg's tiles: Q and two stages of K and V (three where it overlaps: D in
+    overlap_dims, default _compile.wg_overlap_dims(), and three fit in WG_SMEM_MAX), and 1 KB for
+    aligning them."""
+    qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
+    stage = BK * D * qe + D * BK * ve
+    three = 1024 + BQ * D * qe + 3 * stage
+    overlap = D in (wg_overlap_dims() if overlap_dims is None else overlap_dims)
+    return three if overlap and three <= WG_SMEM_MAX else three - stage
+
+
+def _map_list_bytes(nk):
+    return -(-2 * (nk + 1) // 16) * 16          # int16, nk + 1 entries, 16-byte rounded
+
+
+def _ctas_per_sm(D, smem):
+    """CTAs of sparse_attn_wg an SM holds: its launch bound (2 at D <= 128, 1 at D = 256), or
+    fewer where their shared memory does not fit."""
+    bound = 2 if D <= 128 else 1
+    return min(bound, SM90_SMEM // (smem + WG_STATIC_SMEM + CTA_RESERVED))
+
+
+def wg_map_list(D, qk, pv, nk, overlap_dims=None):
+    """Whether sparse_attn_wg reads the kept key blocks from a list in shared memory (its LIST):
+    where _compile.wg_map_list_on(), the list's int16 entries hold ``nk`` (WG_MAP_LIST_MAX) and
+    its bytes cost no CTA per SM; else it scans the map row (MapScan)."""
+    if not wg_map_list_on() or nk > WG_MAP_LIST_MAX:
+        return False
+    tiles = _wg_tiles(D, qk, pv, overlap_dims)
+    return _ctas_per_sm(D, tiles + _map_list_bytes(nk)) >= _ctas_per_sm(D, tiles)
+
+
+def attn_smem_bytes(D, qk, pv, kernel="mma", overlap_dims=None, nk=0, map_list=False):
     """Dynamic shared memory of the attention kernel (sparse_attn.cu): Q and K/V tiles; the
-    wgmma kernel keeps two stages of K and V (three where it overlaps: D in overlap_dims,
-    default _compile.wg_overlap_dims(), and three stages fit in WG_SMEM_MAX) and 1 KB for
-    aligning its swizzled tiles; built with SPARGE_WG_MAP_LIST (``map_list``, default
-    _compile.wg_map_list()) also the list of up to ``nk`` kept key blocks and its end marker."""
+    wgmma kernel's (_wg_tiles) and, with ``map_list`` (its LIST: wg_map_list), the list of up
+    to ``nk`` kept key blocks and its end marker."""
     qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
     if kernel == "wgmma":
-        stage = BK * D * qe + D * BK * ve
-        three = 1024 + BQ * D * qe + 3 * stage
-        overlap = D in (wg_overlap_dims() if overlap_dims is None else overlap_dims)
-        tiles = three if overlap and three <= WG_SMEM_MAX else three - stage
-        if map_list if map_list is not None else wg_map_list():
+        tiles = _wg_tiles(D, qk, pv, overlap_dims)
+        if map_list:
             if nk > WG_MAP_LIST_MAX:
-                raise ValueError(f"k: SPARGE_WG_MAP_LIST takes at most {WG_MAP_LIST_MAX} key blocks "
+                raise ValueError(f"k: the kept-block list takes at most {WG_MAP_LIST_MAX} key blocks "
                                  f"({WG_MAP_LIST_MAX * BK} tokens), got {nk}")
-            tiles += -(-2 * (nk + 1) // 16) * 16
+            tiles += _map_list_bytes(nk)
         return tiles
     return (BQ + BK) * (D * qe + 16) + D * (BK * ve + 16)
 
@@ -840,8 +870,9 @@ def prepare_attention(q, k, qz, block_map, *, is_causal, scale, pvthreshd, qk, p
     sb, sh, stt = (ost[0], ost[1], ost[2]) if q.layout == "HND" else (ost[0], ost[2], ost[1])
 
     which = attn_kernel_choice()
-    kern = get_kernel("sparse_attn.cu", attn_name(D, qk, pv, q.dtype, which))
-    smem = attn_smem_bytes(D, qk, pv, which, nk=nk)
+    lst = which == "wgmma" and wg_map_list(D, qk, pv, nk)
+    kern = get_kernel("sparse_attn.cu", attn_name(D, qk, pv, q.dtype, which, lst))
+    smem = attn_smem_bytes(D, qk, pv, which, nk=nk, map_list=lst)
     _set_smem(kern, smem, f"q: head dim {q.D} with qk={qk!r}, pv={pv!r}")
     params = (_params(
         ATTN_PARAMS, q=qz.q_op, k=qz.k_op, vt=qz.vt, dq=qz.dq, dk=qz.dk, dv=qz.dv,

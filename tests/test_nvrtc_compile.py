@@ -32,10 +32,33 @@ pytestmark = pytest.mark.skipif(not _nvrtc_ready(),
 @pytest.mark.parametrize("cc", ARCHS)
 @pytest.mark.parametrize("source", _compile.SOURCES)
 def test_every_instantiation_compiles(source, cc):
+    """Every kernel the launcher may ask for builds; on sm_90a the wgmma kernel's default modes
+    also keep every register (check_wgmma_spills)."""
     names = [n for s, n in _compile.kernel_names(cc) if s == source]
     assert names, f"no kernels listed for {source}"
-    cubin, _ = _compile.compile_for_arch(source, names, cc)
+    wg = source == "sparse_attn.cu" and cc == 90
+    cubin, log = _compile.compile_for_arch(source, names, cc, verbose_ptxas=wg)
     assert len(cubin) > 0
+    if wg:
+        check_wgmma_spills(log, [n for n in names if "sparse_attn_wg" in n])
+
+
+def check_wgmma_spills(log, names):
+    """ptxas's ``log`` of a build of the wgmma kernels ``names``: the default modes (int8 Q K,
+    FP8 P V) keep every register: no spills at D = 64 (two CTAs per SM, the overlap's second score
+    tile) and D = 256 (one), nor at D = 128 with the kept-block list where D = 128 does not
+    overlap (without the list, the map scan's state spilled 4 bytes there)."""
+    import re
+    spills = {m.group(1): int(m.group(2)) for m in re.finditer(
+        r"Compiling entry function '(\S*sparse_attn_wg\S+)'.*?(\d+) bytes spill stores", log, re.S)}
+    assert len(spills) == len(names), log[-2000:]
+    # sparse_attn_wg<D, true, true, T, LIST>
+    modes = {m: re.search(r"sparse_attn_wgILi(\d+)ELb1ELb1E.+?Lb([01])EEEv", m) for m in spills}
+    d128 = 128 not in _compile.wg_overlap_dims()      # the overlapped loop does not fit at D = 128
+    wanted = [m for m, x in modes.items() if x and (x[1] in ("64", "256") or d128 and x.groups() == ("128", "1"))]
+    assert len(wanted) == (4 + d128) * len(_compile.ELEMENT_TYPES), sorted(spills)
+    bad = {m: spills[m] for m in wanted if spills[m]}
+    assert not bad, f"{len(bad)} of {len(wanted)} spill (bytes): {sorted(bad.items())[:4]}"
 
 
 def test_fp8_left_out_of_sm80_only():
@@ -227,19 +250,36 @@ def test_wgmma_shared_memory_matches_launcher(overlap, monkeypatch):
 
 
 def test_map_list_shared_memory(monkeypatch):
-    """SPARGE_WG_MAP_LIST: the launch adds the list (int16, nk + 1 entries, 16-byte rounded) to
-    the tiles' shared memory, and refuses more key blocks than int16 entries hold."""
+    """The kept-block list: the launch adds its bytes (int16, nk + 1 entries, 16-byte rounded) to
+    the tiles' shared memory, refuses more key blocks than int16 entries hold, and takes the list
+    exactly where it costs no CTA per SM, unless SPARGE_WG_MAP_LIST=0 turns it off."""
     monkeypatch.delenv("SPARGE_WG_OVERLAP", raising=False)
     monkeypatch.delenv("SPARGE_ATTN_DEFINES", raising=False)
     tiles = _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma")
-    assert not _compile.wg_map_list() and _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=512) == tiles
-    monkeypatch.setenv("SPARGE_ATTN_DEFINES", "SPARGE_WG_MAP_LIST=1")
-    assert _compile.wg_map_list() and _compile.attn_define("SPARGE_WG_MASK_FROM") is None
-    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=512) == tiles + 1040    # 1026 -> 1040
-    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "mma", nk=512) == _gpu.attn_smem_bytes(128, "int8", "fp8")
-    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=512, map_list=False) == tiles
-    with pytest.raises(ValueError, match=r"k: SPARGE_WG_MAP_LIST takes at most 32766 key blocks"):
-        _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=32767)
+    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=512) == tiles
+    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=512, map_list=True) == tiles + 1040  # 1026 -> 1040
+    assert _gpu.attn_smem_bytes(128, "int8", "fp8", "mma", nk=512, map_list=True) == _gpu.attn_smem_bytes(128, "int8", "fp8")
+    with pytest.raises(ValueError, match=r"k: the kept-block list takes at most 32766 key blocks"):
+        _gpu.attn_smem_bytes(128, "int8", "fp8", "wgmma", nk=32767, map_list=True)
+    assert _compile.wg_map_list_on()
+    sm, per_cta = 228 * 1024, 1024 + 2048           # an SM's shared memory; reserved + static
+    for D, qk, pv in [(64, "int8", "fp8"), (128, "int8", "fp8"), (128, "fp16", "fp16"),
+                      (256, "int8", "fp8"), (256, "fp16", "fp16")]:
+        tiles = _gpu.attn_smem_bytes(D, qk, pv, "wgmma")
+        ctas = min(2 if D <= 128 else 1, sm // (tiles + per_cta))
+        assert ctas >= 1, (D, qk, pv)
+        # the largest nk whose list keeps `ctas` CTAs per SM (and fits int16)
+        room = sm // ctas - per_cta - tiles
+        last = min(_gpu.WG_MAP_LIST_MAX, room // 2 - 1)
+        while last < _gpu.WG_MAP_LIST_MAX and \
+                _gpu.attn_smem_bytes(D, qk, pv, "wgmma", nk=last + 1, map_list=True) + per_cta <= sm // ctas:
+            last += 1
+        assert _gpu.wg_map_list(D, qk, pv, 1) and _gpu.wg_map_list(D, qk, pv, last), (D, qk, pv, last)
+        assert not _gpu.wg_map_list(D, qk, pv, last + 1), (D, qk, pv, last)
+    assert _gpu.wg_map_list(128, "int8", "fp8", 256)                # L = 16K
+    assert not _gpu.wg_map_list(128, "int8", "fp8", 32767)
+    monkeypatch.setenv("SPARGE_ATTN_DEFINES", "SPARGE_WG_MAP_LIST=0")
+    assert not _compile.wg_map_list_on() and not _gpu.wg_map_list(128, "int8", "fp8", 256)
 
 
 def test_wg_overlap_setting(monkeypatch):
@@ -273,32 +313,19 @@ def test_attn_defines(monkeypatch):
 
 
 @pytest.mark.parametrize("overlap,defines", [
-    ("64,128,256", "SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1"),
+    ("64,128,256", "SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1 SPARGE_WG_MASK_FROM=0"),
     ("", "SPARGE_WG_EARLY_Q=0 SPARGE_WG_MAP_PREFETCH=0"),
-    (None, "SPARGE_WG_MAP_LIST=1 SPARGE_WG_MASK_FROM=1"),
 ])
 def test_wgmma_switches_build(overlap, defines, monkeypatch):
-    """The wgmma kernel with its switches the other ways from the defaults (the overlapped loop
-    SPARGE_WG_OVERLAP at every head dim; then no overlap with the early Q load and the map
-    prefetch off; then the default overlap with the kept-block list and the mask threshold in a
-    register) builds for sm_90a, and at D = 64 (two CTAs per SM) and D = 256 (one) the default
-    modes keep every register: no spills (the overlap's second score tile)."""
-    import re
-    if overlap is None:
-        monkeypatch.delenv("SPARGE_WG_OVERLAP", raising=False)
-    else:
-        monkeypatch.setenv("SPARGE_WG_OVERLAP", overlap)
+    """The wgmma kernel, with and without the kept-block list, builds for sm_90a with its
+    switches the other ways from the defaults (the overlapped loop SPARGE_WG_OVERLAP at every
+    head dim and the mask threshold register off; then no overlap with the early Q load and the
+    map prefetch off), and its default modes keep every register (check_wgmma_spills)."""
+    monkeypatch.setenv("SPARGE_WG_OVERLAP", overlap)
     monkeypatch.setenv("SPARGE_ATTN_DEFINES", defines)
     names = [n for s, n in _compile.kernel_names(90) if s == "sparse_attn.cu" and "sparse_attn_wg" in n]
     _, log = _compile.compile_for_arch("sparse_attn.cu", names, 90, verbose_ptxas=True)
-    spills = {m.group(1): int(m.group(2)) for m in re.finditer(
-        r"Compiling entry function '(\S+)'.*?(\d+) bytes spill stores", log, re.S)}
-    assert len(spills) == len(names), log[-2000:]
-    # sparse_attn_wg<D, true, true, T>: int8 Q K, FP8 P V (the defaults)
-    wanted = [m for m in spills if re.search(r"sparse_attn_wgILi(64|256)ELb1ELb1E", m)]
-    assert len(wanted) == 2 * len(_compile.ELEMENT_TYPES)
-    bad = {m: spills[m] for m in wanted if spills[m]}
-    assert not bad, f"{len(bad)} of {len(wanted)} spill (bytes): {sorted(bad.items())[:4]}"
+    check_wgmma_spills(log, names)
 
 
 def test_default_device_only_for_nvrtc_before_13_2(monkeypatch):
