@@ -167,10 +167,13 @@ def kernel_only(q, k, v, bm_t, *, causal, scale):
     - ``quantize()``: the statistics and quantization passes of that call (``block_statistics``
       without pooling, ``quantize_operands``, with the NaN/Inf counter they fill); not included are
       the argument checks, the DLPack views and the one host read of the counter at the end;
-    - ``run()``: the attention kernel alone (``run_attention``: one launch, its parameter struct and
-      the upload of the per-head lambda) on the operands of the last ``quantize()``, into a fresh
-      torch output. The first ``run()`` quantizes (and checks the counter) first, so that a setup
-      error lands in the row like any other error and the timed runs find the operands ready.
+    - ``run()``: the attention kernel alone: one launch on the operands of the first ``quantize()``
+      into one torch output. The first ``run()`` quantizes (and checks the counter) and prepares
+      the launch (``prepare_attention``: the parameter struct, the tensor maps, the upload of the
+      per-head lambda) outside the timed runs, so that a setup error lands in the row like any
+      other error and a timed run is the launch alone: at L <= 2K, where the kernel takes
+      0.1-0.4 ms, timing the preparation too made the row measure the host (up to 2x between
+      processes, ``bench/results/small_L_2026-12-06_h100_d4254e5.md``).
     """
     import cupy
     import torch
@@ -181,7 +184,7 @@ def kernel_only(q, k, v, bm_t, *, causal, scale):
     qo, ko, vo = (_gpu.operand(cupy.from_dlpack(t), "HND") for t in (q, k, v))
     bmap = cupy.from_dlpack(bm_t.contiguous().view(torch.uint8)).view(cupy.bool_)
     no_filter = np.full((q.shape[1],), np.inf, dtype=np.float32)   # pvthreshd=None: Stage 2 off
-    qz = None
+    qz = launch = out = None
 
     def quantize():
         nonlocal qz
@@ -193,15 +196,18 @@ def kernel_only(q, k, v, bm_t, *, causal, scale):
         return counter
 
     def run():
-        if qz is None:
+        nonlocal launch, out
+        if launch is None:
             counter = quantize()
             stream.synchronize()
             _gpu.check_counter(counter, q=qo, k=ko, v=vo)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            with cupy.cuda.Device(dev), stream:
+                launch = _gpu.prepare_attention(qo, ko, qz, bmap, is_causal=causal, scale=scale,
+                                                pvthreshd=no_filter, qk="int8", pv="fp8", return_lse=False,
+                                                return_stats=False, out=cupy.from_dlpack(out))
         with cupy.cuda.Device(dev), stream:
-            _gpu.run_attention(qo, ko, qz, bmap, is_causal=causal, scale=scale,
-                               pvthreshd=no_filter, qk="int8", pv="fp8", return_lse=False,
-                               return_stats=False, out=cupy.from_dlpack(out))
+            launch()
         return out
 
     return run, quantize
