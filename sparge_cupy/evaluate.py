@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import CONFIG
-from .tune import RULE_KEYWORDS, add_block_bound_arguments, parse_thetas
+from .tune import RULE_KEYWORDS, add_block_bound_arguments, check_bounds, parse_thetas
 
 GEMMA_LAYERS = (5, 11, 17)
 DEFAULT_TOKENS = (4096, 8192)
@@ -647,11 +647,12 @@ def _check_options(args):
     output folder and the CSVs to merge. Returns the theta grid (None: tune's default)."""
     def bad(message):
         raise SystemExit(f"eval: {message}")
-    for name, x in (("--l1", args.l1), ("--pv-l1", args.pv_l1)):
-        if not 0 < x < 1:
-            bad(f"{name}: expected a number in (0, 1), got {x}")
-    if args.pv_l1 < args.l1:
-        bad(f"--pv-l1: expected a bound >= --l1 = {args.l1} (Stage 2 adds error), got {args.pv_l1}")
+    try:
+        check_bounds(args.l1, args.pv_l1, args.block_factor, args.block_quantile, names={
+            "l1": "--l1", "pv_l1": "--pv-l1", "block_factor": "--block-factor",
+            "block_quantile": "--block-quantile"})
+    except ValueError as e:
+        bad(str(e))
     thetas = None
     if args.thetas is not None:
         try:
@@ -661,10 +662,6 @@ def _check_options(args):
     for x in args.oracle_frontier:
         if not 0 < x < 1:
             bad(f"--oracle-frontier: expected numbers in (0, 1), got {x}")
-    if args.block_factor is not None and not 1 <= args.block_factor < math.inf:
-        bad(f"--block-factor: expected a finite number >= 1, got {args.block_factor}")
-    if not 0 < args.block_quantile <= 1:
-        bad(f"--block-quantile: expected a number in (0, 1], got {args.block_quantile}")
     if args.perplexity:
         if args.ppl_tuning not in args.steps:
             bad(f"--perplexity runs the thresholds of step {args.ppl_tuning!r} (--ppl-tuning), "

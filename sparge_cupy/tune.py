@@ -941,6 +941,31 @@ def _prepare_inputs(qs, ks, vs, *, is_causal, scale, layout):
     return inputs, xp_name
 
 
+def check_bounds(l1, pv_l1, block_factor, block_quantile, *, stage2=True, names=None):
+    """The error bounds of :func:`tune_layer` checked (a ValueError naming the parameter, as
+    ``names`` spells it: e.g. eval's options); returns ``(pv_l1, block_factor, block_quantile)``
+    as tuning uses them: without Stage 2 the whole result's bound is l1's."""
+    name = (names or {}).get
+    for key, val in (("l1", l1), ("pv_l1", pv_l1)):
+        if isinstance(val, bool) or not (isinstance(val, (int, float)) and 0 < val < 1):
+            raise ValueError(f"{name(key, key)}: expected a number in (0, 1), got {val!r}")
+    if stage2 and pv_l1 < l1:
+        raise ValueError(f"{name('pv_l1', 'pv_l1')}: expected a bound >= {name('l1', 'l1')} = {l1} "
+                         f"(Stage 2 adds error), got {pv_l1}")
+    if block_factor is not None:
+        if isinstance(block_factor, bool) or not (isinstance(block_factor, (int, float))
+                                                  and 1 <= block_factor < math.inf):
+            raise ValueError(f"{name('block_factor', 'block_factor')}: expected a finite number >= 1 "
+                             f"(a query block's L1 bound in units of the head's; None: no block "
+                             f"bound), got {block_factor!r}")
+        block_factor = float(block_factor)
+    if isinstance(block_quantile, bool) or not (isinstance(block_quantile, (int, float))
+                                                and 0 < block_quantile <= 1):
+        raise ValueError(f"{name('block_quantile', 'block_quantile')}: expected a number in (0, 1], "
+                         f"got {block_quantile!r}")
+    return (pv_l1 if stage2 else max(pv_l1, l1)), block_factor, float(block_quantile)
+
+
 def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05, pv_l1=0.06,
                layer="layer", mode="cdf", qk="int8", pv="fp8", rebalance=True, attention_sink=True,
                thetas=DEFAULT_THETAS, min_sparsity=0.1, stage2=True, evaluator=None, verify=True,
@@ -978,24 +1003,11 @@ def tune_layer(qs, ks, vs, *, is_causal=False, scale=None, layout="HND", l1=0.05
     for name, val in (("rebalance", rebalance), ("attention_sink", attention_sink),
                       ("local_window", local_window), ("stage2", stage2), ("verify", verify)):
         ck.check_flag(name, val)
-    for name, val in (("l1", l1), ("pv_l1", pv_l1)):
-        if not (isinstance(val, (int, float)) and 0 < val < 1):
-            raise ValueError(f"{name}: expected a number in (0, 1), got {val!r}")
-    if stage2 and pv_l1 < l1:
-        raise ValueError(f"pv_l1: expected a bound >= l1 = {l1} (Stage 2 adds error), got {pv_l1}")
-    if not stage2:          # no Stage 2: the bound of the whole result is l1's
-        pv_l1 = max(pv_l1, l1)
+    pv_l1, block_factor, block_quantile = check_bounds(l1, pv_l1, block_factor, block_quantile,
+                                                       stage2=stage2)
     if isinstance(min_sparsity, bool) or not (isinstance(min_sparsity, (int, float))
                                               and 0 <= min_sparsity <= 1):
         raise ValueError(f"min_sparsity: expected a number in [0, 1], got {min_sparsity!r}")
-    if block_factor is not None:
-        if not (isinstance(block_factor, (int, float)) and 1 <= block_factor < math.inf):
-            raise ValueError(f"block_factor: expected None or a finite number >= 1 (a query block's "
-                             f"L1 bound in units of the head's), got {block_factor!r}")
-        block_factor = float(block_factor)
-    if not (isinstance(block_quantile, (int, float)) and 0 < block_quantile <= 1):
-        raise ValueError(f"block_quantile: expected a number in (0, 1], got {block_quantile!r}")
-    block_quantile = float(block_quantile)
     thetas = tuple(float(t) for t in thetas)
     if not thetas or any(not -1.0 <= t <= 1.0 for t in thetas):
         raise ValueError(f"thetas: expected values in [-1, 1], got {thetas}")
