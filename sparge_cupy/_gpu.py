@@ -53,8 +53,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks as ck
-from ._compile import (ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, SELECT_ROW_KEYS, attn_name, get_kernel,
-                       wg_map_list_on, wg_overlap_dims)
+from ._compile import (ATTN_KERNELS, ELEMENT_TYPES, HEAD_DIMS, SELECT_ROW_KEYS, attn_define, attn_name,
+                       get_kernel, wg_map_list_on, wg_overlap_dims)
 from .config import CONFIG
 
 BQ, BK = CONFIG.block_q, CONFIG.block_k
@@ -714,9 +714,9 @@ def _map_list_bytes(nk):
 
 
 def _ctas_per_sm(D, smem):
-    """CTAs of sparse_attn_wg an SM holds: its launch bound (2 at D <= 128, 1 at D = 256), or
-    fewer where their shared memory does not fit."""
-    bound = 2 if D <= 128 else 1
+    """CTAs of sparse_attn_wg an SM holds: its launch bound (WgOccupancy: SPARGE_WG_MIN_BLOCKS,
+    default 2, at D <= 128; 1 at D = 256), or fewer where their shared memory does not fit."""
+    bound = (attn_define("SPARGE_WG_MIN_BLOCKS") or 2) if D <= 128 else 1
     return min(bound, SM90_SMEM // (smem + WG_STATIC_SMEM + CTA_RESERVED))
 
 

@@ -278,6 +278,9 @@ def test_map_list_shared_memory(monkeypatch):
         assert not _gpu.wg_map_list(D, qk, pv, last + 1), (D, qk, pv, last)
     assert _gpu.wg_map_list(128, "int8", "fp8", 256)                # L = 16K
     assert not _gpu.wg_map_list(128, "int8", "fp8", 32767)
+    # one CTA per SM (SPARGE_WG_MIN_BLOCKS=1) leaves room for the largest list at D = 128
+    monkeypatch.setenv("SPARGE_ATTN_DEFINES", "SPARGE_WG_MIN_BLOCKS=1")
+    assert _gpu.wg_map_list(128, "int8", "fp8", _gpu.WG_MAP_LIST_MAX)
     monkeypatch.setenv("SPARGE_ATTN_DEFINES", "SPARGE_WG_MAP_LIST=0")
     assert not _compile.wg_map_list_on() and not _gpu.wg_map_list(128, "int8", "fp8", 256)
 
