@@ -139,10 +139,7 @@ class LayerSettings:
         if len(rules) > 1:
             raise ValueError(f"{where}: expected at most one of {', '.join(_RULE_KEYS)}, got "
                              + " and ".join(rules))
-        dense = d.get("dense", False)
-        if not isinstance(dense, bool):
-            raise TypeError(f"{where}.dense: expected true or false, got {dense!r}")
-        kw = {"dense": dense}
+        kw = {"dense": d.get("dense", False)}             # checked by __post_init__
         if "simthreshd1" in d:
             kw["simthreshd1"] = _per_head("simthreshd1", d["simthreshd1"], where, allow_null=False)
         if rules:

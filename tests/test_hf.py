@@ -254,6 +254,7 @@ def test_settings_file_round_trip(tmp_path):
     ({"layers": [{"topk": 0.5}]}, r"settings\.layers: expected an object \(null for none\), got list"),
     ({"options": "fp16"}, r"settings\.options: expected an object"),
     ({"meta": [1, 2]}, r"settings\.meta: expected an object"),
+    ({"layers": {"3": {"dense": "yes"}}}, r"settings\.layers\['3'\]\.dense: expected true or false, got 'yes'"),
 ])
 def test_settings_errors_name_the_key(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
