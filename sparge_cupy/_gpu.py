@@ -734,7 +734,6 @@ def attn_smem_bytes(D, qk, pv, kernel="mma", overlap_dims=None, nk=0, map_list=F
     """Dynamic shared memory of the attention kernel (sparse_attn.cu): Q and K/V tiles; the
     wgmma kernel's (_wg_tiles) and, with ``map_list`` (its LIST: wg_map_list), the list of up
     to ``nk`` kept key blocks and its end marker."""
-    qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
     if kernel == "wgmma":
         tiles = _wg_tiles(D, qk, pv, overlap_dims)
         if map_list:
@@ -743,6 +742,7 @@ def attn_smem_bytes(D, qk, pv, kernel="mma", overlap_dims=None, nk=0, map_list=F
                                  f"({WG_MAP_LIST_MAX * BK} tokens), got {nk}")
             tiles += _map_list_bytes(nk)
         return tiles
+    qe, ve = (1 if qk == "int8" else 2), (1 if pv == "fp8" else 2)
     return (BQ + BK) * (D * qe + 16) + D * (BK * ve + 16)
 
 
