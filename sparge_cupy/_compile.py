@@ -111,8 +111,13 @@ WG_OVERLAP_DIMS = (64,)
 def wg_overlap_dims():
     """The head dims SPARGE_WG_OVERLAP names ("" or "0": none), else WG_OVERLAP_DIMS."""
     raw = os.environ.get("SPARGE_WG_OVERLAP")
-    if raw is None:
-        return tuple(WG_OVERLAP_DIMS)
+    return tuple(WG_OVERLAP_DIMS) if raw is None else _parse_overlap(raw)
+
+
+# The launcher reads these switches several times per launch (shared memory, CTAs per SM, the
+# kernel's options); parsed once per value of the variable.
+@functools.lru_cache(maxsize=8)
+def _parse_overlap(raw):
     dims = []
     for part in raw.replace(" ", "").split(","):
         if part in ("", "0"):
@@ -134,7 +139,12 @@ def attn_defines():
     ``NAME=INTEGER`` words naming ``SPARGE_WG_*`` macros of cuda/sparse_attn.cu (not
     SPARGE_WG_OVERLAP, which the launcher's shared memory follows: see wg_overlap_dims), e.g.
     ``"SPARGE_WG_EARLY_Q=1 SPARGE_WG_MAP_PREFETCH=1"``; NVRTC options ``-DNAME=INTEGER``."""
-    words = os.environ.get("SPARGE_ATTN_DEFINES", "").split()
+    return _parse_attn_defines(os.environ.get("SPARGE_ATTN_DEFINES", ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_attn_defines(raw):
+    words = raw.split()
     for w in words:
         name, _, value = w.partition("=")
         if (not name.startswith("SPARGE_WG_") or name == "SPARGE_WG_OVERLAP"
@@ -147,11 +157,12 @@ def attn_defines():
 
 def attn_define(name):
     """The integer value SPARGE_ATTN_DEFINES gives macro ``name``, or None where it is not set."""
-    for opt in attn_defines():
-        key, _, value = opt[2:].partition("=")
-        if key == name:
-            return int(value)
-    return None
+    return _define_values(attn_defines()).get(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _define_values(options):
+    return {key: int(value) for key, _, value in (opt[2:].partition("=") for opt in options)}
 
 
 def wg_map_list_on():

@@ -913,18 +913,33 @@ def _as_operands(layout, *arrays):
     return [a if isinstance(a, Operand) else operand(a, layout) for a in arrays]
 
 
-def predict_block_map(q, k, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
-                      attention_sink, mass_threshold=None, predictor="paper", local_window=False):
-    q, k = _as_operands(layout, q, k)
-    slices = batch_slices(q.shape[0], q.shape[1])
-    if len(slices) > 1:
-        _check_finite_operands(q=q, k=k)
-        kw = dict(is_causal=is_causal, scale=scale, layout=layout, simthreshd1=simthreshd1,
-                  cdfthreshd=cdfthreshd, topk=topk, attention_sink=attention_sink,
-                  mass_threshold=mass_threshold, predictor=predictor, local_window=local_window)
-        return _cupy().concatenate([
-            predict_block_map(_batch_slice(q, b0, b1), _batch_slice(k, b0, b1), **kw)
-            for b0, b1 in slices])
+def _whole_batch(n_operands, *, returns_map=False):
+    """An entry point ``fn(q, k[, v][, block_map], *, **options)`` made callable on whole
+    inputs, ``fn(..., layout=..., **options)``: its first ``n_operands`` arguments made
+    :class:`Operand` (``layout``), and where the batch's (entry, head) pairs exceed
+    :data:`MAX_GRID_YZ`, ``fn`` run slice by slice (:func:`batch_slices`): the block maps
+    concatenated (``returns_map``) or the attention written into one output
+    (:func:`_in_batch_slices`), after one non-finite check over the whole inputs."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def entry(*args, layout, **options):
+            ops = _as_operands(layout, *args[:n_operands])
+            rest = args[n_operands:]
+            slices = batch_slices(*ops[0].shape[:2])
+            if len(slices) == 1:
+                return fn(*ops, *rest, **options)
+            if not returns_map:
+                return _in_batch_slices(fn, slices, ops, *rest, **options)
+            _check_finite_operands(**dict(zip("qkv", ops)))
+            return _cupy().concatenate([fn(*(_batch_slice(x, b0, b1) for x in ops), **options)
+                                        for b0, b1 in slices])
+        return entry
+    return wrap
+
+
+@_whole_batch(2, returns_map=True)
+def predict_block_map(q, k, *, is_causal, scale, simthreshd1, cdfthreshd, topk, attention_sink,
+                      mass_threshold=None, predictor="paper", local_window=False):
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter, q_groups=predictor == "qgroup_keys")
     block_map = select(st, k, Lq=q.shape[2], Lk=k.shape[2], is_causal=is_causal, scale=scale,
@@ -960,17 +975,10 @@ def _check_fp16_operands(st, rebalance):
     check_fp16_operands(*(float(x) for x in cp.stack([q_max.max(), k_max.max()]).get()))
 
 
-def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd, qk, rebalance,
-                      pv, return_lse, return_stats, out=None, quant_stats=None):
+@_whole_batch(3)
+def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, pvthreshd, qk, rebalance, pv,
+                      return_lse, return_stats, out=None, quant_stats=None):
     """``quant_stats``: see :func:`block_statistics` (private: the ring's partials)."""
-    q, k, v = _as_operands(layout, q, k, v)
-    slices = batch_slices(q.shape[0], q.shape[1])
-    if len(slices) > 1:
-        return _in_batch_slices(block_sparse_attn, slices, (q, k, v), block_map,
-                                is_causal=is_causal, scale=scale, layout=layout,
-                                pvthreshd=pvthreshd, qk=qk,
-                                rebalance=rebalance, pv=pv, return_lse=return_lse,
-                                return_stats=return_stats, out=out, quant_stats=quant_stats)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=False, nonfinite=counter, quant_stats=quant_stats)
     return _attend(q, k, v, block_map, st, counter, is_causal=is_causal, scale=scale,
@@ -978,20 +986,12 @@ def block_sparse_attn(q, k, v, block_map, *, is_causal, scale, layout, pvthreshd
                    return_lse=return_lse, return_stats=return_stats, out=out)
 
 
-def sparge_attn(q, k, v, *, is_causal, scale, layout, simthreshd1, cdfthreshd, topk,
-                attention_sink, pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None,
+@_whole_batch(3)
+def sparge_attn(q, k, v, *, is_causal, scale, simthreshd1, cdfthreshd, topk, attention_sink,
+                pvthreshd, qk, rebalance, pv, return_lse, return_stats, out=None,
                 mass_threshold=None, predictor="paper", local_window=False):
     """Prediction and attention sharing the statistics of Q and K; the pass that pools K - km
     also writes the K operand."""
-    q, k, v = _as_operands(layout, q, k, v)
-    slices = batch_slices(q.shape[0], q.shape[1])
-    if len(slices) > 1:
-        return _in_batch_slices(sparge_attn, slices, (q, k, v), is_causal=is_causal, scale=scale,
-                                layout=layout, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd,
-                                topk=topk, attention_sink=attention_sink, pvthreshd=pvthreshd,
-                                qk=qk, rebalance=rebalance, pv=pv, return_lse=return_lse,
-                                return_stats=return_stats, out=out, mass_threshold=mass_threshold,
-                                predictor=predictor, local_window=local_window)
     counter = nonfinite_counter()
     st = block_statistics(q, k, pooled=True, nonfinite=counter, k_operand=(qk, rebalance),
                           q_groups=predictor == "qgroup_keys")

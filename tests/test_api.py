@@ -293,6 +293,50 @@ def test_batch_slices_driver_on_the_host(monkeypatch):
     assert _gpu._count_nonfinite(bf16) == 2
 
 
+def test_entry_points_take_whole_batches_on_the_host(monkeypatch):
+    """The GPU entry points' wrapper (_gpu._whole_batch), NumPy standing in for CuPy: a batch
+    that fits the launch grid is one call; past it, one call per slice, each on its own entries,
+    with the keyword options passed on unchanged and ``layout`` taken by the wrapper: the block
+    maps concatenated in batch order, the attention written into one output; a non-finite value
+    in any slice raises first, with the whole tensor's count, and nothing runs."""
+    from sparge_cupy import _gpu
+    monkeypatch.setattr(_gpu, "_cupy", lambda: np)
+    B, H, L, D = 5, 2, 150, 64
+    rng = np.random.default_rng(3)
+    ops = [_gpu.Operand(rng.standard_normal((B, H, L, D)).astype(np.float16), "float16", "HND", D)
+           for _ in range(3)]
+    bmap = rng.random((B, H, 2, 3)) < 0.5
+    calls = []
+
+    @_gpu._whole_batch(2, returns_map=True)
+    def predict(q, k, *, scale, topk):
+        calls.append(("predict", q.array.shape[0], k.array.shape[0], scale, topk))
+        return (q.array[:, :, :2, :3] + k.array[:, :, :2, :3]) > 0
+
+    @_gpu._whole_batch(3)
+    def attend(q, k, v, block_map, *, return_lse, return_stats, scale, out=None):
+        calls.append(("attend", q.array.shape[0], v.array.shape[0], block_map.shape[0], scale))
+        out = np.empty_like(q.array) if out is None else out
+        out[...] = q.array * block_map[:, :, :1, :1] + v.array
+        return out
+
+    whole_map = predict(*ops[:2], layout="HND", scale=0.5, topk=0.25)
+    whole_out = attend(*ops, bmap, layout="HND", scale=0.5, return_lse=False, return_stats=False)
+    assert calls == [("predict", B, B, 0.5, 0.25), ("attend", B, B, B, 0.5)]
+    monkeypatch.setattr(_gpu, "MAX_GRID_YZ", 2 * H)                # slices of 2, 2 and 1 entries
+    calls.clear()
+    assert_equal(predict(*ops[:2], layout="HND", scale=0.5, topk=0.25), whole_map, what="block map")
+    assert_equal(attend(*ops, bmap, layout="HND", scale=0.5, return_lse=False, return_stats=False),
+                 whole_out, what="output")
+    assert calls == ([("predict", n, n, 0.5, 0.25) for n in (2, 2, 1)]
+                     + [("attend", n, n, n, 0.5) for n in (2, 2, 1)])
+    bad = ops[1].array.copy()
+    bad[4, 1, 149, 63] = np.nan
+    with pytest.raises(ValueError, match=f"^k: expected finite values, got 1 NaN or Inf of {bad.size}$"):
+        predict(ops[0], _gpu.Operand(bad, "float16", "HND", D), layout="HND", scale=0.5, topk=0.25)
+    assert len(calls) == 6                                       # nothing ran
+
+
 @pytest.mark.parametrize("fn", ["sparge_attn", "block_sparse_attn"])
 def test_fp16_qk_operands_past_the_fp16_range_raise(fn):
     """qk="fp16" on finite inputs whose rebalanced Q or smoothed K would round to inf in fp16

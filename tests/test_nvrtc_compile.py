@@ -309,6 +309,12 @@ def test_attn_defines(monkeypatch):
     monkeypatch.setenv("SPARGE_WG_OVERLAP", "")
     assert _compile.source_options("sparse_attn.cu") == (
         "-DSPARGE_WG_OVERLAP=0", "-DSPARGE_WG_EARLY_Q=1", "-DSPARGE_WG_MAP_PREFETCH=0")
+    assert _compile.attn_define("SPARGE_WG_EARLY_Q") == 1 and _compile.attn_define("SPARGE_WG_MAP_LIST") is None
+    assert _compile.wg_map_list_on()
+    monkeypatch.setenv("SPARGE_ATTN_DEFINES", "SPARGE_WG_MAP_LIST=0")       # parsed per value
+    assert _compile.attn_define("SPARGE_WG_EARLY_Q") is None and not _compile.wg_map_list_on()
+    monkeypatch.setenv("SPARGE_WG_OVERLAP", "64, 256")
+    assert _compile.wg_overlap_dims() == (64, 256)
     for bad in ("SPARGE_WG_OVERLAP=2", "FOO=1", "SPARGE_WG_X=", "SPARGE_WG_X=a", "SPARGE_WG_X"):
         monkeypatch.setenv("SPARGE_ATTN_DEFINES", bad)
         with pytest.raises(ValueError, match="SPARGE_ATTN_DEFINES: expected NAME=INTEGER"):
