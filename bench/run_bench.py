@@ -17,7 +17,9 @@ before each run; at least 5 timed runs per row). Throughput is dense-equivalent,
 
     python bench/run_bench.py --L 8192 16384 --D 64 128 --density 1 0.5 0.25 0.1 --out bench/results
 
-``--methods`` runs some of the rows only (e.g. ``sdpa_cudnn sparge_int8_fp8 sparge_int8_fp8_kernel``).
+``--methods`` runs some of the rows only (e.g. ``sdpa_cudnn sparge_int8_fp8 sparge_int8_fp8_kernel``);
+``--dtype bfloat16`` runs every row on bf16 inputs (ours through the torch adapter, whose bf16
+travels as 16-bit storage: CuPy has no bfloat16), into files named with the dtype.
 needs a CUDA GPU, torch and cupy; sageattention is optional (``pip install sageattention==1.0.6``).
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from provenance import git_commit  # noqa: E402  (real_maps.py uses it as rb.git_commit too)
 BQ, BK = 128, 64
 GATE = {"ours": 0.08, "sage": 0.05, "fp16": 0.01}   # relative L1 on sampled rows, random inputs
+DTYPES = ("float16", "bfloat16")
 METHODS = ("sdpa_flash", "sdpa_cudnn", "sageattn_1.0.6", "flex_attention", "sparge_int8_fp8",
            "sparge_fp16_fp8", "sparge_int8_fp16", "sparge_fp16_fp16", "sparge_int8_fp8_kernel",
            "sparge_e2e_tau0.9")
@@ -179,9 +182,10 @@ def kernel_only(q, k, v, bm_t, *, causal, scale):
     import torch
 
     from sparge_cupy import _gpu
+    from sparge_cupy.torch import _operands, _to_cupy
     dev = q.device.index
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream, dev)
-    qo, ko, vo = (_gpu.operand(cupy.from_dlpack(t), "HND") for t in (q, k, v))
+    qo, ko, vo = _operands("HND", q, k, v)         # bf16 as uint16 storage, as the adapter does
     bmap = cupy.from_dlpack(bm_t.contiguous().view(torch.uint8)).view(cupy.bool_)
     no_filter = np.full((q.shape[1],), np.inf, dtype=np.float32)   # pvthreshd=None: Stage 2 off
     qz = launch = out = None
@@ -205,7 +209,7 @@ def kernel_only(q, k, v, bm_t, *, causal, scale):
             with cupy.cuda.Device(dev), stream:
                 launch = _gpu.prepare_attention(qo, ko, qz, bmap, is_causal=causal, scale=scale,
                                                 pvthreshd=no_filter, qk="int8", pv="fp8", return_lse=False,
-                                                return_stats=False, out=cupy.from_dlpack(out))
+                                                return_stats=False, out=_to_cupy(out, "out")[0])
         with cupy.cuda.Device(dev), stream:
             launch()
         return out
@@ -401,6 +405,9 @@ def main(argv=None):
     ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=["no", "yes", "both"], default="both")
     ap.add_argument("--density", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25, 0.1])
+    ap.add_argument("--dtype", choices=DTYPES, default="float16",
+                    help="the inputs' dtype (bfloat16: our rows through the torch adapter's bf16 "
+                         "path); a bfloat16 run's files are named with it")
     ap.add_argument("--reps-ms", type=int, default=200, help="do_bench's rep (ms of timed runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--tag", default="bench")
@@ -421,7 +428,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    card = card_name().replace(" ", "_")
+    card = card_name().replace(" ", "_") + ("" if args.dtype == "float16" else f"_{args.dtype}")
     csv_path = out / f"{args.tag}_{stamp}_{card}.csv"
 
     def write():                       # after every case: a run cut short keeps what it measured
@@ -430,7 +437,7 @@ def main(argv=None):
             w.writeheader()
             w.writerows(rows)
         md = (f"# Benchmark, {card_name()}, {stamp}, commit {git_commit()}\n\n"
-              f"torch {torch.__version__}, python {platform.python_version()}, B={args.B}, H={args.H}, fp16, "
+              f"torch {torch.__version__}, python {platform.python_version()}, B={args.B}, H={args.H}, {args.dtype}, "
               f"random inputs; dense-equivalent TOPS (SPEC.md section 4); median of do_bench "
               f"(L2 flushed); command: `python bench/run_bench.py {' '.join(argv or sys.argv[1:])}`\n\n"
               + table(rows) + "\n")
@@ -448,7 +455,8 @@ def main(argv=None):
                         if L < args.flex_min_L:
                             only = [m for m in (only or METHODS) if m != "flex_attention"]
                         rows += bench_case(args.B, args.H, args.Hkv or args.H, L, D, causal, d,
-                                           dtype=torch.float16, reps_ms=args.reps_ms, only=only)
+                                           dtype=getattr(torch, args.dtype), reps_ms=args.reps_ms,
+                                           only=only)
                         write()
                         gc.collect()               # the case's tensors (a failed flex setup keeps a
                         torch.cuda.empty_cache()   # reference cycle through its traceback), then the cache

@@ -27,16 +27,21 @@ SPARSE_DENSITIES = (0.5, 0.25, 0.1)
 
 def load(paths):
     """{(method, L, D, causal, asked density): row} of the ok rows; the density key is the
-    measured one rounded to the grid run_bench asks for (0.1016 -> 0.1)."""
+    measured one rounded to the grid run_bench asks for (0.1016 -> 0.1). The rows must be of one
+    dtype (run_bench writes one file per dtype; mixed, one would replace the other's rows)."""
     grid = (1.0, 0.75, 0.5, 0.25, 0.1)
-    rows = {}
+    rows, dtypes = {}, set()
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 if r["status"] != "ok":
                     continue
+                dtypes.add(r["dtype"])
                 d = min(grid, key=lambda g: abs(g - float(r["density"])))
                 rows[(r["method"], int(r["L"]), int(r["D"]), r["causal"] == "True", d)] = r
+    if len(dtypes) > 1:
+        raise ValueError(f"csv: expected the rows of one dtype, got {', '.join(sorted(dtypes))} "
+                         "(check one run_bench file at a time)")
     return rows
 
 

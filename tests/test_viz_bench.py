@@ -145,6 +145,14 @@ def test_one_card_per_figure_and_named_columns(bench_csv, tmp_path):
                                                     card="Other GPU")])
     with pytest.raises(ValueError, match="one card.*Other GPU, Test GPU 80GB"):
         plot_bench([bench_csv, other], path=tmp_path / "x.png")
+    bf16 = write_csv(tmp_path / "bf16.csv", [dict(row("sdpa_cudnn", 8192, 128, False, 1.0, 1.0),
+                                                  dtype="bfloat16")])
+    with pytest.raises(ValueError, match="one dtype, got 2: bfloat16, float16"):
+        plot_bench([bench_csv, bf16], path=tmp_path / "x.png")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import targets
+    with pytest.raises(ValueError, match="one dtype, got bfloat16, float16"):
+        targets.load([bench_csv, bf16])
     bad = tmp_path / "bad.csv"
     bad.write_text("card,method,L\nx,y,1\n")
     with pytest.raises(ValueError, match=r"bad\.csv: .*missing B, H, D, causal"):

@@ -152,6 +152,10 @@ def plot_bench(csv_paths, *, path, title=None):
     if len(cards) != 1:
         raise ValueError(f"csv_paths: expected the rows of one card, got {len(cards)}: "
                          f"{', '.join(cards) or 'no rows'} (draw one figure per card)")
+    dtypes = sorted({r["dtype"] for r in rows})
+    if len(dtypes) != 1:
+        raise ValueError(f"csv_paths: expected the rows of one dtype, got {len(dtypes)}: "
+                         f"{', '.join(dtypes)} (draw one figure per dtype)")
     drawn = bench_series(rows)
     series, methods = drawn["series"], drawn["methods"]
     if not series:
